@@ -1,0 +1,44 @@
+"""The msgpack encoding shared by the memory and msgpack-file backends.
+
+Both backends accept exactly the same values, so moving a bot from memory to
+disk never changes what a session can hold: ``None``, ``bool``, ``int``
+(64-bit), ``float``, ``str``, ``bytes``, and lists/tuples/dicts of these.
+Tuples come back as lists; dict keys may be ``str``, ``bytes`` or ``int``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import CorruptSessionError, SerializationError
+
+_packer_opts: dict[str, Any] = {"use_bin_type": True}
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+
+
+def dumps(value: Any, key: str | None = None) -> bytes:
+    """Encode ``value``; ``SerializationError`` if msgpack cannot hold it."""
+    try:
+        return _packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SerializationError(
+            f"cannot store session {key!r}: {exc} (sessions hold None, bool, int, "
+            "float, str, bytes, and lists and dicts of these)",
+            key=key,
+        ) from exc
+
+
+def loads(data: bytes, key: str | None = None, path: str | None = None) -> Any:
+    """Decode stored bytes; ``CorruptSessionError`` if they are not msgpack."""
+    try:
+        return _unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        where = f" in {path}" if path else ""
+        raise CorruptSessionError(
+            f"stored bytes of session {key!r}{where} cannot be decoded: {exc}",
+            key=key,
+            path=path,
+        ) from exc

@@ -1,0 +1,279 @@
+"""Session: the handle yielded by ``Sessions.open()``.
+
+The handle owns one key's read-modify-write: it takes the key's lock (at
+``open()``, or at first touch in lazy mode), loads the value once, tracks
+whether it was assigned or changed in place, and on a clean exit writes back
+only what changed.  After the ``with`` block it is closed.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Any, Iterator
+
+import msgpack
+
+from .errors import SessionError, SessionKeyError
+
+if TYPE_CHECKING:
+    from .manager import Sessions
+
+__all__ = ["Session"]
+
+# handle states
+_UNLOADED, _LOADED, _ASSIGNED, _CLOSED = 0, 1, 2, 3
+
+_UNKNOWN = object()  # a fingerprint that could not be taken: always write
+_packb = msgpack.packb
+
+
+def _fingerprint(value: Any) -> Any:
+    """Bytes that change whenever ``value`` changes, nested parts included."""
+    try:
+        return _packb(value, use_bin_type=True)
+    except Exception:
+        try:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return _UNKNOWN
+
+
+class Session:
+    """One session, open inside a ``with sessions.open(key) as s:`` block.
+
+    ``s.data`` is the value; ``s.data = v`` replaces it (``None`` deletes the
+    session on exit).  When the value is a dict the handle also acts as that
+    dict: ``s["n"]``, ``s.get("n", 0)``, ``"n" in s``, ``len(s)`` and so on.
+    """
+
+    __slots__ = ("key", "_m", "_lazy", "_timeout", "_state", "_data", "_snap", "_new", "_held", "_cm")
+
+    def __init__(self, manager: Sessions, key: str | None, lazy: bool, timeout: float | None) -> None:
+        self.key = key
+        self._m = manager
+        self._lazy = lazy
+        self._timeout = timeout
+        self._state = _UNLOADED
+        self._data: Any = None
+        self._snap: Any = None
+        self._new: bool | None = None
+        self._held = False
+        self._cm: Any = None
+
+    def __repr__(self) -> str:
+        state = ("unloaded", "loaded", "assigned", "closed")[self._state]
+        return f"<Session key={self.key!r} {state}>"
+
+    # -- the with-block -----------------------------------------------------
+
+    def __enter__(self) -> Session:
+        if self._state == _CLOSED:
+            raise SessionError("this session handle was already used; call open() again", key=self.key)
+        if not self._lazy and self.key is not None:
+            self._lock()
+            try:
+                self._load()
+            except BaseException:
+                self._unlock()
+                raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None and self._held:
+                self._flush()
+        finally:
+            self._finish()
+
+    def _lock(self) -> None:
+        m = self._m
+        if m._acquire is not None:
+            m._acquire(self.key, self._timeout)
+        else:
+            cm = m._lock_cm(self.key, self._timeout)
+            cm.__enter__()
+            self._cm = cm
+        self._held = True
+
+    def _unlock(self) -> None:
+        self._held = False
+        cm = self._cm
+        if cm is None:
+            self._m._release(self.key)
+        else:
+            self._cm = None
+            cm.__exit__(None, None, None)
+
+    def _finish(self) -> None:
+        """Release the lock (if held) and close the handle, writing nothing."""
+        try:
+            if self._held:
+                self._unlock()
+        finally:
+            self._state = _CLOSED
+            self._data = None
+            self._snap = None
+
+    def _load(self) -> None:
+        """Read the value (lock held); a missing value becomes ``initial()``."""
+        m = self._m
+        key = self.key
+        raw_read = m._raw_read
+        if raw_read is not None:
+            raw = raw_read(key)
+            data = None if raw is None else m._raw_loads(raw, key)
+            snap = raw
+        else:
+            data = m.storage.read(key)
+            snap = None if data is None else _fingerprint(data)
+        if data is None:
+            self._new = True
+            snap = None
+            if m.initial is not None:
+                data = m.initial()
+        else:
+            self._new = False
+        self._snap = snap
+        self._data = data
+        self._state = _LOADED
+
+    def _flush(self) -> None:
+        """Write back on a clean exit, following the write-back rules."""
+        m = self._m
+        key = self.key
+        value = self._data
+        snap = self._snap
+        state = self._state
+        if state == _ASSIGNED:
+            if value is None:
+                m.storage.delete(key)
+                return
+        elif state == _LOADED:
+            if value is None:
+                if snap is not None:
+                    m.storage.delete(key)
+                return
+        else:
+            return
+        if m._raw_write is not None:
+            raw = m._raw_dumps(value, key)
+            if state == _ASSIGNED or raw != snap or m.write_unchanged:
+                m._raw_write(key, raw)
+        elif (
+            state == _ASSIGNED
+            or snap is None
+            or snap is _UNKNOWN
+            or m.write_unchanged
+            or _fingerprint(value) != snap
+        ):
+            m.storage.write(key, value)
+
+    def _touch(self) -> Any:
+        """Slow path of every data access: closed, keyless, or not yet loaded."""
+        state = self._state
+        if state == _CLOSED:
+            raise SessionError(
+                f"session {self.key!r} is closed: use it inside its with-block", key=self.key
+            )
+        if state != _UNLOADED:
+            return self._data
+        self._need_key()
+        if not self._held:
+            self._lock()
+        self._load()
+        return self._data
+
+    def _need_key(self) -> None:
+        if self.key is None:
+            why = "get_key returned None" if self._m._get_key is not None else "the key is None"
+            raise SessionKeyError(
+                f"this update has no session ({why}); there is nothing to read or write"
+            )
+
+    # -- the value ------------------------------------------------------------
+
+    @property
+    def data(self) -> Any:
+        """The session value, loaded on first access."""
+        state = self._state
+        if state == _LOADED or state == _ASSIGNED:
+            return self._data
+        return self._touch()
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        if self._state == _CLOSED:
+            self._touch()  # raises
+        self._need_key()
+        if not self._held:
+            self._lock()
+        self._data = value
+        self._state = _ASSIGNED
+
+    def delete(self) -> None:
+        """Delete the session on a clean exit (same as ``s.data = None``)."""
+        self.data = None
+
+    @property
+    def is_new(self) -> bool:
+        """True when the storage held nothing for this key."""
+        if self._state != _LOADED:
+            self._touch()
+            if self._new is None:  # assigned before any read: ask the storage
+                m = self._m
+                if m._raw_read is not None:
+                    self._new = m._raw_read(self.key) is None
+                else:
+                    self._new = m.storage.read(self.key) is None
+        return bool(self._new)
+
+    # -- the mapping view -----------------------------------------------------
+
+    def _map(self) -> dict[Any, Any]:
+        state = self._state
+        data = self._data if (state == _LOADED or state == _ASSIGNED) else self._touch()
+        if type(data) is dict or isinstance(data, dict):
+            return data
+        raise TypeError(
+            f"session {self.key!r} holds {type(data).__name__}, not a dict; "
+            "pass initial=dict to Sessions to start every session as an empty dict"
+        )
+
+    def __getitem__(self, name: Any) -> Any:
+        return self._map()[name]
+
+    def __setitem__(self, name: Any, value: Any) -> None:
+        self._map()[name] = value
+
+    def __delitem__(self, name: Any) -> None:
+        del self._map()[name]
+
+    def __contains__(self, name: Any) -> bool:
+        return name in self._map()
+
+    def __len__(self) -> int:
+        return len(self._map())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._map())
+
+    def get(self, name: Any, default: Any = None) -> Any:
+        return self._map().get(name, default)
+
+    def setdefault(self, name: Any, default: Any = None) -> Any:
+        return self._map().setdefault(name, default)
+
+    def pop(self, name: Any, *default: Any) -> Any:
+        return self._map().pop(name, *default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._map().update(*args, **kwargs)
+
+    def keys(self) -> Any:
+        return self._map().keys()
+
+    def values(self) -> Any:
+        return self._map().values()
+
+    def items(self) -> Any:
+        return self._map().items()

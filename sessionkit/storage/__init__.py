@@ -1,0 +1,1 @@
+"""Storage backends: one per module, all following ``base.StorageAdapter``."""

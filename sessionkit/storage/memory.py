@@ -1,0 +1,133 @@
+"""MemoryStorage: the embedded default, a dict of encoded sessions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Iterator
+
+from .. import _codec
+from .._locks import KeyLocks
+from .base import check_key, ttl_seconds
+
+__all__ = ["MemoryStorage"]
+
+
+class MemoryStorage:
+    """Sessions in this process's memory, lost when it exits.
+
+    Values are kept msgpack-encoded, so the storage accepts exactly what
+    ``MsgpackFileStorage`` accepts and a caller can never change a stored
+    value by mutating an object it read.  ``ttl`` (seconds or ``timedelta``)
+    expires a session that many seconds after its last write; expired entries
+    read as absent, are never listed, and are reclaimed as writes go on, so
+    memory stays bounded under churn of short-lived keys.  ``clock`` returns
+    the current time in seconds (inject a fake one in tests).
+
+    Lock scope: thread.  ``lock(key)`` excludes other threads of this process.
+    """
+
+    def __init__(
+        self,
+        ttl: float | timedelta | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ttl = ttl_seconds(ttl)
+        self._clock = clock
+        self._data: dict[str, bytes] = {}
+        # key -> expiry time; insertion order is write order, hence expiry order
+        self._expires: dict[str, float] = {}
+        self._mutex = threading.Lock()
+        self._locks = KeyLocks()
+        self._acquire = self._locks.acquire
+        self._release = self._locks.release
+        self._raw_loads = _codec.loads
+        self._raw_dumps = _codec.dumps
+
+    def __repr__(self) -> str:
+        return f"MemoryStorage(ttl={self.ttl!r}, sessions={len(self._data)})"
+
+    # -- private fast path used by Sessions ---------------------------------
+
+    def _raw_read(self, key: str) -> bytes | None:
+        raw = self._data.get(key)
+        if raw is not None and self.ttl is not None:
+            expires = self._expires.get(key)
+            if expires is None or expires <= self._clock():
+                self._drop_expired(key)
+                return None
+        return raw
+
+    def _raw_write(self, key: str, raw: bytes) -> None:
+        if self.ttl is None:
+            self._data[key] = raw
+            return
+        now = self._clock()
+        with self._mutex:
+            self._data[key] = raw
+            self._expires.pop(key, None)
+            self._expires[key] = now + self.ttl
+            self._reclaim(now)
+
+    def _drop_expired(self, key: str) -> None:
+        with self._mutex:
+            expires = self._expires.get(key)
+            if expires is None or expires <= self._clock():
+                self._data.pop(key, None)
+                self._expires.pop(key, None)
+
+    def _reclaim(self, now: float) -> None:
+        """Drop expired entries from the front of the expiry order (mutex held)."""
+        expires = self._expires
+        while expires:
+            oldest = next(iter(expires))
+            if expires[oldest] > now:
+                break
+            del expires[oldest]
+            self._data.pop(oldest, None)
+
+    # -- the StorageAdapter contract ----------------------------------------
+
+    def read(self, key: str) -> Any | None:
+        raw = self._raw_read(check_key(key))
+        return None if raw is None else _codec.loads(raw, key)
+
+    def write(self, key: str, value: Any) -> None:
+        key = check_key(key)
+        if value is None:
+            raise ValueError("None is never stored; use delete() to remove a session")
+        self._raw_write(key, _codec.dumps(value, key))
+
+    def delete(self, key: str) -> None:
+        key = check_key(key)
+        with self._mutex:
+            self._data.pop(key, None)
+            self._expires.pop(key, None)
+
+    def has(self, key: str) -> bool:
+        return self._raw_read(check_key(key)) is not None
+
+    def keys(self) -> Iterator[str]:
+        return iter([k for k, _ in self._live()])
+
+    def values(self) -> Iterator[Any]:
+        return iter([_codec.loads(raw, k) for k, raw in self._live()])
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter([(k, _codec.loads(raw, k)) for k, raw in self._live()])
+
+    def _live(self) -> list[tuple[str, bytes]]:
+        with self._mutex:
+            if self.ttl is None:
+                return list(self._data.items())
+            now = self._clock()
+            self._reclaim(now)
+            expires = self._expires
+            return [(k, raw) for k, raw in self._data.items() if expires.get(k, now) > now]
+
+    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        return self._locks.lock(check_key(key), timeout)
+
+    def close(self) -> None:
+        """Nothing to release; the sessions stay readable."""

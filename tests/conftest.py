@@ -1,0 +1,61 @@
+"""Fixtures shared by the suite: every backend, built the same way."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from sessionkit import MemoryStorage
+
+from .helpers import FakeClock
+
+BACKENDS = ["memory"]
+
+
+def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
+    """A fresh storage of ``kind``; ``options`` are ``ttl`` and ``clock``."""
+    if kind == "memory":
+        return MemoryStorage(**options)
+    raise AssertionError(f"unknown backend {kind}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: Any) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def storage_factory(backend: str, tmp_path: Any) -> Iterator[Callable[..., Any]]:
+    made: list[Any] = []
+
+    def factory(**options: Any) -> Any:
+        store = make_storage(backend, tmp_path, **options)
+        made.append(store)
+        return store
+
+    yield factory
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
+def storage(storage_factory: Callable[..., Any]) -> Any:
+    return storage_factory()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    """Switch threads every microsecond so in-memory races really interleave."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
