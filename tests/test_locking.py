@@ -1,0 +1,211 @@
+"""Per-key locking: exclusion, timeouts, re-entry, bounded lock tables, and races."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from sessionkit import LockTimeout, MemoryStorage, SessionError, Sessions
+from sessionkit._locks import KeyLocks, shared_key_locks
+
+from .helpers import NoLock, RecordingStorage, SlowStorage
+
+
+def hammer(sessions: Sessions, keys: list[str], threads: int, per_thread: int) -> None:
+    """``threads`` threads each increment ``per_thread`` times, round-robin over ``keys``."""
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                with sessions.open(keys[(n + i) % len(keys)]) as s:
+                    s["n"] = s.get("n", 0) + 1
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+
+
+def total(sessions: Sessions, keys: list[str]) -> int:
+    count = 0
+    for key in keys:
+        with sessions.open(key) as s:
+            count += s.get("n", 0)
+    return count
+
+
+# -- races ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [MemoryStorage, RecordingStorage], ids=["own-lock", "shared-lock"])
+def test_slow_storage_race_loses_no_update(make: Callable[[], Any]) -> None:
+    sessions = Sessions(SlowStorage(make(), delay=0.0005), initial=dict)
+    hammer(sessions, ["k"], threads=8, per_thread=25)
+    assert total(sessions, ["k"]) == 200
+
+
+def test_slow_storage_race_loses_updates_without_a_lock() -> None:
+    """The race test above is real: with a lock that locks nothing it fails."""
+    storage = SlowStorage(MemoryStorage(), delay=0.0005, with_lock=False)
+    storage.lock = NoLock()  # type: ignore[attr-defined]
+    sessions = Sessions(storage, initial=dict)
+    hammer(sessions, ["k"], threads=8, per_thread=25)
+    assert total(sessions, ["k"]) < 200
+
+
+def test_memory_race_with_fast_thread_switching(fast_switching: None, backend: str) -> None:
+    sessions = Sessions(MemoryStorage(), initial=dict)
+    hammer(sessions, ["a", "b"], threads=8, per_thread=500)
+    assert total(sessions, ["a", "b"]) == 4000
+
+
+def test_memory_race_fails_without_the_lock(fast_switching: None) -> None:
+    storage = MemoryStorage()
+    storage._acquire = lambda key, timeout: None  # type: ignore[method-assign]
+    storage._release = lambda key: None  # type: ignore[method-assign]
+    sessions = Sessions(storage, initial=dict)
+    hammer(sessions, ["a"], threads=8, per_thread=2000)
+    assert total(sessions, ["a"]) < 16000
+
+
+# -- exclusion and timeouts -----------------------------------------------------------
+
+
+def test_lock_timeout_is_a_timeout_error_with_the_key() -> None:
+    sessions = Sessions(MemoryStorage(), lock_timeout=0.05)
+    held = threading.Event()
+    done = threading.Event()
+
+    def holder() -> None:
+        with sessions.open("k"):
+            held.set()
+            done.wait(5)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait(5)
+    start = time.monotonic()
+    with pytest.raises(LockTimeout) as info:
+        with sessions.open("k"):
+            pass
+    assert time.monotonic() - start >= 0.04
+    assert isinstance(info.value, TimeoutError) and info.value.key == "k"
+    with pytest.raises(LockTimeout):
+        with sessions.open("k", timeout=0):
+            pass
+    done.set()
+    t.join()
+    with sessions.open("k", timeout=0.5):
+        pass
+
+
+def test_a_held_key_never_delays_another_key() -> None:
+    sessions = Sessions(MemoryStorage())
+    with sessions.open("a"):
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(sessions.open("b", timeout=0.5).__enter__()))
+        t.start()
+        t.join()
+        assert seen and seen[0].key == "b"
+        seen[0].__exit__(None, None, None)
+
+
+def test_sessions_over_one_plain_storage_share_the_lock() -> None:
+    storage = RecordingStorage()
+    one, two = Sessions(storage), Sessions(storage, initial=dict)
+    outcome: list[Any] = []
+
+    def other_thread() -> None:
+        try:
+            with two.open("k", timeout=0.01):
+                outcome.append("entered")
+        except LockTimeout as exc:
+            outcome.append(exc)
+
+    with one.open("k"):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert isinstance(outcome[0], LockTimeout)
+    assert shared_key_locks(storage) is shared_key_locks(storage)
+
+
+def test_reopening_a_key_held_by_this_thread_is_an_error_not_a_deadlock() -> None:
+    for storage in (MemoryStorage(), RecordingStorage()):
+        sessions = Sessions(storage)
+        with sessions.open("k"):
+            with pytest.raises(SessionError, match="already open in this thread"):
+                sessions.open("k").__enter__()
+            with sessions.open("other"):
+                pass
+
+
+def test_lazy_reopen_in_same_thread_is_an_error_at_first_touch() -> None:
+    sessions = Sessions(MemoryStorage(), initial=dict)
+    with sessions.open("k"):
+        with sessions.open("k", lazy=True) as inner:
+            with pytest.raises(SessionError, match="already open"):
+                inner["x"] = 1
+
+
+def test_lock_table_does_not_grow_with_keys_seen() -> None:
+    storage = MemoryStorage()
+    sessions = Sessions(storage, initial=dict)
+    for i in range(2000):
+        with sessions.open(f"user-{i}") as s:
+            s["n"] = 1
+    assert len(storage._locks) == 0
+    plain = RecordingStorage()
+    plain_sessions = Sessions(plain)
+    for i in range(2000):
+        with plain_sessions.open(i):
+            pass
+    assert len(shared_key_locks(plain)) == 0
+
+
+def test_lock_table_entry_is_dropped_after_timeouts() -> None:
+    locks = KeyLocks()
+    locks.acquire("k")
+    t = threading.Thread(target=lambda: pytest.raises(LockTimeout, locks.acquire, "k", 0.01))
+    t.start()
+    t.join()
+    locks.release("k")
+    assert len(locks) == 0
+
+
+def test_storage_lock_context_manager() -> None:
+    storage = MemoryStorage()
+    with storage.lock("k"):
+        assert storage._locks.held_by_me("k")
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(pytest.raises(LockTimeout, storage.lock("k", 0.01).__enter__)))
+        t.start()
+        t.join()
+        assert result
+    assert not storage._locks.held_by_me("k")
+
+
+def test_a_storage_own_lock_is_used() -> None:
+    class Locked(RecordingStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.locked: list[str] = []
+
+        def lock(self, key: str, timeout: float | None = None) -> Any:
+            self.locked.append(key)
+            return shared_key_locks(self).lock(key, timeout)
+
+    storage = Locked()
+    with Sessions(storage).open(5):
+        pass
+    assert storage.locked == ["5"]
