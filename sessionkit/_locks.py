@@ -1,80 +1,96 @@
 """In-process per-key locks whose table does not grow with the keys ever seen.
 
-Each key gets a lock only while some thread holds or waits for it: the entry
-is reference-counted and dropped when the last user leaves.  A thread that
-asks again for a key it already holds gets a :class:`SessionError` instead of
-a silent deadlock.
+A key is in the table only while a thread holds it (``_held``: key -> owner
+thread id) or waits for it (``_waiting``: key -> [waiters, condition]).  The
+uncontended path is two atomic dict operations and no lock object at all;
+threads that find the key taken register as waiters under one mutex and sleep
+on that key's condition until the holder releases it.  A thread that asks
+again for a key it already holds gets a :class:`SessionError` instead of a
+silent deadlock.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import weakref
-from typing import Any, Iterator
 from contextlib import contextmanager
+from typing import Any, Iterator
 
 from .errors import LockTimeout, SessionError
 
 _get_ident = threading.get_ident
-_new_lock = threading.Lock
+_monotonic = time.monotonic
 
 
 class KeyLocks:
-    """A table of per-key thread locks, one entry per key in use."""
+    """A table of per-key thread locks, holding only the keys in use."""
 
-    __slots__ = ("_mutex", "_entries", "__weakref__")
+    __slots__ = ("_held", "_waiting", "_mutex", "__weakref__")
 
     def __init__(self) -> None:
-        self._mutex = _new_lock()
-        # key -> [lock, users, owner thread id]
-        self._entries: dict[str, list[Any]] = {}
+        self._held: dict[str, int] = {}
+        self._waiting: dict[str, list[Any]] = {}
+        self._mutex = threading.Lock()
 
     def __len__(self) -> int:
         """The number of keys currently held or waited for."""
-        return len(self._entries)
+        return len(self._held.keys() | self._waiting.keys())
 
     def acquire(self, key: str, timeout: float | None = None) -> None:
         """Lock ``key`` for the calling thread; ``LockTimeout`` after ``timeout`` s."""
         me = _get_ident()
+        held = self._held
+        owner = held.get(key)
+        if owner is None and held.setdefault(key, me) == me:
+            return  # only this thread inserts its own id, and it was absent
+        if owner == me:
+            raise SessionError(
+                f"session {key!r} is already open in this thread; opening it again would deadlock",
+                key=key,
+            )
+        self._wait(key, me, timeout)
+
+    def _wait(self, key: str, me: int, timeout: float | None) -> None:
+        held = self._held
+        deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
         with self._mutex:
-            entry = self._entries.get(key)
+            entry = self._waiting.get(key)
             if entry is None:
-                entry = self._entries[key] = [_new_lock(), 1, 0]
-            elif entry[2] == me:
-                raise SessionError(
-                    f"session {key!r} is already open in this thread; "
-                    "opening it again would deadlock",
-                    key=key,
-                )
-            else:
-                entry[1] += 1
-        lock = entry[0]
-        if timeout is None:
-            got = lock.acquire()
-        else:
-            got = lock.acquire(True, max(timeout, 0.0))
-        if not got:
-            with self._mutex:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._entries[key]
-            raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
-        entry[2] = me
+                entry = self._waiting[key] = [0, threading.Condition(self._mutex)]
+            entry[0] += 1
+            try:
+                while held.setdefault(key, me) != me:
+                    if deadline is None:
+                        entry[1].wait()
+                    else:
+                        left = deadline - _monotonic()
+                        if left <= 0:
+                            raise LockTimeout(
+                                f"could not lock session {key!r} within {timeout} s", key=key
+                            )
+                        entry[1].wait(left)
+            finally:
+                entry[0] -= 1
+                if not entry[0]:
+                    del self._waiting[key]
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""
+        del self._held[key]
+        if self._waiting:  # a waiter registers before it tries: none is missed
+            self.notify(key)
+
+    def notify(self, key: str) -> None:
+        """Wake one waiter of ``key`` (call after removing it from ``_held``)."""
         with self._mutex:
-            entry = self._entries[key]
-            entry[2] = 0
-            entry[0].release()
-            entry[1] -= 1
-            if not entry[1]:
-                del self._entries[key]
+            entry = self._waiting.get(key)
+            if entry is not None:
+                entry[1].notify()
 
     def held_by_me(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""
-        entry = self._entries.get(key)
-        return entry is not None and entry[2] == _get_ident()
+        return self._held.get(key) == _get_ident()
 
     @contextmanager
     def lock(self, key: str, timeout: float | None = None) -> Iterator[None]:

@@ -10,6 +10,8 @@ from .storage.base import StorageAdapter
 
 __all__ = ["Sessions", "MultiSessions", "MultiSession"]
 
+_new_session = object.__new__
+
 
 class Sessions:
     """Per-key sessions over one storage, each opened as a locked read-modify-write.
@@ -71,6 +73,12 @@ class Sessions:
                 table = shared_key_locks(storage)
                 self._acquire, self._release = table.acquire, table.release
 
+        # The inlined path: (held-keys dict, raw get, raw set) of a storage
+        # whose values are msgpack bytes locked by a KeyLocks table.
+        self._fast: tuple[Any, ...] | None = getattr(storage, "_fast", None)
+        if self._fast is not None and self._acquire is None:
+            self._fast = None
+
         # Reading: the storage's encoded form when it offers one.
         raw = [getattr(storage, n, None) for n in ("_raw_read", "_raw_write", "_raw_loads", "_raw_dumps")]
         if all(callable(f) for f in raw):
@@ -110,12 +118,20 @@ class Sessions:
         session is first touched.  ``timeout`` (default: ``lock_timeout``)
         bounds the wait for the key's lock, then raises ``LockTimeout``.
         """
-        return Session(
-            self,
-            self.resolve_key(key_or_obj),
-            self.lazy if lazy is None else lazy,
-            self.lock_timeout if timeout is None else timeout,
-        )
+        # Built without calling __init__: open() is on every update's hot path.
+        handle = _new_session(Session)
+        if type(key_or_obj) is str and self._get_key is None:
+            handle.key = self.prefix + key_or_obj
+        else:
+            handle.key = self.resolve_key(key_or_obj)
+        handle._m = self
+        handle._lazy = self.lazy if lazy is None else lazy
+        handle._timeout = self.lock_timeout if timeout is None else timeout
+        handle._state = 0  # unloaded
+        handle._held = False
+        handle._cm = None
+        handle._dict = None
+        return handle
 
 
 class MultiSession:

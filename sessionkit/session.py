@@ -9,10 +9,12 @@ only what changed.  After the ``with`` block it is closed.
 from __future__ import annotations
 
 import pickle
+import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 import msgpack
 
+from . import _codec
 from .errors import SessionError, SessionKeyError
 
 if TYPE_CHECKING:
@@ -24,13 +26,16 @@ __all__ = ["Session"]
 _UNLOADED, _LOADED, _ASSIGNED, _CLOSED = 0, 1, 2, 3
 
 _UNKNOWN = object()  # a fingerprint that could not be taken: always write
-_packb = msgpack.packb
+_get_ident = threading.get_ident
+_unpackb = msgpack.unpackb
+_dumps = _codec.dumps
+_tls = _codec._local
 
 
 def _fingerprint(value: Any) -> Any:
     """Bytes that change whenever ``value`` changes, nested parts included."""
     try:
-        return _packb(value, use_bin_type=True)
+        return _codec.dumps(value)
     except Exception:
         try:
             return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -46,7 +51,7 @@ class Session:
     dict: ``s["n"]``, ``s.get("n", 0)``, ``"n" in s``, ``len(s)`` and so on.
     """
 
-    __slots__ = ("key", "_m", "_lazy", "_timeout", "_state", "_data", "_snap", "_new", "_held", "_cm")
+    __slots__ = ("key", "_m", "_lazy", "_timeout", "_state", "_data", "_dict", "_snap", "_new", "_held", "_cm")
 
     def __init__(self, manager: Sessions, key: str | None, lazy: bool, timeout: float | None) -> None:
         self.key = key
@@ -54,11 +59,10 @@ class Session:
         self._lazy = lazy
         self._timeout = timeout
         self._state = _UNLOADED
-        self._data: Any = None
-        self._snap: Any = None
-        self._new: bool | None = None
         self._held = False
         self._cm: Any = None
+        self._dict: dict[Any, Any] | None = None  # _data while it is a loaded dict
+        # _data, _snap and _new are set by _load() or the data setter
 
     def __repr__(self) -> str:
         state = ("unloaded", "loaded", "assigned", "closed")[self._state]
@@ -67,27 +71,79 @@ class Session:
     # -- the with-block -----------------------------------------------------
 
     def __enter__(self) -> Session:
-        if self._state == _CLOSED:
+        if self._state != _UNLOADED:
             raise SessionError("this session handle was already used; call open() again", key=self.key)
-        if not self._lazy and self.key is not None:
+        if self._lazy or self.key is None:
+            return self
+        fast = self._m._fast
+        if fast is None:
             self._lock()
-            try:
-                self._load()
-            except BaseException:
-                self._unlock()
-                raise
+        else:
+            # Inlined fast path for built-in msgpack-coded storages locked by
+            # a KeyLocks table: two dict operations to lock, one to read.
+            key = self.key
+            held = fast[0]
+            me = _get_ident()
+            if held.get(key) is not None or held.setdefault(key, me) != me:
+                fast[3].acquire(key, self._timeout)  # waits, or refuses re-entry
+            self._held = True
+            raw = fast[1](key)
+            if raw is not None:
+                try:
+                    data = _unpackb(raw, raw=False, strict_map_key=False)
+                except Exception:
+                    data = None  # _load() below reports it as corrupt
+                if data is not None:
+                    self._data = data
+                    if type(data) is dict:
+                        self._dict = data
+                    self._snap = raw
+                    self._new = False
+                    self._state = _LOADED
+                    return self
+        try:
+            self._load()
+        except BaseException:
+            self._unlock()
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._held:
+            self._state = _CLOSED
+            self._data = self._snap = self._dict = None
+            return
+        fast = self._m._fast
         try:
-            if exc_type is None and self._held:
-                self._flush()
+            if exc_type is None:
+                data = self._data
+                if fast is not None and self._state == _LOADED and data is not None:
+                    try:
+                        raw = _tls.packer.pack(data)
+                    except Exception:
+                        raw = _dumps(data, self.key)  # makes the packer, or raises SerializationError
+                    if raw != self._snap or self._m.write_unchanged:
+                        fast[2](self.key, raw)
+                else:
+                    self._flush()
         finally:
-            self._finish()
+            self._held = False
+            self._state = _CLOSED
+            self._data = self._snap = self._dict = None
+            if fast is not None:
+                del fast[0][self.key]
+                if fast[4]:
+                    fast[3].notify(self.key)
+            elif self._cm is None:
+                self._m._release(self.key)  # type: ignore[misc]
+            else:
+                self._unlock_cm()
 
     def _lock(self) -> None:
         m = self._m
-        if m._acquire is not None:
+        if m._fast is not None:
+            m._fast[3].acquire(self.key, self._timeout)
+        elif m._acquire is not None:
             m._acquire(self.key, self._timeout)
         else:
             cm = m._lock_cm(self.key, self._timeout)
@@ -97,12 +153,17 @@ class Session:
 
     def _unlock(self) -> None:
         self._held = False
-        cm = self._cm
-        if cm is None:
-            self._m._release(self.key)
+        if self._m._fast is not None:
+            self._m._fast[3].release(self.key)
+        elif self._cm is None:
+            self._m._release(self.key)  # type: ignore[misc]
         else:
-            self._cm = None
-            cm.__exit__(None, None, None)
+            self._unlock_cm()
+
+    def _unlock_cm(self) -> None:
+        cm = self._cm
+        self._cm = None
+        cm.__exit__(None, None, None)
 
     def _finish(self) -> None:
         """Release the lock (if held) and close the handle, writing nothing."""
@@ -111,8 +172,7 @@ class Session:
                 self._unlock()
         finally:
             self._state = _CLOSED
-            self._data = None
-            self._snap = None
+            self._data = self._snap = self._dict = None
 
     def _load(self) -> None:
         """Read the value (lock held); a missing value becomes ``initial()``."""
@@ -135,6 +195,8 @@ class Session:
             self._new = False
         self._snap = snap
         self._data = data
+        if type(data) is dict:
+            self._dict = data
         self._state = _LOADED
 
     def _flush(self) -> None:
@@ -144,6 +206,12 @@ class Session:
         value = self._data
         snap = self._snap
         state = self._state
+        raw_dumps = m._raw_dumps
+        if state == _LOADED and raw_dumps is not None and value is not None:
+            raw = raw_dumps(value, key)
+            if raw != snap or m.write_unchanged:
+                m._raw_write(key, raw)  # type: ignore[misc]
+            return
         if state == _ASSIGNED:
             if value is None:
                 m.storage.delete(key)
@@ -207,7 +275,11 @@ class Session:
         self._need_key()
         if not self._held:
             self._lock()
+        if self._state == _UNLOADED:
+            self._new = None
+            self._snap = None
         self._data = value
+        self._dict = value if type(value) is dict else None
         self._state = _ASSIGNED
 
     def delete(self) -> None:
@@ -239,11 +311,20 @@ class Session:
             "pass initial=dict to Sessions to start every session as an empty dict"
         )
 
+    # _dict is the loaded value when it is a plain dict: the fast path.
+
     def __getitem__(self, name: Any) -> Any:
+        d = self._dict
+        if d is not None:
+            return d[name]
         return self._map()[name]
 
     def __setitem__(self, name: Any, value: Any) -> None:
-        self._map()[name] = value
+        d = self._dict
+        if d is not None:
+            d[name] = value
+        else:
+            self._map()[name] = value
 
     def __delitem__(self, name: Any) -> None:
         del self._map()[name]
@@ -258,6 +339,9 @@ class Session:
         return iter(self._map())
 
     def get(self, name: Any, default: Any = None) -> Any:
+        d = self._dict
+        if d is not None:
+            return d.get(name, default)
         return self._map().get(name, default)
 
     def setdefault(self, name: Any, default: Any = None) -> Any:

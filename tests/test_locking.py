@@ -69,10 +69,23 @@ def test_memory_race_with_fast_thread_switching(fast_switching: None, backend: s
     assert total(sessions, ["a", "b"]) == 4000
 
 
+class _HoldsNothing(dict):  # type: ignore[type-arg]
+    """A held-keys table that never records a holder: no lock at all."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return None
+
+    def setdefault(self, key: Any, value: Any = None) -> Any:
+        return value
+
+    def __delitem__(self, key: Any) -> None:
+        pass
+
+
 def test_memory_race_fails_without_the_lock(fast_switching: None) -> None:
     storage = MemoryStorage()
-    storage._acquire = lambda key, timeout: None  # type: ignore[method-assign]
-    storage._release = lambda key: None  # type: ignore[method-assign]
+    fast = storage._fast
+    storage._fast = (_HoldsNothing(),) + fast[1:]  # type: ignore[assignment]
     sessions = Sessions(storage, initial=dict)
     hammer(sessions, ["a"], threads=8, per_thread=2000)
     assert total(sessions, ["a"]) < 16000

@@ -162,13 +162,20 @@ def test_rule3_write_unchanged_writes_what_was_read() -> None:
     with Sessions(storage, write_unchanged=True).open("k") as s:
         s.data
     assert storage.args("write") == [("k", {"a": 1})]
-    memory = MemoryStorage()
-    memory.write("k", 1)
-    writes = []
-    memory._raw_write = lambda key, raw: writes.append(key)  # type: ignore[method-assign]
-    with Sessions(memory, write_unchanged=True).open("k") as s:
-        s.data
-    assert writes == ["k"]
+
+
+@pytest.mark.parametrize("write_unchanged", [False, True])
+def test_rule3_write_unchanged_slides_a_ttl(write_unchanged: bool) -> None:
+    from .helpers import FakeClock
+
+    clock = FakeClock()
+    storage = MemoryStorage(ttl=10, clock=clock)
+    storage.write("k", {"a": 1})
+    clock.tick(6)
+    with Sessions(storage, write_unchanged=write_unchanged).open("k") as s:
+        assert s["a"] == 1
+    clock.tick(6)
+    assert storage.has("k") is write_unchanged
 
 
 def test_rule3_untouched_eager_session_is_not_written_and_absent_stays_absent() -> None:

@@ -44,6 +44,12 @@ class MemoryStorage:
         self._release = self._locks.release
         self._raw_loads = _codec.loads
         self._raw_dumps = _codec.dumps
+        # What Session inlines: the held-keys table, raw get, raw set.
+        locks = self._locks
+        if self.ttl is None:
+            self._fast = (locks._held, self._data.get, self._data.__setitem__, locks, locks._waiting)
+        else:
+            self._fast = (locks._held, self._raw_read, self._raw_write, locks, locks._waiting)
 
     def __repr__(self) -> str:
         return f"MemoryStorage(ttl={self.ttl!r}, sessions={len(self._data)})"

@@ -1,0 +1,1 @@
+"""Benchmarks for sessionkit; runtime code never imports anything from here."""

@@ -1,0 +1,43 @@
+"""The README's examples run, and its commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.rst").read_text(encoding="utf-8")
+
+
+def python_blocks(text: str) -> list[str]:
+    blocks = []
+    for match in re.finditer(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M):
+        lines = [line[4:] for line in match.group(1).splitlines()]
+        blocks.append("\n".join(lines))
+    return blocks
+
+
+@pytest.mark.parametrize("number", range(len(python_blocks(README))))
+def test_readme_example_runs(number: int, tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks(README)[number], f"README.rst block {number}", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    command = re.search(r"^    (python -m pip install -e .*pytest.*)$", README, re.M)
+    assert command is not None
+    assert command.group(1) in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_reports_no_lost_update() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sessionkit.demo", "--threads", "4", "--updates", "200"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert "no update was lost" in out
+    assert "800 updates" in out
