@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Iterator
 
+import msgpack
+
 from ._locks import shared_key_locks
-from .session import Session
+from .session import _LOADED, _UNLOADED, Session
 from .storage.base import StorageAdapter
 
 __all__ = ["Sessions", "MultiSessions", "MultiSession"]
 
 _new_session = object.__new__
+_get_ident = threading.get_ident
+_unpackb = msgpack.unpackb
 
 
 class Sessions:
@@ -59,6 +64,7 @@ class Sessions:
         self.lock_timeout = lock_timeout
         self.write_unchanged = bool(write_unchanged)
         self._get_key = get_key
+        self._plain = get_key is None and not prefix  # a str key is the storage key
 
         # Locking: the storage's private fast pair, else its lock(), else ours.
         self._acquire: Callable[[str, float | None], None] | None = getattr(storage, "_acquire", None)
@@ -114,23 +120,51 @@ class Sessions:
     def open(self, key_or_obj: Any, lazy: bool | None = None, timeout: float | None = None) -> Session:
         """A handle to use as ``with sessions.open(key) as s:``.
 
-        ``lazy`` (default: the manager's) defers locking and reading until the
-        session is first touched.  ``timeout`` (default: ``lock_timeout``)
+        An eager session is locked and read here, so use ``open()`` only as
+        the expression of a ``with`` statement.  ``lazy`` (default: the
+        manager's) defers locking and reading until the session is first
+        touched.  ``timeout`` (default: ``lock_timeout``)
         bounds the wait for the key's lock, then raises ``LockTimeout``.
         """
-        # Built without calling __init__: open() is on every update's hot path.
-        handle = _new_session(Session)
-        if type(key_or_obj) is str and self._get_key is None:
-            handle.key = self.prefix + key_or_obj
+        handle = _new_session(Session)  # no __init__: this is the hot path
+        if self._plain and type(key_or_obj) is str:
+            key: str | None = key_or_obj
         else:
-            handle.key = self.resolve_key(key_or_obj)
+            key = self.resolve_key(key_or_obj)
+        handle.key = key
         handle._m = self
-        handle._lazy = self.lazy if lazy is None else lazy
-        handle._timeout = self.lock_timeout if timeout is None else timeout
-        handle._state = 0  # unloaded
-        handle._held = False
+        if timeout is None:
+            timeout = self.lock_timeout
+        handle._timeout = timeout
+        handle._state = _UNLOADED
         handle._cm = None
         handle._dict = None
+        if key is None or (self.lazy if lazy is None else lazy):
+            return handle  # locked and read at first touch, if ever
+        fast = self._fast
+        if fast is not None:
+            # Inlined path for built-in msgpack-coded storages locked by a
+            # KeyLocks table: two dict operations to lock, one to read.
+            held = fast[0]
+            me = _get_ident()
+            if key in held or held.setdefault(key, me) != me:
+                fast[3].acquire(key, timeout)  # waits, or refuses re-entry
+            raw = fast[1](key)
+            if raw is not None:
+                try:
+                    data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
+                except Exception:
+                    data = None  # _load() below reports it as corrupt
+                if data is not None:
+                    handle._data = data
+                    if type(data) is dict:
+                        handle._dict = data
+                    handle._snap = raw
+                    handle._state = _LOADED
+                    return handle
+        else:
+            handle._lock()
+        handle._load_or_unlock()
         return handle
 
 
@@ -168,16 +202,8 @@ class MultiSession:
             self._parts[name].delete()
 
     def __enter__(self) -> MultiSession:
-        entered: list[Session] = []
-        try:
-            for name in self._order:
-                handle = self._parts[name]
-                handle.__enter__()
-                entered.append(handle)
-        except BaseException:
-            for handle in reversed(entered):
-                handle._finish()
-            raise
+        for name in self._order:
+            self._parts[name].__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -185,8 +211,7 @@ class MultiSession:
         try:
             if exc_type is None:
                 for handle in handles:
-                    if handle._held:
-                        handle._flush()
+                    handle._flush()
         finally:
             errors = []
             for handle in reversed(handles):
@@ -236,5 +261,12 @@ class MultiSessions:
 
     def open(self, key_or_obj: Any, timeout: float | None = None) -> MultiSession:
         """A handle to use as ``with multi.open(key) as m:``; parts lock in name order."""
-        parts = {name: self.parts[name].open(key_or_obj, lazy=False, timeout=timeout) for name in self._order}
+        parts: dict[str, Session] = {}
+        try:
+            for name in self._order:  # each eager open() locks its part
+                parts[name] = self.parts[name].open(key_or_obj, lazy=False, timeout=timeout)
+        except BaseException:
+            for handle in reversed(list(parts.values())):
+                handle._finish()
+            raise
         return MultiSession(parts, self._order)

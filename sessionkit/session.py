@@ -22,10 +22,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
-# handle states
+# Handle states.  The key's lock is held exactly while the state is LOADED or
+# ASSIGNED, so no separate flag is needed.
 _UNLOADED, _LOADED, _ASSIGNED, _CLOSED = 0, 1, 2, 3
 
 _UNKNOWN = object()  # a fingerprint that could not be taken: always write
+_UNREAD = object()  # snapshot of a session assigned before any read
 _get_ident = threading.get_ident
 _unpackb = msgpack.unpackb
 _dumps = _codec.dumps
@@ -51,18 +53,20 @@ class Session:
     dict: ``s["n"]``, ``s.get("n", 0)``, ``"n" in s``, ``len(s)`` and so on.
     """
 
-    __slots__ = ("key", "_m", "_lazy", "_timeout", "_state", "_data", "_dict", "_snap", "_new", "_held", "_cm")
+    # Sessions.open() builds handles without calling __init__ (it is on
+    # every update's hot path) and, for an eager session, locks and loads it.
+    __slots__ = ("key", "_m", "_timeout", "_state", "_data", "_dict", "_snap", "_cm")
 
-    def __init__(self, manager: Sessions, key: str | None, lazy: bool, timeout: float | None) -> None:
+    def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None) -> None:
         self.key = key
         self._m = manager
-        self._lazy = lazy
         self._timeout = timeout
         self._state = _UNLOADED
-        self._held = False
         self._cm: Any = None
-        self._dict: dict[Any, Any] | None = None  # _data while it is a loaded dict
-        # _data, _snap and _new are set by _load() or the data setter
+        # _data while it is a plain dict: the mapping methods' fast path
+        self._dict: dict[Any, Any] | None = None
+        # _data and _snap (what was stored: bytes, a fingerprint, or None
+        # when the storage held nothing) are set when the session is loaded
 
     def __repr__(self) -> str:
         state = ("unloaded", "loaded", "assigned", "closed")[self._state]
@@ -71,73 +75,45 @@ class Session:
     # -- the with-block -----------------------------------------------------
 
     def __enter__(self) -> Session:
-        if self._state != _UNLOADED:
+        # Sessions.open() already locked and read an eager session.
+        if self._state == _CLOSED:
             raise SessionError("this session handle was already used; call open() again", key=self.key)
-        if self._lazy or self.key is None:
-            return self
-        fast = self._m._fast
-        if fast is None:
-            self._lock()
-        else:
-            # Inlined fast path for built-in msgpack-coded storages locked by
-            # a KeyLocks table: two dict operations to lock, one to read.
-            key = self.key
-            held = fast[0]
-            me = _get_ident()
-            if held.get(key) is not None or held.setdefault(key, me) != me:
-                fast[3].acquire(key, self._timeout)  # waits, or refuses re-entry
-            self._held = True
-            raw = fast[1](key)
-            if raw is not None:
-                try:
-                    data = _unpackb(raw, raw=False, strict_map_key=False)
-                except Exception:
-                    data = None  # _load() below reports it as corrupt
-                if data is not None:
-                    self._data = data
-                    if type(data) is dict:
-                        self._dict = data
-                    self._snap = raw
-                    self._new = False
-                    self._state = _LOADED
-                    return self
-        try:
-            self._load()
-        except BaseException:
-            self._unlock()
-            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self._held:
-            self._state = _CLOSED
-            self._data = self._snap = self._dict = None
-            return
+        state = self._state
         fast = self._m._fast
-        try:
-            if exc_type is None:
+        if state == _LOADED and exc_type is None and fast is not None:
+            # The hot path: a built-in storage's session that was read.
+            key = self.key
+            try:
                 data = self._data
-                if fast is not None and self._state == _LOADED and data is not None:
+                if data is not None:
                     try:
                         raw = _tls.packer.pack(data)
                     except Exception:
-                        raw = _dumps(data, self.key)  # makes the packer, or raises SerializationError
+                        raw = _dumps(data, key)  # makes the packer, or raises SerializationError
                     if raw != self._snap or self._m.write_unchanged:
-                        fast[2](self.key, raw)
-                else:
+                        fast[2](key, raw)
+                elif self._snap is not None:
                     self._flush()
-        finally:
-            self._held = False
-            self._state = _CLOSED
-            self._data = self._snap = self._dict = None
-            if fast is not None:
-                del fast[0][self.key]
+            finally:
+                self._state = _CLOSED
+                self._dict = None
+                del fast[0][key]
                 if fast[4]:
-                    fast[3].notify(self.key)
-            elif self._cm is None:
-                self._m._release(self.key)  # type: ignore[misc]
-            else:
-                self._unlock_cm()
+                    fast[3].notify(key)
+            return
+        if state != _LOADED and state != _ASSIGNED:  # nothing held
+            self._state = _CLOSED
+            return
+        try:
+            if exc_type is None:
+                self._flush()
+        finally:
+            self._state = _CLOSED
+            self._dict = None
+            self._unlock()
 
     def _lock(self) -> None:
         m = self._m
@@ -146,33 +122,36 @@ class Session:
         elif m._acquire is not None:
             m._acquire(self.key, self._timeout)
         else:
-            cm = m._lock_cm(self.key, self._timeout)
+            cm = m._lock_cm(self.key, self._timeout)  # type: ignore[misc]
             cm.__enter__()
             self._cm = cm
-        self._held = True
 
     def _unlock(self) -> None:
-        self._held = False
-        if self._m._fast is not None:
-            self._m._fast[3].release(self.key)
+        m = self._m
+        if m._fast is not None:
+            m._fast[3].release(self.key)
         elif self._cm is None:
-            self._m._release(self.key)  # type: ignore[misc]
+            m._release(self.key)  # type: ignore[misc]
         else:
-            self._unlock_cm()
-
-    def _unlock_cm(self) -> None:
-        cm = self._cm
-        self._cm = None
-        cm.__exit__(None, None, None)
+            cm = self._cm
+            self._cm = None
+            cm.__exit__(None, None, None)
 
     def _finish(self) -> None:
         """Release the lock (if held) and close the handle, writing nothing."""
+        state = self._state
+        self._state = _CLOSED
+        self._dict = None
+        if state == _LOADED or state == _ASSIGNED:
+            self._unlock()
+
+    def _load_or_unlock(self) -> None:
+        """Load with the lock just taken; if loading fails, let the lock go."""
         try:
-            if self._held:
-                self._unlock()
-        finally:
-            self._state = _CLOSED
-            self._data = self._snap = self._dict = None
+            self._load()
+        except BaseException:
+            self._unlock()
+            raise
 
     def _load(self) -> None:
         """Read the value (lock held); a missing value becomes ``initial()``."""
@@ -187,12 +166,9 @@ class Session:
             data = m.storage.read(key)
             snap = None if data is None else _fingerprint(data)
         if data is None:
-            self._new = True
             snap = None
             if m.initial is not None:
                 data = m.initial()
-        else:
-            self._new = False
         self._snap = snap
         self._data = data
         if type(data) is dict:
@@ -201,28 +177,18 @@ class Session:
 
     def _flush(self) -> None:
         """Write back on a clean exit, following the write-back rules."""
+        state = self._state
+        if state != _LOADED and state != _ASSIGNED:
+            return
         m = self._m
         key = self.key
         value = self._data
-        snap = self._snap
-        state = self._state
-        raw_dumps = m._raw_dumps
-        if state == _LOADED and raw_dumps is not None and value is not None:
-            raw = raw_dumps(value, key)
-            if raw != snap or m.write_unchanged:
-                m._raw_write(key, raw)  # type: ignore[misc]
-            return
-        if state == _ASSIGNED:
-            if value is None:
+        if value is None:
+            # assigned None deletes; read-and-absent stays absent
+            if state == _ASSIGNED or self._snap is not None:
                 m.storage.delete(key)
-                return
-        elif state == _LOADED:
-            if value is None:
-                if snap is not None:
-                    m.storage.delete(key)
-                return
-        else:
             return
+        snap = None if state == _ASSIGNED else self._snap
         if m._raw_write is not None:
             raw = m._raw_dumps(value, key)
             if state == _ASSIGNED or raw != snap or m.write_unchanged:
@@ -246,9 +212,8 @@ class Session:
         if state != _UNLOADED:
             return self._data
         self._need_key()
-        if not self._held:
-            self._lock()
-        self._load()
+        self._lock()
+        self._load_or_unlock()
         return self._data
 
     def _need_key(self) -> None:
@@ -270,14 +235,13 @@ class Session:
 
     @data.setter
     def data(self, value: Any) -> None:
-        if self._state == _CLOSED:
+        state = self._state
+        if state == _CLOSED:
             self._touch()  # raises
-        self._need_key()
-        if not self._held:
+        if state == _UNLOADED:
+            self._need_key()
             self._lock()
-        if self._state == _UNLOADED:
-            self._new = None
-            self._snap = None
+            self._snap = _UNREAD
         self._data = value
         self._dict = value if type(value) is dict else None
         self._state = _ASSIGNED
@@ -291,13 +255,13 @@ class Session:
         """True when the storage held nothing for this key."""
         if self._state != _LOADED:
             self._touch()
-            if self._new is None:  # assigned before any read: ask the storage
-                m = self._m
-                if m._raw_read is not None:
-                    self._new = m._raw_read(self.key) is None
-                else:
-                    self._new = m.storage.read(self.key) is None
-        return bool(self._new)
+        snap = self._snap
+        if snap is _UNREAD:  # assigned before any read: ask the storage
+            m = self._m
+            if m._raw_read is not None:
+                return m._raw_read(self.key) is None
+            return m.storage.read(self.key) is None
+        return snap is None
 
     # -- the mapping view -----------------------------------------------------
 
