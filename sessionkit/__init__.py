@@ -22,6 +22,7 @@ from .manager import MultiSessions, Sessions
 from .session import Session
 from .storage.base import StorageAdapter
 from .storage.memory import MemoryStorage
+from .storage.msgpack_file import MsgpackFileStorage
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "MultiSessions",
     "StorageAdapter",
     "MemoryStorage",
+    "MsgpackFileStorage",
     "enhance_storage",
     "SessionError",
     "SessionKeyError",

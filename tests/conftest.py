@@ -7,17 +7,19 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from sessionkit import MemoryStorage
+from sessionkit import MemoryStorage, MsgpackFileStorage
 
 from .helpers import FakeClock
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "msgpack"]
 
 
 def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
     """A fresh storage of ``kind``; ``options`` are ``ttl`` and ``clock``."""
     if kind == "memory":
         return MemoryStorage(**options)
+    if kind == "msgpack":
+        return MsgpackFileStorage(tmp_path / "sessions", **options)
     raise AssertionError(f"unknown backend {kind}")
 
 

@@ -10,7 +10,7 @@ import sys
 import sessionkit
 
 API = {
-    "Sessions", "Session", "MultiSessions", "StorageAdapter", "MemoryStorage",
+    "Sessions", "Session", "MultiSessions", "StorageAdapter", "MemoryStorage", "MsgpackFileStorage",
     "enhance_storage", "SessionError", "SessionKeyError", "LockTimeout",
     "SerializationError", "CorruptSessionError", "StorageError",
 }

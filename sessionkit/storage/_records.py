@@ -1,0 +1,108 @@
+"""The record format of the msgpack log files, and the parser that reads it.
+
+A log file starts with an 8-byte magic and then holds records, appended one
+``pwrite`` each::
+
+    body_crc u32 | key_len u32 | value_len u32 | flags u8 | expiry f64 | header_crc u32
+    key (UTF-8, surrogates passed through) | value (msgpack)
+
+``header_crc`` covers the 21 bytes before it and ``body_crc`` the key and
+value, so the parser can tell a record cut short by a crash (at the tail:
+dropped, it was never acknowledged) from bytes damaged later (reported as
+corrupt, never served and never dropped).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import NamedTuple
+
+MAGIC = b"SKLOG\x001\n"
+HEADER = struct.Struct("<IIIBdI")
+HEADER_SIZE = HEADER.size  # 25
+_PREFIX = struct.Struct("<IIIBd")  # the header fields that header_crc covers
+FLAG_DELETE = 1
+
+_crc32 = zlib.crc32
+
+
+def encode_key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
+def decode_key(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:  # only in damaged records
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def build(key: bytes, value: bytes, flags: int = 0, expiry: float = 0.0) -> bytes:
+    """One whole record, ready to append."""
+    body = key + value
+    prefix = _PREFIX.pack(_crc32(body), len(key), len(value), flags, expiry)
+    return prefix + _crc32(prefix).to_bytes(4, "little") + body
+
+
+class Record(NamedTuple):
+    offset: int
+    length: int
+    key: str
+    flags: int
+    expiry: float
+    ok: bool  # False: the body failed its checksum (corrupt, kept in place)
+
+
+class Damage(Exception):
+    """The log cannot be parsed past ``offset`` (a damaged header)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+def parse(data: bytes, base: int, at_eof: bool = True) -> tuple[list[Record], int]:
+    """Parse the records in ``data`` (which starts at file offset ``base``).
+
+    Returns the records and the file offset where parsing stopped.  With
+    ``at_eof`` (``data`` runs to the end of the file) a record cut short at
+    the end is a crashed append and the valid log ends before it; otherwise
+    parsing just stops there and the caller reads on.  A damaged header that
+    is not at the end raises ``Damage``.
+    """
+    records = []
+    pos = 0
+    size = len(data)
+    unpack = HEADER.unpack_from
+    while pos < size:
+        if size - pos < HEADER_SIZE:
+            break  # a header cut short: a crashed append
+        body_crc, klen, vlen, flags, expiry, header_crc = unpack(data, pos)
+        if _crc32(data[pos : pos + HEADER_SIZE - 4]) != header_crc:
+            if not data[pos:].strip(b"\0"):
+                break  # zeros after a crash: the append never landed (or read on)
+            raise Damage(base + pos)
+        end = pos + HEADER_SIZE + klen + vlen
+        if end > size:
+            break  # the body was cut short: a crashed append
+        body = data[pos + HEADER_SIZE : end]
+        ok = _crc32(body) == body_crc
+        if not ok and end == size and at_eof:
+            break  # last record damaged: treat as a crashed append
+        records.append(Record(base + pos, end - pos, decode_key(body[:klen]), flags, expiry, ok))
+        pos = end
+    return records, base + pos
+
+
+def value_of(record: bytes) -> bytes | None:
+    """The value bytes of a whole record read back from disk, or None if damaged."""
+    if len(record) < HEADER_SIZE:
+        return None
+    body_crc, klen, vlen, _flags, _expiry, header_crc = HEADER.unpack_from(record, 0)
+    if _crc32(record[: HEADER_SIZE - 4]) != header_crc or len(record) != HEADER_SIZE + klen + vlen:
+        return None
+    body = record[HEADER_SIZE:]
+    if _crc32(body) != body_crc:
+        return None
+    return body[klen:]

@@ -1,0 +1,356 @@
+"""MsgpackFileStorage: sessions in one directory, shared by threads and processes."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import threading
+import time
+import zlib
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Iterator
+
+from .. import _codec
+from .._locks import KeyLocks
+from ..errors import CorruptSessionError, LockTimeout, StorageError
+from . import _records
+from ._shard import Shard, fsync_dir
+from .base import check_key, ttl_seconds
+
+__all__ = ["MsgpackFileStorage"]
+
+log = logging.getLogger("sessionkit")
+
+FORMAT_FILE = "FORMAT"
+LOCK_FILE = "sessionkit.lock"
+# Byte ranges of the lock file: one byte per session key (by a 62-bit hash),
+# one per shard above that.
+_KEY_SPACE = 1 << 62
+_SHARD_BASE = _KEY_SPACE
+_blake2b = hashlib.blake2b
+_crc32 = zlib.crc32
+
+
+class _LockFile:
+    """The store's lock file, opened once per process and directory.
+
+    POSIX record locks belong to the process and are all dropped when *any*
+    descriptor of the file is closed, so every storage object in a process
+    over the same directory shares one descriptor, closed with the last.
+    """
+
+    _open: dict[str, _LockFile] = {}
+    _registry_mutex = threading.Lock()
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.users = 0
+
+    @classmethod
+    def get(cls, path: str) -> _LockFile:
+        with cls._registry_mutex:
+            lockfile = cls._open.get(path)
+            if lockfile is None:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                lockfile = cls._open[path] = cls(path, fd)
+            lockfile.users += 1
+            return lockfile
+
+    def release(self) -> None:
+        with self._registry_mutex:
+            self.users -= 1
+            if self.users == 0:
+                del self._open[self.path]
+                os.close(self.fd)
+
+    def lock(self, offset: int, timeout: float | None, key: str) -> None:
+        """Exclusive lock of one byte; ``LockTimeout`` after ``timeout`` s."""
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
+        if timeout is None:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)  # sleeps in the kernel
+                return
+            except OSError as exc:
+                if exc.errno == errno.EDEADLK:
+                    raise LockTimeout(
+                        f"session {key!r}: waiting would deadlock with another process "
+                        "that holds it while waiting for a session this process holds",
+                        key=key,
+                    ) from exc
+                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
+        deadline = time.monotonic() + timeout
+        delay = 0.0001
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.01)
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
+
+    def unlock(self, offset: int) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+
+
+def _key_offset(key: str) -> int:
+    """The lock-file byte of ``key``: a 62-bit hash, the same in every process."""
+    digest = _blake2b(_records.encode_key(key), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+class MsgpackFileStorage:
+    """Sessions as msgpack in one directory, shared by threads and processes.
+
+    The directory holds ``shards`` append-only logs (a session's key picks
+    its shard), an in-memory index per process, and one lock file.  A write
+    appends one record with one ``pwrite``; a read is one ``pread``.  A log
+    is rewritten without its dead records once they outweigh the live ones,
+    so disk use stays within about twice the live data plus a constant.
+
+    Crash safety: every record carries checksums.  A record cut short by a
+    crash (``kill -9`` mid-write) is dropped on the next open, so a key reads
+    as its last acknowledged value; damaged bytes elsewhere raise
+    ``CorruptSessionError`` naming the key and file and are never dropped.
+    ``durable=True`` also ``fdatasync``\\ s each write (and the directory when
+    a log is created or replaced), so an acknowledged write survives power
+    loss.
+
+    Lock scope: process.  ``lock(key)`` excludes other threads (a per-key
+    thread lock) and other processes (a byte-range lock on one byte of the
+    lock file, chosen by a 62-bit hash of the key; two keys share a lock only
+    on a hash collision).  A key held open never delays a different key.
+    Each storage operation also holds its shard's lock for the microseconds
+    of its I/O.  Local filesystems only: byte-range locks over NFS are not
+    trusted.
+
+    ``ttl`` (seconds or ``timedelta``) expires a session that long after its
+    last write; ``purge_expired()`` reclaims expired sessions without
+    decoding any value.  Files are created ``0600`` and the directory
+    ``0700``: sessions hold personal data.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        ttl: float | timedelta | None = None,
+        durable: bool = False,
+        shards: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.ttl = ttl_seconds(ttl)
+        self.durable = bool(durable)
+        self._clock = clock
+        if shards is not None and not (isinstance(shards, int) and 1 <= shards <= 4096):
+            raise ValueError("shards must be an int from 1 to 4096")
+        try:
+            self._make_directory()
+            self._lockfile = _LockFile.get(os.path.join(self.directory, LOCK_FILE))
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.directory}: {exc}", path=self.directory) from exc
+        try:
+            self.shards = self._read_format(shards)
+        except BaseException:
+            self._lockfile.release()
+            raise
+        fd = self._lockfile.fd
+        self._shards = [Shard(self.directory, n, fd, _SHARD_BASE + n, self.durable) for n in range(self.shards)]
+        self._locks = KeyLocks()
+        self._held: dict[str, int] = {}  # key -> its lock-file byte, while held
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MsgpackFileStorage({self.directory!r}, shards={self.shards}, ttl={self.ttl}, durable={self.durable})"
+
+    # -- set-up ----------------------------------------------------------------
+
+    def _make_directory(self) -> None:
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+
+    def _read_format(self, shards: int | None) -> int:
+        """The shard count recorded in the directory, recorded on first use."""
+        path = os.path.join(self.directory, FORMAT_FILE)
+        self._lockfile.lock(_SHARD_BASE - 1, None, FORMAT_FILE)
+        try:
+            try:
+                with open(path, encoding="ascii") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                count = shards or 16
+                tmp = path + ".tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, f"sessionkit msgpack-log 1\nshards {count}\n".encode("ascii"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                fsync_dir(self.directory)
+                return count
+        except OSError as exc:
+            raise StorageError(f"cannot set up {self.directory}: {exc}", path=self.directory) from exc
+        finally:
+            self._lockfile.unlock(_SHARD_BASE - 1)
+        lines = text.split("\n")
+        if lines[0] != "sessionkit msgpack-log 1" or not lines[1].startswith("shards "):
+            raise CorruptSessionError(f"{path} is not a sessionkit store format file", path=path)
+        count = int(lines[1].split()[1])
+        if shards is not None and shards != count:
+            raise ValueError(f"{self.directory} was created with shards={count}, not {shards}")
+        return count
+
+    def _shard(self, key: str) -> Shard:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
+        return self._shards[_crc32(_records.encode_key(key)) % self.shards]
+
+    # -- locking -----------------------------------------------------------------
+
+    def _acquire(self, key: str, timeout: float | None = None) -> None:
+        start = time.monotonic() if timeout is not None else 0.0
+        self._locks.acquire(key, timeout)
+        try:
+            offset = _key_offset(key)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            self._lockfile.lock(offset, left, key)
+        except BaseException:
+            self._locks.release(key)
+            raise
+        self._held[key] = offset
+
+    def _release(self, key: str) -> None:
+        offset = self._held.pop(key)
+        try:
+            self._lockfile.unlock(offset)
+        finally:
+            self._locks.release(key)
+
+    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        return _Held(self, check_key(key), timeout)
+
+    # -- the encoded form, used by Sessions ------------------------------------
+
+    def _raw_read(self, key: str) -> bytes | None:
+        shard = self._shard(key)
+        if key in self._held:  # our key lock orders us after every write of it
+            raw = shard.read_unlocked(key, self._clock())
+            if raw is not False:
+                return raw  # type: ignore[return-value]
+        with shard:
+            return shard.read(key, self._clock())
+
+    def _raw_write(self, key: str, raw: bytes) -> None:
+        now = self._clock()
+        with self._shard(key) as shard:
+            shard.append(key, raw, 0.0 if self.ttl is None else now + self.ttl, now)
+
+    def _raw_loads(self, raw: bytes, key: str) -> Any:
+        try:
+            return _codec.loads(raw, key)
+        except CorruptSessionError as exc:
+            path = self._shard(key).path
+            raise CorruptSessionError(f"{exc} (in {path}; left in place)", key=key, path=path) from exc.__cause__
+
+    _raw_dumps = staticmethod(_codec.dumps)
+
+    # -- the StorageAdapter contract ----------------------------------------------
+
+    def read(self, key: str) -> Any | None:
+        raw = self._raw_read(check_key(key))
+        return None if raw is None else self._raw_loads(raw, key)
+
+    def write(self, key: str, value: Any) -> None:
+        key = check_key(key)
+        if value is None:
+            raise ValueError("None is never stored; use delete() to remove a session")
+        self._raw_write(key, _codec.dumps(value, key))
+
+    def delete(self, key: str) -> None:
+        key = check_key(key)
+        now = self._clock()
+        with self._shard(key) as shard:
+            if key in shard.index or key in shard.corrupt:
+                shard.append(key, None, 0.0, now)
+
+    def has(self, key: str) -> bool:
+        key = check_key(key)
+        with self._shard(key) as shard:
+            return key in shard.index and not shard.expired(key, self._clock())
+
+    def keys(self) -> Iterator[str]:
+        found: list[str] = []
+        for shard in self._shards:
+            with shard:
+                now = self._clock()
+                found.extend(k for k in shard.index if not shard.expired(k, now))
+        return iter(found)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        found: list[tuple[str, Any]] = []
+        for shard in self._shards:
+            with shard:
+                now = self._clock()
+                for key in list(shard.index):
+                    raw = shard.read(key, now)
+                    if raw is not None:
+                        found.append((key, self._raw_loads(raw, key)))
+        return iter(found)
+
+    def values(self) -> Iterator[Any]:
+        return iter([value for _, value in self.items()])
+
+    def purge_expired(self) -> int:
+        """Reclaim the space of expired sessions, decoding no value; returns their count."""
+        purged = 0
+        for shard in self._shards:
+            with shard:
+                purged += shard.purge(self._clock())
+        return purged
+
+    def close(self) -> None:
+        """Close the logs and the lock file; the storage is unusable afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for shard in self._shards:
+            with shard.mutex:
+                shard.close()
+        self._lockfile.release()
+
+    def __enter__(self) -> MsgpackFileStorage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Held:
+    """``storage.lock(key)``: the key's thread lock and its byte-range lock."""
+
+    __slots__ = ("storage", "key", "timeout")
+
+    def __init__(self, storage: MsgpackFileStorage, key: str, timeout: float | None) -> None:
+        self.storage, self.key, self.timeout = storage, key, timeout
+
+    def __enter__(self) -> None:
+        self.storage._acquire(self.key, self.timeout)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.storage._release(self.key)
