@@ -1,0 +1,466 @@
+"""What only MsgpackFileStorage promises: processes, crashes, files, bounds."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessionkit import (
+    CorruptSessionError,
+    LockTimeout,
+    MsgpackFileStorage,
+    SessionError,
+    Sessions,
+    StorageError,
+)
+from sessionkit.storage import _records
+
+from . import workers
+from .helpers import FakeClock
+
+spawn = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> str:
+    return str(tmp_path / "store")
+
+
+def shard_files(directory: str) -> list[Path]:
+    return sorted(Path(directory).glob("shard-*.log"))
+
+
+# -- concurrency ---------------------------------------------------------------
+
+
+def test_threads_on_one_key_lose_nothing(directory: str) -> None:
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(200):
+            with sessions.open("k") as s:
+                s["n"] = s.get("n", 0) + 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.read("k") == {"n": 1600}
+
+
+def test_processes_on_one_key_lose_nothing(directory: str) -> None:
+    MsgpackFileStorage(directory).close()
+    start = spawn.Event()
+    procs = [spawn.Process(target=workers.increment, args=(directory, "k", 300, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert MsgpackFileStorage(directory).read("k") == {"n": 1200}
+
+
+def test_processes_and_threads_on_many_keys(directory: str) -> None:
+    """Two processes and this process's threads, keys spread over all shards."""
+    MsgpackFileStorage(directory, shards=2).close()
+    keys = [f"k{i}" for i in range(6)]
+    procs = [spawn.Process(target=workers.increment, args=(directory, key, 100)) for key in keys[:2]]
+    for p in procs:
+        p.start()
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+
+    def work(key: str) -> None:
+        for _ in range(100):
+            with sessions.open(key) as s:
+                s["n"] = s.get("n", 0) + 1
+
+    threads = [threading.Thread(target=work, args=(key,)) for key in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert {k: storage.read(k)["n"] for k in keys} == {"k0": 200, "k1": 200, "k2": 100, "k3": 100, "k4": 100, "k5": 100}
+
+
+def test_a_key_held_open_never_delays_another_key_in_the_same_shard(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, shards=1)  # every key in one shard
+    sessions = Sessions(storage, initial=dict)
+    with sessions.open("a") as held:
+        held["x"] = 1
+        done: list[float] = []
+
+        def other() -> None:
+            start = time.monotonic()
+            with sessions.open("b", timeout=1) as s:
+                s["y"] = 2
+            done.append(time.monotonic() - start)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(5)
+        assert done and done[0] < 0.5
+    assert storage.read("b") == {"y": 2} and storage.read("a") == {"x": 1}
+
+
+def test_a_key_held_by_another_process_times_out(directory: str) -> None:
+    MsgpackFileStorage(directory).close()
+    held, release = spawn.Event(), spawn.Event()
+    p = spawn.Process(target=workers.hold, args=(directory, "k", held, release))
+    p.start()
+    try:
+        assert held.wait(60)
+        storage = MsgpackFileStorage(directory)
+        with pytest.raises(LockTimeout) as info:
+            with Sessions(storage).open("k", timeout=0.2):
+                pass
+        assert info.value.key == "k"
+        with Sessions(storage).open("other", timeout=0.2):  # another key is free
+            pass
+    finally:
+        release.set()
+        p.join(60)
+    with Sessions(storage).open("k", timeout=5):
+        pass
+
+
+def test_reopening_in_the_same_thread_is_an_error(directory: str) -> None:
+    sessions = Sessions(MsgpackFileStorage(directory))
+    with sessions.open("k"):
+        with pytest.raises(SessionError, match="already open"):
+            sessions.open("k")
+
+
+def test_processes_see_each_others_writes_and_compactions(directory: str) -> None:
+    mine = MsgpackFileStorage(directory, shards=1)
+    mine.write("mine", {"v": 1})
+    # another process overwrites a key far more than enough to compact the log
+    code = (
+        "import sys; from sessionkit import MsgpackFileStorage as M\n"
+        "s = M(sys.argv[1])\n"
+        "for i in range(3000): s.write('theirs', {'i': i, 'pad': 'x' * 100})\n"
+    )
+    subprocess.run([os.sys.executable, "-c", code, directory], check=True)
+    size = shard_files(directory)[0].stat().st_size
+    assert size < 3000 * 100  # it compacted
+    assert mine.read("theirs") == {"i": 2999, "pad": "x" * 100}
+    assert mine.read("mine") == {"v": 1}
+    mine.write("mine", {"v": 2})
+    assert MsgpackFileStorage(directory).read("mine") == {"v": 2}
+
+
+# -- crashes -----------------------------------------------------------------------
+
+
+def test_kill_9_mid_write_never_tears_a_value_or_leaves_a_lock(directory: str) -> None:
+    size = 200_000
+    MsgpackFileStorage(directory).close()
+    last = 0
+    for round_ in range(6):
+        ready = spawn.Event()
+        p = spawn.Process(target=workers.write_forever, args=(directory, "k", size, ready))
+        p.start()
+        assert ready.wait(60)
+        time.sleep(0.05 + 0.03 * round_)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        storage = MsgpackFileStorage(directory)
+        with Sessions(storage).open("k", timeout=2) as s:  # no lock left behind
+            value = s.data
+            if value is not None:
+                assert value["blob"] == bytes([value["n"] % 251]) * size
+                last = value["n"]
+        storage.close()
+    assert last > 0
+
+
+def test_a_crashed_partial_record_is_dropped(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage.write("k", {"v": 1})
+    storage.close()
+    path = shard_files(directory)[0]
+    good = path.stat().st_size
+    record = _records.build(b"k", b"\x81\xa1v\x02")
+    with open(path, "ab") as f:
+        f.write(record[:-3])  # the append was cut short
+    storage = MsgpackFileStorage(directory)
+    assert storage.read("k") == {"v": 1}
+    storage.write("k", {"v": 3})
+    assert path.stat().st_size == good + len(record) + 0  # truncated, then appended
+    assert MsgpackFileStorage(directory).read("k") == {"v": 3}
+
+
+def test_durable_writes_round_trip(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, durable=True)
+    sessions = Sessions(storage, initial=dict)
+    for _ in range(5):
+        with sessions.open("k") as s:
+            s["n"] = s.get("n", 0) + 1
+    storage.close()
+    assert MsgpackFileStorage(directory).read("k") == {"n": 5}
+
+
+# -- bad bytes -----------------------------------------------------------------------
+
+
+def _flip_last_byte_of(path: Path, needle: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.rindex(needle)
+    data[at + len(needle) - 1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_record_is_reported_and_kept(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage.write("victim", {"secret": "abcdef"})
+    storage.write("other", {"fine": True})
+    storage.close()
+    path = shard_files(directory)[0]
+    _flip_last_byte_of(path, b"abcdef")
+    before = path.read_bytes()
+    storage = MsgpackFileStorage(directory)
+    with pytest.raises(CorruptSessionError) as info:
+        storage.read("victim")
+    assert info.value.key == "victim" and info.value.path == str(path)
+    assert "victim" in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(CorruptSessionError):
+        with Sessions(storage, initial=dict).open("victim"):
+            pass
+    assert storage.read("other") == {"fine": True}
+    for _ in range(200):  # churn that would compact: the damaged bytes stay
+        storage.write("other", {"fine": True, "pad": "x" * 500})
+    assert path.read_bytes().startswith(before[: before.index(b"victim")])
+    storage.write("victim", {"fresh": 1})  # an explicit overwrite replaces it
+    assert storage.read("victim") == {"fresh": 1}
+
+
+def test_undecodable_value_is_corrupt_session_error_naming_the_file(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage._raw_write("k", b"\xc1")  # a byte msgpack never uses
+    with pytest.raises(CorruptSessionError) as info:
+        storage.read("k")
+    assert info.value.key == "k" and info.value.path == str(shard_files(directory)[0])
+    with pytest.raises(CorruptSessionError):
+        with Sessions(storage, initial=dict).open("k"):
+            pass
+    assert storage.has("k")  # left in place, never reset to initial()
+
+
+def test_damaged_header_in_the_middle_is_reported_not_truncated(directory: str) -> None:
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage.write("a", 1)
+    storage.write("b", 2)
+    storage.close()
+    path = shard_files(directory)[0]
+    data = bytearray(path.read_bytes())
+    data[len(_records.MAGIC) + 5] ^= 0xFF  # inside the first record's header
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptSessionError) as info:
+        MsgpackFileStorage(directory).read("b")
+    assert info.value.path == str(path)
+    assert path.read_bytes() == bytes(data)
+
+
+def test_not_a_store_is_reported(directory: str) -> None:
+    os.makedirs(directory)
+    Path(directory, "FORMAT").write_text("something else\n")
+    with pytest.raises(CorruptSessionError):
+        MsgpackFileStorage(directory)
+
+
+# -- keys and files -----------------------------------------------------------------
+
+
+HOSTILE = ["../../x", "/etc/passwd", "", "a\x00b", "k" * 5000, "ключ🔑", "\udcff lone surrogate"]
+
+
+def test_hostile_keys_stay_inside_and_list_back(tmp_path: Path) -> None:
+    directory = tmp_path / "inner" / "store"
+    storage = MsgpackFileStorage(directory)
+    for i, key in enumerate(HOSTILE):
+        storage.write(key, {"i": i})
+    assert sorted(storage.keys()) == sorted(HOSTILE)
+    storage.close()
+    reopened = MsgpackFileStorage(directory)
+    assert sorted(reopened.keys()) == sorted(HOSTILE)
+    assert [reopened.read(k) for k in HOSTILE] == [{"i": i} for i in range(len(HOSTILE))]
+    everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
+    assert all(p.startswith("inner") for p in everything)
+    names = {p.name for p in Path(directory).iterdir()}
+    assert names <= {"FORMAT", "sessionkit.lock"} | {f"shard-{n:03d}.log" for n in range(16)}
+
+
+def test_files_are_private(directory: str) -> None:
+    old = os.umask(0)
+    try:
+        storage = MsgpackFileStorage(directory)
+        storage.write("k", 1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    for path in Path(directory).iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_shard_count_is_recorded(directory: str) -> None:
+    MsgpackFileStorage(directory, shards=4).close()
+    assert MsgpackFileStorage(directory).shards == 4
+    with pytest.raises(ValueError, match="shards=4"):
+        MsgpackFileStorage(directory, shards=8)
+    with pytest.raises(ValueError):
+        MsgpackFileStorage(directory + "2", shards=0)
+
+
+def test_closed_storage_refuses_work(directory: str) -> None:
+    storage = MsgpackFileStorage(directory)
+    storage.close()
+    storage.close()
+    with pytest.raises(StorageError, match="closed"):
+        storage.read("k")
+
+
+# -- expiry -------------------------------------------------------------------------
+
+
+def test_purge_expired_reclaims_without_decoding(directory: str, monkeypatch: Any) -> None:
+    clock = FakeClock()
+    storage = MsgpackFileStorage(directory, ttl=10, clock=clock, shards=2)
+    for i in range(300):
+        storage.write(f"old{i}", {"pad": "x" * 200})
+    clock.tick(6)
+    storage.write("young", 1)
+    clock.tick(5)
+    before = sum(p.stat().st_size for p in shard_files(directory))
+
+    import msgpack
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("purge_expired decoded a value")
+
+    monkeypatch.setattr(msgpack, "unpackb", refuse)
+    monkeypatch.setattr("sessionkit._codec._unpackb", refuse)
+    assert list(storage.keys()) == ["young"]
+    assert storage.purge_expired() == 300
+    monkeypatch.undo()
+    after = sum(p.stat().st_size for p in shard_files(directory))
+    assert after < before / 10
+    assert storage.read("young") == 1
+    assert MsgpackFileStorage(directory, clock=clock).read("old1") is None
+
+
+def test_expiry_is_stored_so_other_processes_honour_it(directory: str) -> None:
+    clock = FakeClock()
+    MsgpackFileStorage(directory, ttl=10, clock=clock).write("k", 1)
+    later = FakeClock(clock.now + 11)
+    assert MsgpackFileStorage(directory, clock=later).read("k") is None
+    assert MsgpackFileStorage(directory, clock=clock).read("k") == 1
+
+
+# -- bounded resources ----------------------------------------------------------------
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) -> None:
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+    with sessions.open("warm") as s:
+        s["x"] = 1
+    storage.keys()  # opens every shard
+    fds = _open_fds()
+    for i in range(3000):
+        with sessions.open(f"user-{i}") as s:
+            s["x"] = i
+    assert _open_fds() == fds
+    assert len(storage._locks) == 0 and storage._held == {}
+    files = {p.name for p in Path(directory).iterdir()}
+    assert len(files) <= 2 + storage.shards
+
+
+def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None:
+    from sessionkit.storage._shard import SLACK
+
+    shards = 4
+    storage = MsgpackFileStorage(directory, shards=shards)
+    constant = shards * (SLACK + len(_records.MAGIC))
+    pad = "x" * 10_000
+    for round_ in range(20):
+        for i in range(50):
+            storage.write(f"k{i}", {"pad": pad, "round": round_})
+    live = sum(len(_records.build(f"k{i}".encode(), storage._raw_dumps({"pad": pad, "round": 19}))) for i in range(50))
+    used = sum(p.stat().st_size for p in shard_files(directory))
+    assert used <= 2 * live + constant
+    for i in range(50):
+        storage.delete(f"k{i}")
+    for i in range(40):  # later writes compact away the dead bytes
+        storage.write(f"small{i}", 1)
+    used = sum(p.stat().st_size for p in shard_files(directory))
+    assert used <= constant
+    assert sorted(storage.keys()) == sorted(f"small{i}" for i in range(40))
+
+
+# -- a real full disk -----------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Any:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_storage_error_and_keeps_the_old_value(tiny_fs: Path) -> None:
+    storage = MsgpackFileStorage(tiny_fs / "store", shards=1)
+    sessions = Sessions(storage, initial=dict)
+    with sessions.open("k") as s:
+        s["v"] = "old"
+    with pytest.raises(StorageError) as info:
+        with sessions.open("k") as s:
+            s["v"] = "x" * 400_000
+    assert isinstance(info.value.__cause__, OSError)
+    assert storage.read("k") == {"v": "old"}
+    assert MsgpackFileStorage(tiny_fs / "store").read("k") == {"v": "old"}
+    with sessions.open("k") as s:  # small writes still work
+        s["v"] = "new"
+    assert storage.read("k") == {"v": "new"}
+
+
+def test_read_only_filesystem_is_storage_error_and_data_survives(tiny_fs: Path) -> None:
+    storage = MsgpackFileStorage(tiny_fs / "store", shards=1)
+    storage.write("k", 1)
+    storage.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    try:
+        with pytest.raises(StorageError) as info:
+            MsgpackFileStorage(tiny_fs / "store").write("k", 2)
+        assert isinstance(info.value.__cause__, OSError)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
+    assert MsgpackFileStorage(tiny_fs / "store").read("k") == 1

@@ -1,0 +1,48 @@
+"""Functions run in child processes (spawned, so they live in an importable module)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from sessionkit import MsgpackFileStorage, Sessions
+
+
+def increment(directory: str, key: str, times: int, start: Any = None) -> None:
+    """Increment ``key``'s counter ``times`` times, each in its own session."""
+    if start is not None:
+        start.wait()
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+    for _ in range(times):
+        with sessions.open(key) as s:
+            s["n"] = s.get("n", 0) + 1
+    storage.close()
+
+
+def write_forever(directory: str, key: str, size: int, ready: Any) -> None:
+    """Write ever-new values of ``size`` bytes to ``key`` until killed."""
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+    n = 0
+    ready.set()
+    while True:
+        n += 1
+        with sessions.open(key) as s:
+            s["n"] = n
+            s["blob"] = bytes([n % 251]) * size
+
+
+def hold(directory: str, key: str, held: Any, release: Any) -> None:
+    """Hold ``key`` open until ``release`` is set."""
+    storage = MsgpackFileStorage(directory)
+    with Sessions(storage).open(key):
+        held.set()
+        release.wait(30)
+    storage.close()
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    increment(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    os._exit(0)
