@@ -1,0 +1,229 @@
+"""Turn cell results into a markdown table, JSON, and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from typing import Any
+
+from .cell import SCENARIOS
+
+BASELINE = "diskcache"
+
+
+def environment(workdir: str) -> dict[str, Any]:
+    import dbm
+
+    import sessionkit  # noqa: F401  (its version, when it is not pip-installed)
+
+    versions = {}
+    for module in ("sessionkit", "msgpack", "filelock", "diskcache", "sqlitedict", "telebot", "cachelib"):
+        try:
+            from importlib.metadata import version
+
+            dist = {"telebot": "pyTelegramBotAPI"}.get(module, module)
+            versions[module] = version(dist)
+        except Exception:
+            mod = sys.modules.get(module)
+            versions[module] = getattr(mod, "__version__", "not installed") if mod else "not installed"
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "dbm": dbm._defaultmod.__name__ if getattr(dbm, "_defaultmod", None) else _default_dbm(),
+        "filesystem": filesystem_of(workdir),
+        "packages": versions,
+    }
+
+
+def _default_dbm() -> str:
+    import dbm
+
+    for name in dbm._names:  # type: ignore[attr-defined]
+        try:
+            __import__(name)
+            return name
+        except ImportError:
+            continue
+    return "none"
+
+
+def filesystem_of(path: str) -> str:
+    """The filesystem type of ``path``, from /proc/mounts where there is one."""
+    best, kind = "", "unknown"
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) > len(best):
+                        best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def summarise(cell: dict[str, Any]) -> dict[str, Any]:
+    us = cell.get("us_per_op") or []
+    if not us:
+        return cell
+    median = statistics.median(us)
+    return {**cell, "median_us": median, "min_us": min(us), "max_us": max(us), "ops_s": 1e6 / median}
+
+
+def _fmt_int(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def markdown(cells: list[dict[str, Any]], env: dict[str, Any], settings: dict[str, Any]) -> str:
+    cells = [summarise(c) for c in cells]
+    out = ["# sessionkit benchmarks", ""]
+    out.append(
+        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs; "
+        f"default dbm `{env['dbm']}`; filesystem `{env['filesystem']}`."
+    )
+    out.append("Packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".")
+    out.append(
+        f"Each cell ran in a fresh process: a warm-up, then {settings['repeat']} repetitions of up to "
+        f"{settings['ops']:,} operations (or {settings['seconds']} s). µs/op is the median, with the "
+        "fastest and slowest repetition beside it; `× diskcache` is ops/s divided by diskcache's in the "
+        "same scenario. Lost updates: increments that did not survive (only libraries without an "
+        "atomic update lose any)."
+    )
+    out.append("")
+    order = list(SCENARIOS)
+    for scenario in order:
+        rows = [c for c in cells if c["scenario"] == scenario]
+        if not rows:
+            continue
+        sizes = sorted({c["size"] for c in rows})
+        for size in sizes:
+            group = [c for c in rows if c["size"] == size]
+            title = SCENARIOS[scenario] if scenario != "e" else f"{SCENARIOS[scenario]}, N = {size:,}"
+            out.append(f"## ({scenario}) {title}")
+            out.append("")
+            out.append("| subject | ops/s | µs/op (min–max) | × diskcache | lost updates | errors | peak RSS MB | bytes on disk |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+            base = next((c for c in group if c["subject"] == BASELINE and "ops_s" in c), None)
+            ranked = sorted(group, key=lambda c: -c.get("ops_s", -1))
+            for c in ranked:
+                if c.get("skipped"):
+                    out.append(f"| {c['name']} | skipped: {c['skipped']} | | | | | | |")
+                    continue
+                if "ops_s" not in c:
+                    out.append(f"| {c['name']} | failed: {c.get('failure', 'no timing')} | | | | | | |")
+                    continue
+                ratio = f"{c['ops_s'] / base['ops_s']:.2f}" if base else "–"
+                lost = "–" if c.get("lost") is None else _fmt_int(c["lost"])
+                errors = _fmt_int(c["errors"]) + (f" ({c['first_error'][:60]})" if c["errors"] else "")
+                out.append(
+                    f"| {c['name']} | {_fmt_int(c['ops_s'])} | {c['median_us']:.1f} "
+                    f"({c['min_us']:.1f}–{c['max_us']:.1f}) | {ratio} | {lost} | {errors} | "
+                    f"{c['rss_mb']:.0f} | {_fmt_int(c['disk_bytes'])} |"
+                )
+            out.append("")
+    out.extend(headline(cells))
+    return "\n".join(out) + "\n"
+
+
+def _find(cells: list[dict[str, Any]], scenario: str, subject: str, size: int = 0) -> dict[str, Any] | None:
+    for c in cells:
+        if c["scenario"] == scenario and c["subject"] == subject and c["size"] == size and "ops_s" in c:
+            return c
+    return None
+
+
+def headline(cells: list[dict[str, Any]]) -> list[str]:
+    """The ratios the project's targets are stated in, where measured."""
+    cells = [summarise(c) for c in cells]
+    lines = ["## Ratios", ""]
+
+    def ratio(label: str, num: Any, den: Any, target: str) -> None:
+        if num and den:
+            lines.append(f"- {label}: **{num / den:.2f}** ({target})")
+
+    for backend in ("msgpack", "shelve", "memory"):
+        a = _find(cells, "a", backend)
+        d = _find(cells, "d", backend)
+        dc_a, dc_d = _find(cells, "a", BASELINE), _find(cells, "d", BASELINE)
+        if a and dc_a:
+            ratio(f"{a['name']} vs diskcache, 1 thread 1 key (ops/s)", a["ops_s"], dc_a["ops_s"], "higher is better")
+        if d and dc_d:
+            ratio(f"{d['name']} vs diskcache, 4 processes 1 key (ops/s)", d["ops_s"], dc_d["ops_s"], f"lost updates: {d['lost']}")
+    floor = _find(cells, "a", "floor-dict")
+    mem = _find(cells, "a", "memory")
+    if floor and mem:
+        ratio("sessionkit memory vs floor dict + Lock (µs/op)", mem["median_us"], floor["median_us"], "lower is better")
+    replace = _find(cells, "a", "floor-replace")
+    mp = _find(cells, "a", "msgpack")
+    if replace and mp:
+        ratio("sessionkit msgpack vs floor msgpack temp+replace (µs/op)", mp["median_us"], replace["median_us"], "lower is better")
+    sizes = sorted({c["size"] for c in cells if c["scenario"] == "e"})
+    for backend in ("msgpack", "shelve", "diskcache"):
+        small = next((_find(cells, "e", backend, s) for s in sizes if _find(cells, "e", backend, s)), None)
+        big = next((_find(cells, "e", backend, s) for s in reversed(sizes) if _find(cells, "e", backend, s)), None)
+        if small and big and small is not big:
+            ratio(
+                f"{big['name']}: µs/op at N = {big['size']:,} vs N = {small['size']:,}",
+                big["median_us"], small["median_us"], f"peak RSS {big['rss_mb']:.0f} MB, "
+                f"{big['disk_bytes'] / max(big['size'], 1):.0f} bytes on disk per session",
+            )
+    return lines + [""]
+
+
+def write_json(path: str, cells: list[dict[str, Any]], env: dict[str, Any], settings: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "settings": settings, "cells": [summarise(c) for c in cells]}, f, indent=1)
+
+
+def write_chart(path: str, cells: list[dict[str, Any]]) -> str | None:
+    """A PNG: ops/s per subject for each scenario, and µs/op against N."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
+    cells = [summarise(c) for c in cells if "us_per_op" in c]
+    flat = [s for s in SCENARIOS if s != "e" and any(c["scenario"] == s for c in cells)]
+    has_e = any(c["scenario"] == "e" for c in cells)
+    panels = len(flat) + (1 if has_e else 0)
+    if not panels:
+        return "nothing to chart"
+    cols = 2
+    rows = (panels + 1) // 2
+    fig, axes = plt.subplots(rows, cols, figsize=(14, 3.6 * rows), squeeze=False)
+    names = sorted({c["name"] for c in cells})
+    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    for ax, scenario in zip(axes.flat, flat):
+        rows_ = sorted((c for c in cells if c["scenario"] == scenario), key=lambda c: c["ops_s"])
+        ax.barh([c["name"] for c in rows_], [c["ops_s"] for c in rows_], color=[colors[c["name"]] for c in rows_])
+        ax.set_xscale("log")
+        ax.set_title(f"({scenario}) {SCENARIOS[scenario]}: ops/s, log scale", fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        for c in rows_:
+            if c.get("lost"):
+                ax.text(c["ops_s"], c["name"], f"  lost {c['lost']:,}", va="center", fontsize=7, color="red")
+    if has_e:
+        ax = list(axes.flat)[len(flat)]
+        for name in names:
+            pts = sorted((c["size"], c["median_us"]) for c in cells if c["scenario"] == "e" and c["name"] == name)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=colors[name])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sessions stored (N)")
+        ax.set_title("(e) µs/op after prefilling N sessions, log-log", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
