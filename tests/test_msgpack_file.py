@@ -391,7 +391,7 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
         with sessions.open(f"user-{i}") as s:
             s["x"] = i
     assert _open_fds() == fds
-    assert len(storage._locks) == 0 and storage._held == {}
+    assert len(storage._keylocks.threads) == 0 and storage._keylocks.held == {}
     files = {p.name for p in Path(directory).iterdir()}
     assert len(files) <= 2 + storage.shards
 

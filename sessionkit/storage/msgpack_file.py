@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import logging
 import os
-import threading
 import time
 import zlib
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec
-from .._locks import KeyLocks
-from ..errors import CorruptSessionError, LockTimeout, StorageError
+from ..errors import CorruptSessionError, StorageError
 from . import _records
+from ._lockfile import SHARD_BASE as _SHARD_BASE
+from ._lockfile import LockFile as _LockFile
+from ._lockfile import ProcessKeyLocks
 from ._shard import Shard, fsync_dir
 from .base import check_key, ttl_seconds
 
@@ -26,90 +24,7 @@ log = logging.getLogger("sessionkit")
 
 FORMAT_FILE = "FORMAT"
 LOCK_FILE = "sessionkit.lock"
-# Byte ranges of the lock file: one byte per session key (by a 62-bit hash),
-# one per shard above that.
-_KEY_SPACE = 1 << 62
-_SHARD_BASE = _KEY_SPACE
-_blake2b = hashlib.blake2b
 _crc32 = zlib.crc32
-
-
-class _LockFile:
-    """The store's lock file, opened once per process and directory.
-
-    POSIX record locks belong to the process and are all dropped when *any*
-    descriptor of the file is closed, so every storage object in a process
-    over the same directory shares one descriptor, closed with the last.
-    """
-
-    _open: dict[str, _LockFile] = {}
-    _registry_mutex = threading.Lock()
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-        self.users = 0
-
-    @classmethod
-    def get(cls, path: str) -> _LockFile:
-        with cls._registry_mutex:
-            lockfile = cls._open.get(path)
-            if lockfile is None:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                lockfile = cls._open[path] = cls(path, fd)
-            lockfile.users += 1
-            return lockfile
-
-    def release(self) -> None:
-        with self._registry_mutex:
-            self.users -= 1
-            if self.users == 0:
-                del self._open[self.path]
-                os.close(self.fd)
-
-    def lock(self, offset: int, timeout: float | None, key: str) -> None:
-        """Exclusive lock of one byte; ``LockTimeout`` after ``timeout`` s."""
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
-        if timeout is None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)  # sleeps in the kernel
-                return
-            except OSError as exc:
-                if exc.errno == errno.EDEADLK:
-                    raise LockTimeout(
-                        f"session {key!r}: waiting would deadlock with another process "
-                        "that holds it while waiting for a session this process holds",
-                        key=key,
-                    ) from exc
-                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
-        deadline = time.monotonic() + timeout
-        delay = 0.0001
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.01)
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
-
-    def unlock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
-
-
-def _key_offset(key: str) -> int:
-    """The lock-file byte of ``key``: a 62-bit hash, the same in every process."""
-    digest = _blake2b(_records.encode_key(key), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
 
 
 class MsgpackFileStorage:
@@ -170,8 +85,9 @@ class MsgpackFileStorage:
             raise
         fd = self._lockfile.fd
         self._shards = [Shard(self.directory, n, fd, _SHARD_BASE + n, self.durable) for n in range(self.shards)]
-        self._locks = KeyLocks()
-        self._held: dict[str, int] = {}  # key -> its lock-file byte, while held
+        self._keylocks = ProcessKeyLocks(self._lockfile)
+        self._acquire = self._keylocks.acquire
+        self._release = self._keylocks.release
         self._closed = False
 
     def __repr__(self) -> str:
@@ -221,35 +137,14 @@ class MsgpackFileStorage:
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
         return self._shards[_crc32(_records.encode_key(key)) % self.shards]
 
-    # -- locking -----------------------------------------------------------------
-
-    def _acquire(self, key: str, timeout: float | None = None) -> None:
-        start = time.monotonic() if timeout is not None else 0.0
-        self._locks.acquire(key, timeout)
-        try:
-            offset = _key_offset(key)
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            self._lockfile.lock(offset, left, key)
-        except BaseException:
-            self._locks.release(key)
-            raise
-        self._held[key] = offset
-
-    def _release(self, key: str) -> None:
-        offset = self._held.pop(key)
-        try:
-            self._lockfile.unlock(offset)
-        finally:
-            self._locks.release(key)
-
     def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
-        return _Held(self, check_key(key), timeout)
+        return self._keylocks.lock(check_key(key), timeout)
 
     # -- the encoded form, used by Sessions ------------------------------------
 
     def _raw_read(self, key: str) -> bytes | None:
         shard = self._shard(key)
-        if key in self._held:  # our key lock orders us after every write of it
+        if key in self._keylocks.held:  # our key lock orders us after every write of it
             raw = shard.read_unlocked(key, self._clock())
             if raw is not False:
                 return raw  # type: ignore[return-value]
@@ -339,18 +234,3 @@ class MsgpackFileStorage:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class _Held:
-    """``storage.lock(key)``: the key's thread lock and its byte-range lock."""
-
-    __slots__ = ("storage", "key", "timeout")
-
-    def __init__(self, storage: MsgpackFileStorage, key: str, timeout: float | None) -> None:
-        self.storage, self.key, self.timeout = storage, key, timeout
-
-    def __enter__(self) -> None:
-        self.storage._acquire(self.key, self.timeout)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.storage._release(self.key)
