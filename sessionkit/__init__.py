@@ -23,6 +23,7 @@ from .session import Session
 from .storage.base import StorageAdapter
 from .storage.memory import MemoryStorage
 from .storage.msgpack_file import MsgpackFileStorage
+from .storage.shelf import ShelveStorage
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "StorageAdapter",
     "MemoryStorage",
     "MsgpackFileStorage",
+    "ShelveStorage",
     "enhance_storage",
     "SessionError",
     "SessionKeyError",

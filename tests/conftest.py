@@ -7,11 +7,16 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from sessionkit import MemoryStorage, MsgpackFileStorage
+import os
+
+from sessionkit import MemoryStorage, MsgpackFileStorage, ShelveStorage
 
 from .helpers import FakeClock
 
-BACKENDS = ["memory", "msgpack"]
+BACKENDS = ["memory", "msgpack", "shelve"]
+# The dbm module the shelve backend runs on (tests/test_other_pythons.py
+# reruns the shelve tests under another Python with dbm.gnu).
+SHELVE_DBM = os.environ.get("SESSIONKIT_TEST_DBM") or None
 
 
 def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
@@ -20,6 +25,8 @@ def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
         return MemoryStorage(**options)
     if kind == "msgpack":
         return MsgpackFileStorage(tmp_path / "sessions", **options)
+    if kind == "shelve":
+        return ShelveStorage(tmp_path / "shelf" / "sessions", dbm=SHELVE_DBM, **options)
     raise AssertionError(f"unknown backend {kind}")
 
 

@@ -10,7 +10,7 @@ import sys
 import sessionkit
 
 API = {
-    "Sessions", "Session", "MultiSessions", "StorageAdapter", "MemoryStorage", "MsgpackFileStorage",
+    "Sessions", "Session", "MultiSessions", "StorageAdapter", "MemoryStorage", "MsgpackFileStorage", "ShelveStorage",
     "enhance_storage", "SessionError", "SessionKeyError", "LockTimeout",
     "SerializationError", "CorruptSessionError", "StorageError",
 }

@@ -1,0 +1,427 @@
+"""ShelveStorage: the standard library's shelve format, made safe to share."""
+
+from __future__ import annotations
+
+import ast
+import dbm as _dbm
+import importlib
+import os
+import pickle
+import struct
+import threading
+import time
+import zlib
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Iterator
+
+from ..errors import CorruptSessionError, SerializationError, StorageError
+from ._lockfile import SHARD_BASE, LockFile, ProcessKeyLocks
+from .base import check_key, ttl_seconds
+
+__all__ = ["ShelveStorage"]
+
+# A stored value: MAGIC, crc32 of what follows it, expiry (0: none), pickle.
+# 0xff opens no pickle, so plain shelve values (bare pickles) are told apart.
+MAGIC = b"\xffSK1"
+_FRAME = struct.Struct("<4sId")
+_PREFERENCE = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
+_STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
+_GEN = struct.Struct("<Q")  # the change counter, at the start of the lock file
+
+
+def available_dbms() -> list[str]:
+    """The dbm modules this Python has, best first."""
+    found = []
+    for name in _PREFERENCE:
+        try:
+            importlib.import_module(name)
+            found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def _encode_key(key: str) -> bytes:
+    return key.encode("utf-8", "surrogatepass")
+
+
+def _decode_key(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+class ShelveStorage:
+    """Sessions as pickles in a dbm file (the ``shelve`` format), shared safely.
+
+    .. warning::
+       Values are pickles, and unpickling runs code.  Never point a
+       ShelveStorage at files that anyone else can write.
+
+    Any picklable value can be stored (datetimes, sets, your own classes).
+    The database stays open; this process reopens it only after another
+    process changed it (a change counter in the lock file says so), so an
+    operation does not get slower as the shelf grows.  ``dbm`` picks the
+    module (``"dumb"``, ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full
+    ``"dbm.gnu"``); by default an existing file keeps its own and a new one
+    gets the best this Python has.  ``storage.dbm`` says which is in use.
+
+    Each value carries a checksum, so bytes torn by a crash are reported as
+    ``CorruptSessionError`` (with the key and file) and never served.  Crash
+    behaviour per dbm: with ``dbm.dumb`` a crash during a write leaves the
+    key at its old value or the new one, except that a value rewritten in
+    place (same number of 512-byte blocks) can be torn; that is detected and
+    reported, and the recovery is to write or delete the key.  ``dbm.gnu``
+    and ``dbm.ndbm`` are as crash-safe as the library underneath; damage that
+    stops the file from opening is reported with the path to restore.
+
+    Lock scope: process.  ``lock(key)`` excludes other threads and other
+    processes (one byte of ``<path>.lock`` per key); every read and write
+    also holds the whole shelf for the microseconds of the dbm call.  Files
+    are created ``0600``.  Plain shelve values (bare pickles) are read too;
+    values written here carry a small header that plain ``shelve`` does not
+    understand.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dbm: str | None = None,
+        ttl: float | timedelta | None = None,
+        clock: Callable[[], float] = time.time,
+        protocol: int = pickle.HIGHEST_PROTOCOL,
+    ) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.ttl = ttl_seconds(ttl)
+        self.protocol = protocol
+        self._clock = clock
+        self.dbm = self._choose(dbm)
+        self._module: Any = importlib.import_module(self.dbm)
+        directory = os.path.dirname(self.path)
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                os.chmod(directory, 0o700)
+            self._lockfile = LockFile.get(self.path + ".lock")
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+        self._keylocks = ProcessKeyLocks(self._lockfile)
+        self._acquire = self._keylocks.acquire
+        self._release = self._keylocks.release
+        self._mutex = threading.Lock()
+        self._db: Any = None
+        self._gen = -1
+        self._dir_appends = 0
+        self._dirty = False  # this section changed the shelf: bump the counter
+        self._closed = False
+        try:
+            with self._store():
+                pass
+        except BaseException:
+            self._lockfile.release()
+            raise
+
+    def __repr__(self) -> str:
+        return f"ShelveStorage({self.path!r}, dbm={self.dbm!r}, ttl={self.ttl})"
+
+    def _choose(self, wanted: str | None) -> str:
+        have = available_dbms()
+        if wanted is not None:
+            name = wanted if wanted.startswith("dbm.") else "dbm." + wanted
+            if name not in have:
+                raise ValueError(f"dbm {wanted!r} is not available in this Python; it has {', '.join(have)}")
+            return name
+        existing = _dbm.whichdb(self.path) if os.path.exists(os.path.dirname(self.path) or ".") else None
+        if existing and existing in have:
+            return existing
+        return have[0]
+
+    # -- the shelf, locked and current -------------------------------------------
+
+    def _store(self) -> _StoreSection:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", path=self.path)
+        return _StoreSection(self)
+
+    def _read_gen(self) -> int:
+        raw = os.pread(self._lockfile.fd, _GEN.size, 0)
+        return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
+
+    def _bump_gen(self) -> None:
+        self._gen = self._read_gen() + 1
+        os.pwrite(self._lockfile.fd, _GEN.pack(self._gen), 0)
+
+    def _reopen(self) -> None:
+        self._close_db()
+        if self.dbm == "dbm.dumb":
+            self._check_dumb()
+        try:
+            if self.dbm == "dbm.gnu":
+                flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
+                self._db = self._module.open(self.path, flags, 0o600)
+            else:
+                self._db = self._module.open(self.path, "c", 0o600)
+        except (self._module.error, SyntaxError, ValueError) as exc:  # dbm.dumb parses its index
+            raise CorruptSessionError(
+                f"{self.path} ({self.dbm}) cannot be opened: {exc}; the files are left as they "
+                f"are: restore them from a backup{self._recovery_hint()}",
+                path=self.path,
+            ) from exc
+        self._dir_appends = 0
+
+    def _recovery_hint(self) -> str:
+        if self.dbm == "dbm.gnu":
+            return " or run `gdbmtool` on it and use its `recover` command"
+        if self.dbm == "dbm.dumb" and os.path.exists(self.path + ".bak"):
+            return f", or copy {self.path}.bak over {self.path}.dir"
+        return ""
+
+    def _check_dumb(self) -> None:
+        """Before dbm.dumb reads its index: never let it open a damaged one as empty."""
+        dirfile, datfile, bakfile = self.path + ".dir", self.path + ".dat", self.path + ".bak"
+        if not os.path.exists(dirfile):
+            if os.path.exists(datfile) and os.path.getsize(datfile) > 0:
+                hint = f": copy {bakfile} to {dirfile}" if os.path.exists(bakfile) else ""
+                raise CorruptSessionError(
+                    f"{dirfile} is missing but {datfile} holds data; nothing was changed{hint}",
+                    path=dirfile,
+                )
+            return
+        with open(dirfile, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            # A crash while appending an index line: that write was never
+            # acknowledged.  Drop the partial line (we hold the shelf lock).
+            cut = data.rfind(b"\n") + 1
+            with open(dirfile, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        tail = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :] if data else b""
+        if tail:
+            try:
+                ast.literal_eval(tail.decode("latin-1").strip())
+            except (SyntaxError, ValueError) as exc:
+                raise CorruptSessionError(
+                    f"the last index line of {dirfile} is damaged ({exc}); nothing was changed",
+                    path=dirfile,
+                ) from exc
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            if self.dbm == "dbm.dumb":
+                self._db._modified = False  # the index file is current: nothing to rewrite
+            self._db.close()
+            self._db = None
+
+    # -- values ----------------------------------------------------------------------
+
+    def _raw_dumps(self, value: Any, key: str | None = None) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=self.protocol)
+        except Exception as exc:  # PicklingError, TypeError, AttributeError...
+            raise SerializationError(f"cannot store session {key!r}: {exc}", key=key) from exc
+
+    def _raw_loads(self, data: bytes, key: str | None = None) -> Any:
+        try:
+            return pickle.loads(data)
+        except Exception as exc:
+            raise CorruptSessionError(
+                f"the stored pickle of session {key!r} in {self.path} cannot be loaded: {exc}; it is left in place",
+                key=key,
+                path=self.path,
+            ) from exc
+
+    def _unframe(self, key: str, stored: bytes, now: float) -> bytes | None:
+        """The pickle inside a stored value, or None if it has expired."""
+        if not stored.startswith(MAGIC):
+            return stored  # a plain shelve value
+        if len(stored) < _FRAME.size:
+            crc, expiry = -1, 0.0
+        else:
+            _magic, crc, expiry = _FRAME.unpack_from(stored)
+        if zlib.crc32(stored[8:]) != crc:
+            raise CorruptSessionError(
+                f"the stored value of session {key!r} in {self.path} ({self.dbm}) fails its checksum "
+                "(a write torn by a crash?); it is left in place: write or delete the key to recover",
+                key=key,
+                path=self.path,
+            )
+        if expiry and expiry <= now:
+            return None
+        return stored[_FRAME.size :]
+
+    def _frame(self, data: bytes, expiry: float) -> bytes:
+        body = struct.pack("<d", expiry) + data
+        return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+
+    # -- the encoded form, used by Sessions ------------------------------------------
+
+    def _raw_read(self, key: str) -> bytes | None:
+        with self._store() as db:
+            stored = db.get(_encode_key(key))
+            return None if stored is None else self._unframe(key, stored, self._clock())
+
+    def _raw_write(self, key: str, data: bytes) -> None:
+        now = self._clock()
+        framed = self._frame(data, 0.0 if self.ttl is None else now + self.ttl)
+        with self._store() as db:
+            self._put(db, _encode_key(key), framed)
+
+    def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
+        self._dirty = True
+        try:
+            if self.dbm != "dbm.dumb":
+                db[kb] = framed
+                return
+            index = db._index
+            old = index.get(kb)
+            db[kb] = framed
+            if old is not None and index[kb] != old:
+                # dbm.dumb only writes its index file on close; append the
+                # moved entry now so other processes (and a crash) see it.
+                db._addkey(kb, index[kb])
+                self._dir_appends += 1
+            db._modified = False
+            if self._dir_appends > len(index) + 1000:
+                self._rewrite_dumb_index(db)
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+        except self._module.error as exc:
+            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+
+    def _rewrite_dumb_index(self, db: Any) -> None:
+        """Write dbm.dumb's index file anew, atomically (its own sync is not)."""
+        dirfile = self.path + ".dir"
+        tmp = dirfile + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            lines = "".join("%r, %r\n" % (k.decode("Latin-1"), v) for k, v in db._index.items())
+            os.write(fd, lines.encode("Latin-1"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dirfile)
+        self._dir_appends = 0
+
+    def _remove(self, db: Any, keys: list[bytes]) -> None:
+        self._dirty = True
+        try:
+            if self.dbm == "dbm.dumb":
+                for kb in keys:
+                    db._index.pop(kb, None)
+                self._rewrite_dumb_index(db)
+                db._modified = False
+            else:
+                for kb in keys:
+                    try:
+                        del db[kb]
+                    except KeyError:
+                        pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete from {self.path}: {exc}", path=self.path) from exc
+
+    # -- the StorageAdapter contract ------------------------------------------------
+
+    def read(self, key: str) -> Any | None:
+        data = self._raw_read(check_key(key))
+        return None if data is None else self._raw_loads(data, key)
+
+    def write(self, key: str, value: Any) -> None:
+        key = check_key(key)
+        if value is None:
+            raise ValueError("None is never stored; use delete() to remove a session")
+        self._raw_write(key, self._raw_dumps(value, key))
+
+    def delete(self, key: str) -> None:
+        kb = _encode_key(check_key(key))
+        with self._store() as db:
+            if kb in db:
+                self._remove(db, [kb])
+
+    def has(self, key: str) -> bool:
+        return self._raw_read(check_key(key)) is not None
+
+    def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
+        now = self._clock()
+        for kb in list(db.keys()):
+            key = _decode_key(kb)
+            data = self._unframe(key, db[kb], now)
+            if data is not None:
+                yield key, data
+
+    def keys(self) -> Iterator[str]:
+        with self._store() as db:
+            return iter([key for key, _ in self._live(db)])
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        with self._store() as db:
+            found = list(self._live(db))
+        return iter([(key, self._raw_loads(data, key)) for key, data in found])
+
+    def values(self) -> Iterator[Any]:
+        return iter([value for _, value in self.items()])
+
+    def purge_expired(self) -> int:
+        """Delete expired sessions; returns how many."""
+        now = self._clock()
+        with self._store() as db:
+            expired = []
+            for kb in list(db.keys()):
+                stored = db[kb]
+                if stored.startswith(MAGIC) and len(stored) >= _FRAME.size:
+                    expiry = _FRAME.unpack_from(stored)[2]
+                    if expiry and expiry <= now:
+                        expired.append(kb)
+            if expired:
+                self._remove(db, expired)
+            return len(expired)
+
+    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        return self._keylocks.lock(check_key(key), timeout)
+
+    def close(self) -> None:
+        """Close the dbm and the lock file; the storage is unusable afterwards."""
+        if self._closed:
+            return
+        with self._mutex:
+            self._closed = True
+            self._close_db()
+        self._lockfile.release()
+
+
+class _StoreSection:
+    """``with storage._store() as db``: the shelf locked, current, and changes published."""
+
+    __slots__ = ("storage",)
+
+    def __init__(self, storage: ShelveStorage) -> None:
+        self.storage = storage
+
+    def __enter__(self) -> Any:
+        s = self.storage
+        s._mutex.acquire()
+        try:
+            s._lockfile.lock(_STORE_LOCK, None, "")
+            try:
+                gen = s._read_gen()
+                if s._db is None or gen != s._gen:
+                    s._reopen()
+                    s._gen = gen
+            except BaseException:
+                s._lockfile.unlock(_STORE_LOCK)
+                raise
+        except BaseException:
+            s._mutex.release()
+            raise
+        return s._db
+
+    def __exit__(self, *exc: Any) -> None:
+        s = self.storage
+        try:
+            if s._dirty:  # tell other processes to reopen (even after a failed write)
+                s._dirty = False
+                s._bump_gen()
+        finally:
+            try:
+                s._lockfile.unlock(_STORE_LOCK)
+            finally:
+                s._mutex.release()
