@@ -6,14 +6,22 @@ import os
 import sys
 from typing import Any
 
-from sessionkit import MsgpackFileStorage, Sessions
+from sessionkit import MsgpackFileStorage, Sessions, ShelveStorage
+
+
+def open_store(where: str) -> Any:
+    """``shelve:<path>[:<dbm>]`` opens a ShelveStorage, anything else a msgpack directory."""
+    if where.startswith("shelve:"):
+        _, path, dbm = (where.split(":", 2) + [""])[:3]
+        return ShelveStorage(path, dbm=dbm or None)
+    return MsgpackFileStorage(where)
 
 
 def increment(directory: str, key: str, times: int, start: Any = None) -> None:
     """Increment ``key``'s counter ``times`` times, each in its own session."""
     if start is not None:
         start.wait()
-    storage = MsgpackFileStorage(directory)
+    storage = open_store(directory)
     sessions = Sessions(storage, initial=dict)
     for _ in range(times):
         with sessions.open(key) as s:
@@ -23,7 +31,7 @@ def increment(directory: str, key: str, times: int, start: Any = None) -> None:
 
 def write_forever(directory: str, key: str, size: int, ready: Any) -> None:
     """Write ever-new values of ``size`` bytes to ``key`` until killed."""
-    storage = MsgpackFileStorage(directory)
+    storage = open_store(directory)
     sessions = Sessions(storage, initial=dict)
     n = 0
     ready.set()
@@ -36,7 +44,7 @@ def write_forever(directory: str, key: str, size: int, ready: Any) -> None:
 
 def hold(directory: str, key: str, held: Any, release: Any) -> None:
     """Hold ``key`` open until ``release`` is set."""
-    storage = MsgpackFileStorage(directory)
+    storage = open_store(directory)
     with Sessions(storage).open(key):
         held.set()
         release.wait(30)

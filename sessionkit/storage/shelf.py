@@ -41,12 +41,17 @@ def available_dbms() -> list[str]:
     return found
 
 
+# Some dbms (ndbm) cannot hold an empty key; 0xff never occurs in UTF-8, so
+# it stands for "" without colliding with any other key.
+_EMPTY_KEY = b"\xff"
+
+
 def _encode_key(key: str) -> bytes:
-    return key.encode("utf-8", "surrogatepass")
+    return key.encode("utf-8", "surrogatepass") if key else _EMPTY_KEY
 
 
 def _decode_key(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")
+    return "" if raw == _EMPTY_KEY else raw.decode("utf-8", "surrogatepass")
 
 
 class ShelveStorage:
@@ -130,9 +135,11 @@ class ShelveStorage:
             if name not in have:
                 raise ValueError(f"dbm {wanted!r} is not available in this Python; it has {', '.join(have)}")
             return name
-        existing = _dbm.whichdb(self.path) if os.path.exists(os.path.dirname(self.path) or ".") else None
+        existing = _dbm.whichdb(self.path)
         if existing and existing in have:
             return existing
+        if os.path.exists(self.path + ".dat") or os.path.exists(self.path + ".bak"):
+            return "dbm.dumb"  # dbm.dumb's data without its index: let the check report it
         return have[0]
 
     # -- the shelf, locked and current -------------------------------------------
@@ -420,6 +427,8 @@ class _StoreSection:
             if s._dirty:  # tell other processes to reopen (even after a failed write)
                 s._dirty = False
                 s._bump_gen()
+                if s.dbm == "dbm.ndbm":
+                    s._close_db()  # ndbm has no sync(): only close() makes writes visible
         finally:
             try:
                 s._lockfile.unlock(_STORE_LOCK)

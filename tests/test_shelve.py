@@ -1,0 +1,290 @@
+"""What only ShelveStorage promises: any picklable value, every dbm, processes, crashes."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import shelve
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sessionkit import CorruptSessionError, SerializationError, Sessions, ShelveStorage
+from sessionkit.storage.shelf import available_dbms
+
+from . import workers
+from .conftest import SHELVE_DBM
+
+spawn = multiprocessing.get_context("spawn")
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "shelf" / "sessions")
+
+
+def make(path: str, **options: Any) -> ShelveStorage:
+    return ShelveStorage(path, dbm=options.pop("dbm", SHELVE_DBM), **options)
+
+
+def where(path: str) -> str:
+    return f"shelve:{path}:{SHELVE_DBM or ''}"
+
+
+class Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and other.x == self.x
+
+
+def test_any_picklable_value(path: str) -> None:
+    storage = make(path)
+    value = {"when": datetime.datetime(2024, 5, 1, 12, 30), "tags": {"a", "b"}, "p": Point(3), "t": (1, 2)}
+    storage.write("k", value)
+    assert make(path).read("k") == value
+
+
+def test_nested_changes_of_rich_values_are_written_back(path: str) -> None:
+    sessions = Sessions(make(path), initial=dict)
+    with sessions.open("k") as s:
+        s["tags"] = {"a"}
+    with sessions.open("k") as s:
+        s["tags"].add("b")
+    with sessions.open("k") as s:
+        assert s["tags"] == {"a", "b"}
+
+
+def test_the_dbm_in_use_is_visible_and_can_be_chosen(path: str) -> None:
+    storage = ShelveStorage(path, dbm="dumb")
+    assert storage.dbm == "dbm.dumb" and "dbm.dumb" in repr(storage)
+    storage.write("k", 1)
+    storage.close()
+    assert ShelveStorage(path).dbm == "dbm.dumb"  # an existing shelf keeps its dbm
+    with pytest.raises(ValueError, match="not available"):
+        ShelveStorage(path + "2", dbm="no-such-dbm")
+    assert ShelveStorage(path + "3").dbm == available_dbms()[0]
+
+
+@pytest.mark.parametrize("dbm", available_dbms())
+def test_every_dbm_of_this_python_round_trips(tmp_path: Path, dbm: str) -> None:
+    storage = ShelveStorage(tmp_path / dbm / "s", dbm=dbm)
+    sessions = Sessions(storage, initial=dict)
+    for _ in range(3):
+        with sessions.open("k") as s:
+            s["n"] = s.get("n", 0) + 1
+    storage.write("", {"empty key": True})
+    storage.close()
+    reopened = ShelveStorage(tmp_path / dbm / "s")
+    assert reopened.dbm == dbm
+    assert reopened.read("k") == {"n": 3} and reopened.read("") == {"empty key": True}
+
+
+def test_reads_a_plain_shelve_file(path: str) -> None:
+    os.makedirs(os.path.dirname(path))
+    import dbm.dumb
+
+    with shelve.Shelf(dbm.dumb.open(path, "c")) as plain:
+        plain["user:1"] = {"lang": "en", "since": datetime.date(2020, 1, 1)}
+    storage = ShelveStorage(path)
+    assert storage.read("user:1") == {"lang": "en", "since": datetime.date(2020, 1, 1)}
+    with Sessions(storage).open("user:1") as s:
+        s["lang"] = "de"
+    assert ShelveStorage(path).read("user:1")["lang"] == "de"
+
+
+def test_unpicklable_value_keeps_the_old_one(path: str) -> None:
+    storage = make(path)
+    storage.write("k", {"ok": True})
+    with pytest.raises(SerializationError) as info:
+        with Sessions(storage).open("k") as s:
+            s["lock"] = threading.Lock()
+    assert info.value.key == "k"
+    assert storage.read("k") == {"ok": True}
+
+
+def test_files_are_private(path: str) -> None:
+    old = os.umask(0)
+    try:
+        make(path).write("k", 1)
+    finally:
+        os.umask(old)
+    files = list(Path(path).parent.iterdir())
+    assert files
+    for file in files:
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+
+
+def test_the_docstring_warns_about_pickle() -> None:
+    assert "unpickling runs code" in (ShelveStorage.__doc__ or "")
+
+
+# -- threads and processes ---------------------------------------------------------
+
+
+def test_threads_on_one_key_lose_nothing(path: str) -> None:
+    storage = make(path)
+    sessions = Sessions(storage, initial=dict)
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(50):
+            with sessions.open("k") as s:
+                s["n"] = s.get("n", 0) + 1
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert storage.read("k") == {"n": 400}
+
+
+def test_processes_on_one_key_lose_nothing(path: str) -> None:
+    make(path).close()
+    start = spawn.Event()
+    procs = [spawn.Process(target=workers.increment, args=(where(path), "k", 60, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert make(path).read("k") == {"n": 240}
+
+
+def test_other_processes_changes_are_seen_and_only_they_cause_a_reopen(path: str) -> None:
+    storage = make(path)
+    storage.write("mine", 1)
+    reopens = []
+    original = storage._reopen
+    storage._reopen = lambda: (reopens.append(1), original())[1]  # type: ignore[method-assign]
+    for _ in range(20):
+        assert storage.read("mine") == 1
+        storage.write("mine", 1)
+    own = len(reopens)
+    # ndbm has no sync(): its writes become visible only by closing, so it
+    # reopens after its own writes too; every other dbm stays open
+    assert own == (20 if storage.dbm == "dbm.ndbm" else 0)
+    # another process grows a value (dbm.dumb moves it) and adds a key
+    workers_code = (
+        "import sys; from tests.workers import open_store\n"
+        "s = open_store(sys.argv[1]); s.write('mine', 'x' * 5000); s.write('theirs', 2)\n"
+    )
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", workers_code, where(path)], check=True, cwd=root)
+    assert storage.read("mine") == "x" * 5000 and storage.read("theirs") == 2
+    assert len(reopens) == own + 1
+
+
+# -- crashes and damage ---------------------------------------------------------------
+
+
+def test_kill_9_mid_write_never_serves_a_torn_value(path: str) -> None:
+    make(path).close()
+    seen = 0
+    for round_ in range(5):
+        ready = spawn.Event()
+        p = spawn.Process(target=workers.write_forever, args=(where(path), "k", 20_000 + 3000 * round_, ready))
+        p.start()
+        assert ready.wait(60)
+        time.sleep(0.05 + 0.03 * round_)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        storage = make(path)
+        try:
+            with Sessions(storage).open("k", timeout=2) as s:  # no lock left behind
+                value = s.data
+        except CorruptSessionError as exc:  # detected, never served (dbm.dumb in place)
+            assert exc.key == "k"
+            storage.delete("k")  # the documented recovery
+        else:
+            if value is not None:
+                assert value["blob"] == bytes([value["n"] % 251]) * len(value["blob"])
+                seen += 1
+        storage.close()
+    assert seen > 0
+
+
+@pytest.mark.skipif(SHELVE_DBM not in (None, "dumb", "dbm.dumb") or available_dbms()[-1] != "dbm.dumb", reason="dbm.dumb files")
+def test_torn_value_is_reported_with_the_key_and_recovery(path: str) -> None:
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("victim", {"secret": "abcdef"})
+    storage.write("other", 1)
+    storage.close()
+    dat = Path(path + ".dat")
+    data = bytearray(dat.read_bytes())
+    data[data.index(b"abcdef")] ^= 0xFF
+    dat.write_bytes(bytes(data))
+    storage = ShelveStorage(path)
+    with pytest.raises(CorruptSessionError) as info:
+        storage.read("victim")
+    assert info.value.key == "victim" and "write or delete the key" in str(info.value)
+    assert storage.read("other") == 1
+    storage.write("victim", {"fresh": 1})
+    assert storage.read("victim") == {"fresh": 1}
+
+
+@pytest.mark.skipif(available_dbms()[-1] != "dbm.dumb", reason="dbm.dumb files")
+def test_dumb_index_damage(path: str) -> None:
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("a", 1)
+    storage.write("b", 2)
+    storage.close()
+    dirfile = Path(path + ".dir")
+    good = dirfile.read_bytes()
+    # a crash while appending an index line: the partial line is dropped
+    dirfile.write_bytes(good + b"'c', (51")
+    assert ShelveStorage(path).read("b") == 2
+    assert dirfile.read_bytes() == good
+    # a damaged line that is complete: reported, left alone
+    dirfile.write_bytes(good + b"'c', (51\n")
+    with pytest.raises(CorruptSessionError) as info:
+        ShelveStorage(path).read("a")
+    assert info.value.path == str(dirfile)
+    assert dirfile.read_bytes() == good + b"'c', (51\n"
+    # a missing index beside data: reported with the way back, never read as empty
+    dirfile.write_bytes(good)
+    Path(path + ".bak").write_bytes(good)
+    dirfile.unlink()
+    with pytest.raises(CorruptSessionError, match=r"copy .*\.bak"):
+        ShelveStorage(path)
+
+
+def test_hostile_keys_list_back(path: str) -> None:
+    keys = ["../../x", "/etc/passwd", "", "a\x00b", "k" * 5000, "ключ🔑", "\udcff"]
+    storage = make(path)
+    for i, key in enumerate(keys):
+        storage.write(key, i)
+    storage.close()
+    reopened = make(path)
+    assert sorted(reopened.keys()) == sorted(keys)
+    assert [reopened.read(k) for k in keys] == list(range(len(keys)))
+    assert {p.name for p in Path(path).parent.iterdir()} <= {
+        "sessions", "sessions.dat", "sessions.dir", "sessions.bak", "sessions.lock", "sessions.db", "sessions.pag",
+    }
+
+
+def test_purge_expired(path: str) -> None:
+    from .helpers import FakeClock
+
+    clock = FakeClock()
+    storage = make(path, ttl=10, clock=clock)
+    for i in range(20):
+        storage.write(f"k{i}", i)
+    clock.tick(11)
+    storage.write("young", 1)
+    assert storage.purge_expired() == 20
+    assert list(storage.keys()) == ["young"]
+    assert make(path, clock=clock).read("young") == 1
