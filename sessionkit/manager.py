@@ -136,10 +136,9 @@ class Sessions:
         if timeout is None:
             timeout = self.lock_timeout
         handle._timeout = timeout
-        handle._state = _UNLOADED
-        handle._cm = None
-        handle._dict = None
         if key is None or (self.lazy if lazy is None else lazy):
+            handle._state = _UNLOADED
+            handle._dict = None
             return handle  # locked and read at first touch, if ever
         fast = self._fast
         if fast is not None:
@@ -157,12 +156,15 @@ class Sessions:
                     data = None  # _load() below reports it as corrupt
                 if data is not None:
                     handle._data = data
-                    if type(data) is dict:
-                        handle._dict = data
+                    handle._dict = data if type(data) is dict else None
                     handle._snap = raw
                     handle._state = _LOADED
                     return handle
+            handle._state = _UNLOADED
+            handle._dict = None
         else:
+            handle._state = _UNLOADED
+            handle._dict = None
             handle._lock()
         handle._load_or_unlock()
         return handle

@@ -62,7 +62,7 @@ class Session:
         self._m = manager
         self._timeout = timeout
         self._state = _UNLOADED
-        self._cm: Any = None
+        # _cm: the storage's lock context manager, set only when one is used
         # _data while it is a plain dict: the mapping methods' fast path
         self._dict: dict[Any, Any] | None = None
         # _data and _snap (what was stored: bytes, a fingerprint, or None
@@ -124,17 +124,17 @@ class Session:
         else:
             cm = m._lock_cm(self.key, self._timeout)  # type: ignore[misc]
             cm.__enter__()
-            self._cm = cm
+            self._cm = cm  # only after a successful enter: _unlock() exits it
 
     def _unlock(self) -> None:
         m = self._m
         if m._fast is not None:
             m._fast[3].release(self.key)
-        elif self._cm is None:
+        elif m._lock_cm is None:
             m._release(self.key)  # type: ignore[misc]
         else:
             cm = self._cm
-            self._cm = None
+            del self._cm
             cm.__exit__(None, None, None)
 
     def _finish(self) -> None:
