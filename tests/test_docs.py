@@ -41,3 +41,18 @@ def test_demo_reports_no_lost_update() -> None:
     ).stdout
     assert "no update was lost" in out
     assert "800 updates" in out
+
+
+def test_demo_on_a_directory_carries_counts_across_runs(tmp_path: Any) -> None:
+    command = [sys.executable, "-m", "sessionkit.demo", "--dir", str(tmp_path / "s"),
+               "--threads", "4", "--updates", "100", "--chats", "3"]
+    first = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    second = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "no update was lost" in first and "no update was lost" in second
+
+    def befores(out: str) -> list[int]:
+        rows = [line.split() for line in out.splitlines() if line.startswith("chat-")]
+        return [int(row[1]) for row in rows]
+
+    assert sum(befores(first)) == 0
+    assert sum(befores(second)) == 400
