@@ -21,6 +21,10 @@ from .errors import LockTimeout, SessionError
 
 _get_ident = threading.get_ident
 _monotonic = time.monotonic
+# CPython returns a new int object from each get_ident() call (thread ids are
+# far above the small-int cache), so "is" tells a fresh dict insert from an
+# entry left by an earlier call.  Elsewhere, fall back to comparing values.
+FRESH_IDENTS = _get_ident() is not _get_ident()
 
 
 class KeyLocks:
@@ -41,9 +45,14 @@ class KeyLocks:
         """Lock ``key`` for the calling thread; ``LockTimeout`` after ``timeout`` s."""
         me = _get_ident()
         held = self._held
-        owner = held.get(key)
-        if owner is None and held.setdefault(key, me) == me:
-            return  # only this thread inserts its own id, and it was absent
+        if FRESH_IDENTS:
+            owner = held.setdefault(key, me)
+            if owner is me:
+                return  # our own insert: the key was free
+        else:
+            owner = held.get(key)
+            if owner is None and held.setdefault(key, me) == me:
+                return  # only this thread inserts its own id, and it was absent
         if owner == me:
             raise SessionError(
                 f"session {key!r} is already open in this thread; opening it again would deadlock",

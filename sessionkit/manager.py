@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
-from ._locks import shared_key_locks
+from ._locks import FRESH_IDENTS, shared_key_locks
 from .session import _LOADED, _UNLOADED, Session
 from .storage.base import StorageAdapter
 
@@ -79,8 +79,8 @@ class Sessions:
                 table = shared_key_locks(storage)
                 self._acquire, self._release = table.acquire, table.release
 
-        # The inlined path: (held-keys dict, raw get, raw set) of a storage
-        # whose values are msgpack bytes locked by a KeyLocks table.
+        # The inlined path: (held-keys dict, dict of msgpack bytes, KeyLocks,
+        # its waiters) of a storage that keeps encoded sessions in a dict.
         self._fast: tuple[Any, ...] | None = getattr(storage, "_fast", None)
         if self._fast is not None and self._acquire is None:
             self._fast = None
@@ -135,8 +135,8 @@ class Sessions:
         handle._m = self
         if timeout is None:
             timeout = self.lock_timeout
-        handle._timeout = timeout
         if key is None or (self.lazy if lazy is None else lazy):
+            handle._timeout = timeout
             handle._state = _UNLOADED
             handle._dict = None
             return handle  # locked and read at first touch, if ever
@@ -144,11 +144,12 @@ class Sessions:
         if fast is not None:
             # Inlined path for built-in msgpack-coded storages locked by a
             # KeyLocks table: two dict operations to lock, one to read.
-            held = fast[0]
+            # A fresh insert of our new ident object means the key was free
+            # (see _locks.FRESH_IDENTS); anything else takes the full path.
             me = _get_ident()
-            if key in held or held.setdefault(key, me) != me:
-                fast[3].acquire(key, timeout)  # waits, or refuses re-entry
-            raw = fast[1](key)
+            if not FRESH_IDENTS or fast[0].setdefault(key, me) is not me:
+                fast[2].acquire(key, timeout)  # waits, or refuses re-entry
+            raw = fast[1].get(key)
             if raw is not None:
                 try:
                     data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
@@ -162,9 +163,11 @@ class Sessions:
                     return handle
             handle._state = _UNLOADED
             handle._dict = None
+            handle._timeout = timeout
         else:
             handle._state = _UNLOADED
             handle._dict = None
+            handle._timeout = timeout
             handle._lock()
         handle._load_or_unlock()
         return handle

@@ -94,15 +94,15 @@ class Session:
                     except Exception:
                         raw = _dumps(data, key)  # makes the packer, or raises SerializationError
                     if raw != self._snap or self._m.write_unchanged:
-                        fast[2](key, raw)
+                        fast[1][key] = raw
                 elif self._snap is not None:
                     self._flush()
             finally:
                 self._state = _CLOSED
                 self._dict = None
                 del fast[0][key]
-                if fast[4]:
-                    fast[3].notify(key)
+                if fast[3]:
+                    fast[2].notify(key)
             return
         if state != _LOADED and state != _ASSIGNED:  # nothing held
             self._state = _CLOSED
@@ -118,7 +118,7 @@ class Session:
     def _lock(self) -> None:
         m = self._m
         if m._fast is not None:
-            m._fast[3].acquire(self.key, self._timeout)
+            m._fast[2].acquire(self.key, self._timeout)
         elif m._acquire is not None:
             m._acquire(self.key, self._timeout)
         else:
@@ -129,7 +129,7 @@ class Session:
     def _unlock(self) -> None:
         m = self._m
         if m._fast is not None:
-            m._fast[3].release(self.key)
+            m._fast[2].release(self.key)
         elif m._lock_cm is None:
             m._release(self.key)  # type: ignore[misc]
         else:

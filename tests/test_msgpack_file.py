@@ -42,25 +42,6 @@ def shard_files(directory: str) -> list[Path]:
 # -- concurrency ---------------------------------------------------------------
 
 
-def test_threads_on_one_key_lose_nothing(directory: str) -> None:
-    storage = MsgpackFileStorage(directory)
-    sessions = Sessions(storage, initial=dict)
-    barrier = threading.Barrier(8)
-
-    def work() -> None:
-        barrier.wait()
-        for _ in range(200):
-            with sessions.open("k") as s:
-                s["n"] = s.get("n", 0) + 1
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert storage.read("k") == {"n": 1600}
-
-
 def test_processes_on_one_key_lose_nothing(directory: str) -> None:
     MsgpackFileStorage(directory).close()
     start = spawn.Event()

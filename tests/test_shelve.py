@@ -129,25 +129,6 @@ def test_the_docstring_warns_about_pickle() -> None:
 # -- threads and processes ---------------------------------------------------------
 
 
-def test_threads_on_one_key_lose_nothing(path: str) -> None:
-    storage = make(path)
-    sessions = Sessions(storage, initial=dict)
-    barrier = threading.Barrier(8)
-
-    def work() -> None:
-        barrier.wait()
-        for _ in range(50):
-            with sessions.open("k") as s:
-                s["n"] = s.get("n", 0) + 1
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert storage.read("k") == {"n": 400}
-
-
 def test_processes_on_one_key_lose_nothing(path: str) -> None:
     make(path).close()
     start = spawn.Event()

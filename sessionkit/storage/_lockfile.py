@@ -59,14 +59,20 @@ class LockFile:
                 del self._open[self.path]
                 os.close(self.fd)
 
-    def lock(self, offset: int, timeout: float | None, key: str) -> None:
-        """Exclusive lock of one byte; ``LockTimeout`` after ``timeout`` s."""
+    def _try(self, offset: int, key: str) -> bool:
+        """Take the byte without waiting; False if another process has it."""
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            return
+            return True
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return False
+            raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
+
+    def lock(self, offset: int, timeout: float | None, key: str) -> None:
+        """Exclusive lock of one byte; ``LockTimeout`` after ``timeout`` s."""
+        if self._try(offset, key):
+            return
         if timeout is None:
             try:
                 fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)  # sleeps in the kernel
@@ -87,12 +93,8 @@ class LockFile:
                 raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.01)
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            if self._try(offset, key):
                 return
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
 
     def unlock(self, offset: int) -> None:
         fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)

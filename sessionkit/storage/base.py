@@ -67,6 +67,36 @@ class FullStorage(StorageAdapter, Protocol):
     def close(self) -> None: ...
 
 
+class EncodedStorage:
+    """``read``, ``write``, ``has`` and ``values`` of a built-in storage, on
+    top of its encoded-form methods (``_raw_read``, ``_raw_write``,
+    ``_raw_loads``, ``_raw_dumps``) and its ``items()``."""
+
+    _raw_read: Any
+    _raw_write: Any
+    _raw_loads: Any
+    _raw_dumps: Any
+
+    def read(self, key: str) -> Any | None:
+        raw = self._raw_read(check_key(key))
+        return None if raw is None else self._raw_loads(raw, key)
+
+    def write(self, key: str, value: Any) -> None:
+        key = check_key(key)
+        if value is None:
+            raise ValueError("None is never stored; use delete() to remove a session")
+        self._raw_write(key, self._raw_dumps(value, key))
+
+    def has(self, key: str) -> bool:
+        return self._raw_read(check_key(key)) is not None
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        raise NotImplementedError
+
+    def values(self) -> Iterator[Any]:
+        return iter([value for _, value in self.items()])
+
+
 def ttl_seconds(ttl: Any) -> float | None:
     """Normalise a ``ttl`` given as seconds or ``datetime.timedelta``."""
     if ttl is None:

@@ -9,12 +9,12 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec
 from .._locks import KeyLocks
-from .base import check_key, ttl_seconds
+from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["MemoryStorage"]
 
 
-class MemoryStorage:
+class MemoryStorage(EncodedStorage):
     """Sessions in this process's memory, lost when it exits.
 
     Values are kept msgpack-encoded, so the storage accepts exactly what
@@ -44,12 +44,13 @@ class MemoryStorage:
         self._release = self._locks.release
         self._raw_loads = _codec.loads
         self._raw_dumps = _codec.dumps
-        # What Session inlines: the held-keys table, raw get, raw set.
+        # What Sessions inlines when there is no ttl: the held-keys table,
+        # the dict of encoded sessions, the lock table and its waiters.
         locks = self._locks
         if self.ttl is None:
-            self._fast = (locks._held, self._data.get, self._data.__setitem__, locks, locks._waiting)
+            self._fast = (locks._held, self._data, locks, locks._waiting)
         else:
-            self._fast = (locks._held, self._raw_read, self._raw_write, locks, locks._waiting)
+            self._fast = None
 
     def __repr__(self) -> str:
         return f"MemoryStorage(ttl={self.ttl!r}, sessions={len(self._data)})"
@@ -95,30 +96,14 @@ class MemoryStorage:
 
     # -- the StorageAdapter contract ----------------------------------------
 
-    def read(self, key: str) -> Any | None:
-        raw = self._raw_read(check_key(key))
-        return None if raw is None else _codec.loads(raw, key)
-
-    def write(self, key: str, value: Any) -> None:
-        key = check_key(key)
-        if value is None:
-            raise ValueError("None is never stored; use delete() to remove a session")
-        self._raw_write(key, _codec.dumps(value, key))
-
     def delete(self, key: str) -> None:
         key = check_key(key)
         with self._mutex:
             self._data.pop(key, None)
             self._expires.pop(key, None)
 
-    def has(self, key: str) -> bool:
-        return self._raw_read(check_key(key)) is not None
-
     def keys(self) -> Iterator[str]:
         return iter([k for k, _ in self._live()])
-
-    def values(self) -> Iterator[Any]:
-        return iter([_codec.loads(raw, k) for k, raw in self._live()])
 
     def items(self) -> Iterator[tuple[str, Any]]:
         return iter([(k, _codec.loads(raw, k)) for k, raw in self._live()])

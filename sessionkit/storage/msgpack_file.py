@@ -16,7 +16,7 @@ from ._lockfile import SHARD_BASE as _SHARD_BASE
 from ._lockfile import LockFile as _LockFile
 from ._lockfile import ProcessKeyLocks
 from ._shard import Shard, fsync_dir
-from .base import check_key, ttl_seconds
+from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["MsgpackFileStorage"]
 
@@ -27,7 +27,7 @@ LOCK_FILE = "sessionkit.lock"
 _crc32 = zlib.crc32
 
 
-class MsgpackFileStorage:
+class MsgpackFileStorage(EncodedStorage):
     """Sessions as msgpack in one directory, shared by threads and processes.
 
     The directory holds ``shards`` append-only logs (a session's key picks
@@ -167,27 +167,12 @@ class MsgpackFileStorage:
 
     # -- the StorageAdapter contract ----------------------------------------------
 
-    def read(self, key: str) -> Any | None:
-        raw = self._raw_read(check_key(key))
-        return None if raw is None else self._raw_loads(raw, key)
-
-    def write(self, key: str, value: Any) -> None:
-        key = check_key(key)
-        if value is None:
-            raise ValueError("None is never stored; use delete() to remove a session")
-        self._raw_write(key, _codec.dumps(value, key))
-
     def delete(self, key: str) -> None:
         key = check_key(key)
         now = self._clock()
         with self._shard(key) as shard:
             if key in shard.index or key in shard.corrupt:
                 shard.append(key, None, 0.0, now)
-
-    def has(self, key: str) -> bool:
-        key = check_key(key)
-        with self._shard(key) as shard:
-            return key in shard.index and not shard.expired(key, self._clock())
 
     def keys(self) -> Iterator[str]:
         found: list[str] = []
@@ -207,9 +192,6 @@ class MsgpackFileStorage:
                     if raw is not None:
                         found.append((key, self._raw_loads(raw, key)))
         return iter(found)
-
-    def values(self) -> Iterator[Any]:
-        return iter([value for _, value in self.items()])
 
     def purge_expired(self) -> int:
         """Reclaim the space of expired sessions, decoding no value; returns their count."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from ..errors import CorruptSessionError, SerializationError, StorageError
 from ._lockfile import SHARD_BASE, LockFile, ProcessKeyLocks
-from .base import check_key, ttl_seconds
+from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["ShelveStorage"]
 
@@ -54,7 +54,7 @@ def _decode_key(raw: bytes) -> str:
     return "" if raw == _EMPTY_KEY else raw.decode("utf-8", "surrogatepass")
 
 
-class ShelveStorage:
+class ShelveStorage(EncodedStorage):
     """Sessions as pickles in a dbm file (the ``shelve`` format), shared safely.
 
     .. warning::
@@ -328,24 +328,11 @@ class ShelveStorage:
 
     # -- the StorageAdapter contract ------------------------------------------------
 
-    def read(self, key: str) -> Any | None:
-        data = self._raw_read(check_key(key))
-        return None if data is None else self._raw_loads(data, key)
-
-    def write(self, key: str, value: Any) -> None:
-        key = check_key(key)
-        if value is None:
-            raise ValueError("None is never stored; use delete() to remove a session")
-        self._raw_write(key, self._raw_dumps(value, key))
-
     def delete(self, key: str) -> None:
         kb = _encode_key(check_key(key))
         with self._store() as db:
             if kb in db:
                 self._remove(db, [kb])
-
-    def has(self, key: str) -> bool:
-        return self._raw_read(check_key(key)) is not None
 
     def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
         now = self._clock()
@@ -363,9 +350,6 @@ class ShelveStorage:
         with self._store() as db:
             found = list(self._live(db))
         return iter([(key, self._raw_loads(data, key)) for key, data in found])
-
-    def values(self) -> Iterator[Any]:
-        return iter([value for _, value in self.items()])
 
     def purge_expired(self) -> int:
         """Delete expired sessions; returns how many."""
