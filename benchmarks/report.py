@@ -164,6 +164,13 @@ def headline(cells: list[dict[str, Any]]) -> list[str]:
     if replace and mp:
         ratio("sessionkit msgpack vs floor msgpack temp+replace (µs/op)", mp["median_us"], replace["median_us"], "lower is better")
     sizes = sorted({c["size"] for c in cells if c["scenario"] == "e"})
+    for size in sizes:
+        ours, naive = _find(cells, "e", "shelve", size), _find(cells, "e", "shelve-filelock", size)
+        if ours and naive:
+            ratio(
+                f"sessionkit shelve vs shelve + filelock opened per operation, N = {size:,} (ops/s)",
+                ours["ops_s"], naive["ops_s"], "higher is better",
+            )
     for backend in ("msgpack", "shelve", "diskcache"):
         small = next((_find(cells, "e", backend, s) for s in sizes if _find(cells, "e", backend, s)), None)
         big = next((_find(cells, "e", backend, s) for s in reversed(sizes) if _find(cells, "e", backend, s)), None)

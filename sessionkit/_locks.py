@@ -45,6 +45,7 @@ class KeyLocks:
         """Lock ``key`` for the calling thread; ``LockTimeout`` after ``timeout`` s."""
         me = _get_ident()
         held = self._held
+        owner: int | None
         if FRESH_IDENTS:
             owner = held.setdefault(key, me)
             if owner is me:

@@ -78,14 +78,14 @@ class EnhancedStorage:
         return env
 
     def _expired(self, env: dict[str, Any]) -> bool:
-        expiry = env.get("e")
+        expiry: Any = env.get("e")
         return self._ttl_ms is not None and _is_number(expiry) and expiry < self._now_ms()
 
     def _migrate(self, env: dict[str, Any]) -> Any:
         data = env["__d"]
         if not self._versions:
             return data
-        current = env.get("v")
+        current: Any = env.get("v")
         for version in self._versions:
             if not _is_number(current) or version > current:
                 data = self._migrations[version](data)

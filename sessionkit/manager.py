@@ -86,18 +86,20 @@ class Sessions:
             self._fast = None
 
         # Reading: the storage's encoded form when it offers one.
-        raw = [getattr(storage, n, None) for n in ("_raw_read", "_raw_write", "_raw_loads", "_raw_dumps")]
-        if all(callable(f) for f in raw):
-            self._raw_read, self._raw_write, self._raw_loads, self._raw_dumps = raw
-        else:
-            self._raw_read = self._raw_write = self._raw_loads = self._raw_dumps = None
+        raw: list[Any] = [getattr(storage, n, None) for n in ("_raw_read", "_raw_write", "_raw_loads", "_raw_dumps")]
+        if not all(callable(f) for f in raw):
+            raw = [None] * 4  # the storage's own read/write, fingerprints for change detection
+        self._raw_read: Any = raw[0]
+        self._raw_write: Any = raw[1]
+        self._raw_loads: Any = raw[2]
+        self._raw_dumps: Any = raw[3]
 
     def __repr__(self) -> str:
         return f"Sessions({self.storage!r}, prefix={self.prefix!r}, lazy={self.lazy})"
 
     def resolve_key(self, key_or_obj: Any) -> str | None:
         """The full storage key for ``key_or_obj`` (``None``: no session)."""
-        key = self._get_key(key_or_obj) if self._get_key is not None else key_or_obj
+        key: Any = self._get_key(key_or_obj) if self._get_key is not None else key_or_obj
         kind = type(key)
         if kind is str:
             return self.prefix + key

@@ -57,6 +57,8 @@ class Session:
     # every update's hot path) and, for an eager session, locks and loads it.
     __slots__ = ("key", "_m", "_timeout", "_state", "_data", "_dict", "_snap", "_cm")
 
+    key: Any  # the full key (str), or None when the update has no session
+
     def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None) -> None:
         self.key = key
         self._m = manager

@@ -47,6 +47,7 @@ class MemoryStorage(EncodedStorage):
         # What Sessions inlines when there is no ttl: the held-keys table,
         # the dict of encoded sessions, the lock table and its waiters.
         locks = self._locks
+        self._fast: tuple[Any, ...] | None
         if self.ttl is None:
             self._fast = (locks._held, self._data, locks, locks._waiting)
         else:
