@@ -140,14 +140,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         return {**result, "skipped": "has no lazy session"}
 
     if scenario == "e":
-        keys = [f"chat:{i}" for i in range(size)]
-        skip = prefill(name, workdir, keys, cls.shared_by_processes)
+        skip = prefill(name, workdir, size, cls.shared_by_processes)
         if skip:
             return {**result, "skipped": skip}
         subject: Subject = ALL[name](workdir) if cls.shared_by_processes else _PREFILLED[0]
-        subject.prepare(keys, prefilled=True)
+        subject.prepare([], prefilled=True)
         rng = random.Random(7)
-        keysets = [[keys[rng.randrange(size)] for _ in range(ops)]]
+        # only the keys this cell uses: a list of all N would weigh on its RSS
+        keysets = [[f"chat:{rng.randrange(size)}" for _ in range(ops)]]
     else:
         subject = ALL[name](workdir)
         if scenario == "c":
@@ -238,42 +238,45 @@ _PREFILLED: list[Subject] = []
 _WORKER_RSS: list[float] = []  # scenario d: the workers' peak RSS
 
 
-def _prefill_child(name: str, workdir: str, keys: list[str]) -> None:
+def _keys(start: int, stop: int) -> list[str]:
+    return [f"chat:{i}" for i in range(start, stop)]
+
+
+def _prefill_child(name: str, workdir: str, start: int, stop: int) -> None:
     subject = ALL[name](workdir)
-    subject.prefill(keys)
+    subject.prefill(_keys(start, stop))
     subject.close()
 
 
-def prefill(name: str, workdir: str, keys: list[str], out_of_process: bool) -> str | None:
-    """Store ``keys``; a reason to skip if that would take over a minute.
+def prefill(name: str, workdir: str, size: int, out_of_process: bool) -> str | None:
+    """Store ``size`` sessions; a reason to skip if that would take over a minute.
 
     A sample of the writes is timed (not the set-up) and projected to all of
     them; where the store is on disk the rest is written by a child process,
     so the measuring process only opens the store afterwards.
     """
     subject = ALL[name](workdir)
-    sample = keys[: min(len(keys), 2000)]
+    sample = min(size, 2000)
     start = time.perf_counter()
-    subject.prefill(sample)
-    projected = (time.perf_counter() - start) * len(keys) / max(len(sample), 1)
+    subject.prefill(_keys(0, sample))
+    projected = (time.perf_counter() - start) * size / max(sample, 1)
     if projected > PREFILL_LIMIT_S:
         subject.close()
-        return f"prefill of {len(keys):,} would take ~{projected:.0f} s"
-    rest = keys[len(sample):]
+        return f"prefill of {size:,} would take ~{projected:.0f} s"
     if not out_of_process:
-        subject.prefill(rest)
+        subject.prefill(_keys(sample, size))
         _PREFILLED.append(subject)
         return None
     subject.close()
-    if rest:
+    if sample < size:
         ctx = multiprocessing.get_context("spawn")
-        p = ctx.Process(target=_prefill_child, args=(name, workdir, rest))
+        p = ctx.Process(target=_prefill_child, args=(name, workdir, sample, size))
         p.start()
         p.join(PREFILL_LIMIT_S * 2)
         if p.exitcode is None:
             p.kill()
             p.join()
-            return f"prefill of {len(keys):,} took over {PREFILL_LIMIT_S * 2:.0f} s"
+            return f"prefill of {size:,} took over {PREFILL_LIMIT_S * 2:.0f} s"
         if p.exitcode != 0:
             return f"prefill failed (exit {p.exitcode})"
     # Write the prefill's dirty pages out now, so the kernel's writeback
