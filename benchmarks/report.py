@@ -199,6 +199,7 @@ def write_chart(path: str, cells: list[dict[str, Any]]) -> str | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed (pip install -e '.[bench]'): no chart"
     cells = [summarise(c) for c in cells if "us_per_op" in c]
@@ -215,8 +216,13 @@ def write_chart(path: str, cells: list[dict[str, Any]]) -> str | None:
     for ax, scenario in zip(axes.flat, flat):
         rows_ = sorted((c for c in cells if c["scenario"] == scenario), key=lambda c: c["ops_s"])
         ax.barh([c["name"] for c in rows_], [c["ops_s"] for c in rows_], color=[colors[c["name"]] for c in rows_])
-        ax.set_xscale("log")
-        ax.set_title(f"({scenario}) {SCENARIOS[scenario]}: ops/s, log scale", fontsize=10)
+        values = [c["ops_s"] for c in rows_]
+        log = max(values) / max(min(values), 1e-9) >= 10
+        if log:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        scale = ", log scale" if log else ""
+        ax.set_title(f"({scenario}) {SCENARIOS[scenario]}: ops/s{scale}", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
         for c in rows_:
             if c.get("lost"):

@@ -56,3 +56,12 @@ def test_demo_on_a_directory_carries_counts_across_runs(tmp_path: Any) -> None:
 
     assert sum(befores(first)) == 0
     assert sum(befores(second)) == 400
+
+
+def test_readme_headline_table_matches_the_committed_run() -> None:
+    from benchmarks.headline import table
+
+    start = README.index(".. headline-table-start\n") + len(".. headline-table-start\n")
+    end = README.index(".. headline-table-end\n")
+    shown = README[start:end].strip("\n") + "\n"  # the table sits between blank lines
+    assert shown == table(str(ROOT / "benchmarks" / "results" / "results.json"))
