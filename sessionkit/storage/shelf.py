@@ -27,6 +27,10 @@ _FRAME = struct.Struct("<4sId")
 _PREFERENCE = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
 _GEN = struct.Struct("<Q")  # the change counter, at the start of the lock file
+_MARK = _GEN.size  # then one byte: 1 while a write to a fragile dbm is under way
+# dbms whose files a crash mid-write can damage with nothing to show for it
+# (on Debian, dbm.ndbm is Berkeley DB: keys silently vanish)
+_FRAGILE = {"dbm.ndbm"}
 
 
 def available_dbms() -> list[str]:
@@ -75,8 +79,13 @@ class ShelveStorage(EncodedStorage):
     key at its old value or the new one, except that a value rewritten in
     place (same number of 512-byte blocks) can be torn; that is detected and
     reported, and the recovery is to write or delete the key.  ``dbm.gnu``
-    and ``dbm.ndbm`` are as crash-safe as the library underneath; damage that
-    stops the file from opening is reported with the path to restore.
+    is as crash-safe as gdbm; damage that stops the file from opening is
+    reported with the path to restore.  ``dbm.ndbm`` (Berkeley DB on Debian)
+    can be damaged by a crash mid-write so that keys silently vanish, so a
+    mark in the lock file brackets every write: after a crash inside one,
+    the shelf refuses to open (``CorruptSessionError``) until the files are
+    checked or restored and ``ShelveStorage.clear_crash_mark(path)`` is
+    called.
 
     Lock scope: process.  ``lock(key)`` excludes other threads and other
     processes (one byte of ``<path>.lock`` per key); every read and write
@@ -161,6 +170,8 @@ class ShelveStorage(EncodedStorage):
         self._close_db()
         if self.dbm == "dbm.dumb":
             self._check_dumb()
+        if self.dbm in _FRAGILE and os.pread(self._lockfile.fd, 1, _MARK) == b"\x01":
+            self._check_crash_mark()
         try:
             if self.dbm == "dbm.gnu":
                 flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
@@ -174,6 +185,40 @@ class ShelveStorage(EncodedStorage):
                 path=self.path,
             ) from exc
         self._dir_appends = 0
+
+    def _files(self) -> list[str]:
+        directory, name = os.path.split(self.path)
+        return sorted(
+            os.path.join(directory, f)
+            for f in os.listdir(directory)
+            if f.startswith(name) and f != name + ".lock" and f[len(name):len(name) + 1] in ("", ".")
+        )
+
+    def _check_crash_mark(self) -> None:
+        """A process died in the middle of a write to a fragile dbm."""
+        files = self._files()
+        if not files:  # the damaged files were removed: start afresh
+            os.pwrite(self._lockfile.fd, b"\0", _MARK)
+            return
+        raise CorruptSessionError(
+            f"a process died while writing {', '.join(files)} ({self.dbm}), which a crash can damage "
+            "without any sign, so it is not read: check or restore the files, then call "
+            f"ShelveStorage.clear_crash_mark({self.path!r}) (or delete the files to start over)",
+            path=self.path,
+        )
+
+    @staticmethod
+    def clear_crash_mark(path: str | os.PathLike[str]) -> None:
+        """Declare the shelf at ``path`` checked after a crash mid-write."""
+        lockfile = LockFile.get(os.path.abspath(os.fspath(path)) + ".lock")
+        try:
+            lockfile.lock(_STORE_LOCK, None, "")
+            try:
+                os.pwrite(lockfile.fd, b"\0", _MARK)
+            finally:
+                lockfile.unlock(_STORE_LOCK)
+        finally:
+            lockfile.release()
 
     def _recovery_hint(self) -> str:
         if self.dbm == "dbm.gnu":
@@ -274,7 +319,7 @@ class ShelveStorage(EncodedStorage):
             self._put(db, _encode_key(key), framed)
 
     def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
-        self._dirty = True
+        self._start_write()
         try:
             if self.dbm != "dbm.dumb":
                 db[kb] = framed
@@ -295,6 +340,11 @@ class ShelveStorage(EncodedStorage):
         except self._module.error as exc:
             raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
 
+    def _start_write(self) -> None:
+        if self.dbm in _FRAGILE and not self._dirty:
+            os.pwrite(self._lockfile.fd, b"\x01", _MARK)
+        self._dirty = True
+
     def _rewrite_dumb_index(self, db: Any) -> None:
         """Write dbm.dumb's index file anew, atomically (its own sync is not)."""
         dirfile = self.path + ".dir"
@@ -310,7 +360,7 @@ class ShelveStorage(EncodedStorage):
         self._dir_appends = 0
 
     def _remove(self, db: Any, keys: list[bytes]) -> None:
-        self._dirty = True
+        self._start_write()
         try:
             if self.dbm == "dbm.dumb":
                 for kb in keys:
@@ -413,6 +463,8 @@ class _StoreSection:
                 s._bump_gen()
                 if s.dbm == "dbm.ndbm":
                     s._close_db()  # ndbm has no sync(): only close() makes writes visible
+                if s.dbm in _FRAGILE:
+                    os.pwrite(s._lockfile.fd, b"\0", _MARK)  # the write is complete
         finally:
             try:
                 s._lockfile.unlock(_STORE_LOCK)
