@@ -42,19 +42,6 @@ def shard_files(directory: str) -> list[Path]:
 # -- concurrency ---------------------------------------------------------------
 
 
-def test_processes_on_one_key_lose_nothing(directory: str) -> None:
-    MsgpackFileStorage(directory).close()
-    start = spawn.Event()
-    procs = [spawn.Process(target=workers.increment, args=(directory, "k", 300, start)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    assert MsgpackFileStorage(directory).read("k") == {"n": 1200}
-
-
 def test_processes_and_threads_on_many_keys(directory: str) -> None:
     """Two processes and this process's threads, keys spread over all shards."""
     MsgpackFileStorage(directory, shards=2).close()

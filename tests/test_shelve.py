@@ -129,19 +129,6 @@ def test_the_docstring_warns_about_pickle() -> None:
 # -- threads and processes ---------------------------------------------------------
 
 
-def test_processes_on_one_key_lose_nothing(path: str) -> None:
-    make(path).close()
-    start = spawn.Event()
-    procs = [spawn.Process(target=workers.increment, args=(where(path), "k", 60, start)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    assert make(path).read("k") == {"n": 240}
-
-
 def test_other_processes_changes_are_seen_and_only_they_cause_a_reopen(path: str) -> None:
     storage = make(path)
     storage.write("mine", 1)
