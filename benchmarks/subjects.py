@@ -113,7 +113,7 @@ class SkShelve(_Sessionkit):
     name = "sessionkit shelve"
 
     def make_storage(self) -> Any:
-        from sessionkit import ShelveStorage  # type: ignore[attr-defined]
+        from sessionkit import ShelveStorage
 
         return ShelveStorage(os.path.join(self.workdir, "shelf", "sessions"))
 
@@ -406,11 +406,6 @@ ALL: dict[str, Callable[[str], Subject]] = {**BACKENDS, **PEERS, **FLOORS}
 def available(name: str) -> str | None:
     """None if the subject can run here, else why not."""
     cls: Any = ALL[name]
-    if name == "shelve":
-        try:
-            from sessionkit import ShelveStorage  # type: ignore[attr-defined]  # noqa: F401
-        except ImportError:
-            return "ShelveStorage is not in this version of sessionkit"
     for module in cls.requires:
         try:
             __import__(module)

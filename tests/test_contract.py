@@ -195,6 +195,7 @@ def test_lock_excludes_other_threads_and_times_out(storage: Any) -> None:
 
 
 def test_sessions_counter_with_threads(storage: Any) -> None:
+    """8 threads x 50 increments of one key through Sessions come out exact."""
     sessions = Sessions(storage, initial=dict)
     barrier = threading.Barrier(8)
 
