@@ -27,7 +27,27 @@ _monotonic = time.monotonic
 FRESH_IDENTS = _get_ident() is not _get_ident()
 
 
-class KeyLocks:
+class LockContext:
+    """``lock(key, timeout)``: the context manager form of acquire/release."""
+
+    __slots__ = ()
+
+    def acquire(self, key: str, timeout: float | None = None) -> None:
+        raise NotImplementedError
+
+    def release(self, key: str) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def lock(self, key: str, timeout: float | None = None) -> Iterator[None]:
+        self.acquire(key, timeout)
+        try:
+            yield
+        finally:
+            self.release(key)
+
+
+class KeyLocks(LockContext):
     """A table of per-key thread locks, holding only the keys in use."""
 
     __slots__ = ("_held", "_waiting", "_mutex", "__weakref__")
@@ -102,14 +122,6 @@ class KeyLocks:
         """Whether the calling thread holds ``key``."""
         return self._held.get(key) == _get_ident()
 
-    @contextmanager
-    def lock(self, key: str, timeout: float | None = None) -> Iterator[None]:
-        """Context manager form of :meth:`acquire` / :meth:`release`."""
-        self.acquire(key, timeout)
-        try:
-            yield
-        finally:
-            self.release(key)
 
 
 _shared: "weakref.WeakKeyDictionary[Any, KeyLocks]" = weakref.WeakKeyDictionary()

@@ -15,10 +15,7 @@ import os
 import threading
 import time
 
-from contextlib import contextmanager
-from typing import Iterator
-
-from .._locks import KeyLocks
+from .._locks import KeyLocks, LockContext
 from ..errors import LockTimeout, StorageError
 from . import _records
 
@@ -106,7 +103,7 @@ def key_offset(key: str) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-class ProcessKeyLocks:
+class ProcessKeyLocks(LockContext):
     """Per-key locks across threads and processes.
 
     The key's thread lock comes first (so threads of this process queue in
@@ -136,11 +133,3 @@ class ProcessKeyLocks:
             self.lockfile.unlock(offset)
         finally:
             self.threads.release(key)
-
-    @contextmanager
-    def lock(self, key: str, timeout: float | None = None) -> Iterator[None]:
-        self.acquire(key, timeout)
-        try:
-            yield
-        finally:
-            self.release(key)
