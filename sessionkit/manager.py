@@ -163,13 +163,10 @@ class Sessions:
                     handle._snap = raw
                     handle._state = _LOADED
                     return handle
-            handle._state = _UNLOADED
-            handle._dict = None
-            handle._timeout = timeout
-        else:
-            handle._state = _UNLOADED
-            handle._dict = None
-            handle._timeout = timeout
+        handle._state = _UNLOADED
+        handle._dict = None
+        handle._timeout = timeout
+        if fast is None:  # the fast path above already holds the lock
             handle._lock()
         handle._load_or_unlock()
         return handle

@@ -9,10 +9,7 @@ only what changed.  After the ``with`` block it is closed.
 from __future__ import annotations
 
 import pickle
-import threading
 from typing import TYPE_CHECKING, Any, Iterator
-
-import msgpack
 
 from . import _codec
 from .errors import SessionError, SessionKeyError
@@ -28,8 +25,6 @@ _UNLOADED, _LOADED, _ASSIGNED, _CLOSED = 0, 1, 2, 3
 
 _UNKNOWN = object()  # a fingerprint that could not be taken: always write
 _UNREAD = object()  # snapshot of a session assigned before any read
-_get_ident = threading.get_ident
-_unpackb = msgpack.unpackb
 _dumps = _codec.dumps
 _tls = _codec._local
 
@@ -113,15 +108,11 @@ class Session:
             if exc_type is None:
                 self._flush()
         finally:
-            self._state = _CLOSED
-            self._dict = None
-            self._unlock()
+            self._finish()
 
     def _lock(self) -> None:
         m = self._m
-        if m._fast is not None:
-            m._fast[2].acquire(self.key, self._timeout)
-        elif m._acquire is not None:
+        if m._acquire is not None:
             m._acquire(self.key, self._timeout)
         else:
             cm = m._lock_cm(self.key, self._timeout)  # type: ignore[misc]
@@ -130,9 +121,7 @@ class Session:
 
     def _unlock(self) -> None:
         m = self._m
-        if m._fast is not None:
-            m._fast[2].release(self.key)
-        elif m._lock_cm is None:
+        if m._lock_cm is None:
             m._release(self.key)  # type: ignore[misc]
         else:
             cm = self._cm
