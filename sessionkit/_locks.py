@@ -7,6 +7,9 @@ threads that find the key taken register as waiters under one mutex and sleep
 on that key's condition until the holder releases it.  A thread that asks
 again for a key it already holds gets a :class:`SessionError` instead of a
 silent deadlock.
+
+After ``os.fork()`` the child's tables start empty (see ``_fork``): keys
+held or awaited by the parent's threads are free in the child's view.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from . import _fork
 from .errors import LockTimeout, SessionError
 
 _get_ident = threading.get_ident
@@ -55,6 +59,20 @@ class KeyLocks(LockContext):
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
         self._waiting: dict[str, list[Any]] = {}
+        self._mutex = threading.Lock()
+        _fork.register(self)
+
+    # Fork hooks (see _fork): only the child has work to do.  The tables are
+    # cleared in place, because Sessions keeps references to them.
+    def _fork_before(self) -> None:
+        pass
+
+    def _fork_after_parent(self) -> None:
+        pass
+
+    def _fork_after_child(self) -> None:
+        self._held.clear()
+        self._waiting.clear()
         self._mutex = threading.Lock()
 
     def __len__(self) -> int:
@@ -107,7 +125,8 @@ class KeyLocks(LockContext):
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""
-        del self._held[key]
+        if self._held.pop(key, None) is None:
+            return  # held before a fork, by the parent (see _fork)
         if self._waiting:  # a waiter registers before it tries: none is missed
             self.notify(key)
 

@@ -1,135 +1,360 @@
-"""A store's lock file: per-key byte-range locks shared by processes.
+"""Locks shared by processes: the disk backends' cross-process half.
 
-Used by the disk backends.  One byte per session key (chosen by a 62-bit
-hash of the key, the same in every process) holds the key across processes
-for the length of a session; bytes above ``SHARD_BASE`` guard short
-operations on parts of the store.
+A store's locks are numbered *slots*: every session key has one (a 62-bit
+hash of the key, the same in every process), and slots from ``SHARD_BASE - 1``
+up guard short operations on parts of the store (its format file, its
+shards, the whole shelf).  Two implementations, picked per process by
+:func:`locking_method`:
+
+``OfdLocks`` (Linux)
+    One byte of the store's lock file per slot, locked with open file
+    description locks (``F_OFD_SETLK``/``F_OFD_SETLKW``).  Unlike classic
+    POSIX record locks they belong to the open file, not to the process, so
+    closing another descriptor of the file (a second storage object, a
+    backup tool copying the store) drops nothing, and the kernel's
+    per-process deadlock detector does not see threads of one process as one
+    owner.  A forked child reopens the file, so its locks are its own.  The
+    lock file is also checked against its path after every lock: one that
+    was deleted or replaced is left for a fresh one.  The store's directory
+    is held with a shared ``flock``, which tells age-based cleaners such as
+    ``systemd-tmpfiles`` to leave it alone.
+
+``StripedLocks`` (everywhere else, and on request)
+    ``filelock`` locks on a bounded set of files in ``<lock file>.d``: the
+    session keys share 64 stripes, and each other slot has its own file.
+    Within a process a stripe is shared by every thread that holds one of
+    its keys, so a key held open still never delays a different key there;
+    across processes, two keys of one stripe exclude each other.
+
+Every process working on a store must use the same method:
+``SESSIONKIT_LOCKING=filelock`` (or ``ofd``) picks it for a process, and the
+default is ``ofd`` wherever the platform has it.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
+import logging
 import os
+import struct
+import sys
 import threading
 import time
+from typing import Any, Callable
 
-from .._locks import KeyLocks, LockContext
 from ..errors import LockTimeout, StorageError
 from . import _records
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("sessionkit")
+
 SHARD_BASE = 1 << 62
+STRIPES = 64
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _blake2b = hashlib.blake2b
+_monotonic = time.monotonic
+
+# struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = struct.Struct("hhqqi4x")
+if fcntl is not None and sys.platform.startswith("linux") and struct.calcsize("P") == 8:
+    _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+    _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+    _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+    _HAVE_OFD = True
+else:  # pragma: no cover - other platforms
+    _HAVE_OFD = False
+_BUSY = (errno.EACCES, errno.EAGAIN)
 
 
-class LockFile:
-    """The store's lock file, opened once per process and directory.
-
-    POSIX record locks belong to the process and are all dropped when *any*
-    descriptor of the file is closed, so every storage object in a process
-    over the same directory shares one descriptor, closed with the last.
-    """
-
-    _open: dict[str, LockFile] = {}
-    _registry_mutex = threading.Lock()
-
-    def __init__(self, path: str, fd: int) -> None:
-        self.path = path
-        self.fd = fd
-        self.users = 0
-
-    @classmethod
-    def get(cls, path: str) -> LockFile:
-        with cls._registry_mutex:
-            lockfile = cls._open.get(path)
-            if lockfile is None:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                lockfile = cls._open[path] = cls(path, fd)
-            lockfile.users += 1
-            return lockfile
-
-    def release(self) -> None:
-        with self._registry_mutex:
-            self.users -= 1
-            if self.users == 0:
-                del self._open[self.path]
-                os.close(self.fd)
-
-    def _try(self, offset: int, key: str) -> bool:
-        """Take the byte without waiting; False if another process has it."""
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-            return True
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EAGAIN):
-                return False
-            raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
-
-    def lock(self, offset: int, timeout: float | None, key: str) -> None:
-        """Exclusive lock of one byte; ``LockTimeout`` after ``timeout`` s."""
-        if self._try(offset, key):
-            return
-        if timeout is None:
-            try:
-                fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)  # sleeps in the kernel
-                return
-            except OSError as exc:
-                if exc.errno == errno.EDEADLK:
-                    raise LockTimeout(
-                        f"session {key!r}: waiting would deadlock with another process "
-                        "that holds it while waiting for a session this process holds",
-                        key=key,
-                    ) from exc
-                raise StorageError(f"cannot lock {self.path}: {exc}", key=key, path=self.path) from exc
-        deadline = time.monotonic() + timeout
-        delay = 0.0001
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, 0.01)
-            if self._try(offset, key):
-                return
-
-    def unlock(self, offset: int) -> None:
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+def locking_method() -> str:
+    """``"ofd"`` or ``"filelock"``: how this process locks disk stores."""
+    wanted = os.environ.get("SESSIONKIT_LOCKING", "").strip().lower()
+    if wanted in ("", "auto"):
+        return "ofd" if _HAVE_OFD else "filelock"
+    if wanted == "filelock" or (wanted == "ofd" and _HAVE_OFD):
+        return wanted
+    if wanted == "ofd":
+        raise StorageError("SESSIONKIT_LOCKING=ofd, but this platform has no open file description locks")
+    raise StorageError(f"SESSIONKIT_LOCKING={wanted!r} is not one of auto, ofd, filelock")
 
 
-def key_offset(key: str) -> int:
-    """The lock-file byte of ``key``: a 62-bit hash, the same in every process."""
+def key_slot(key: str) -> int:
+    """The lock slot of ``key``: a 62-bit hash, the same in every process."""
     digest = _blake2b(_records.encode_key(key), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 
-class ProcessKeyLocks(LockContext):
-    """Per-key locks across threads and processes.
+def open_lock_file(path: str) -> int:
+    """Open (creating) a store's lock file, ``0600``."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
 
-    The key's thread lock comes first (so threads of this process queue in
-    memory, and re-entry is refused), then its byte in the lock file.
-    """
 
-    def __init__(self, lockfile: LockFile) -> None:
-        self.lockfile = lockfile
-        self.threads = KeyLocks()
-        self.held: dict[str, int] = {}  # key -> its lock-file byte, while held
+def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
+    """Retry ``try_once`` with a growing sleep until it succeeds or time runs out."""
+    deadline = _monotonic() + timeout
+    delay = 0.0001
+    while True:
+        left = deadline - _monotonic()
+        if left <= 0:
+            raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.01)
+        if try_once():
+            return
 
-    def acquire(self, key: str, timeout: float | None = None) -> None:
-        start = time.monotonic() if timeout is not None else 0.0
-        self.threads.acquire(key, timeout)
+
+class _OfdFile:
+    """One open lock file: its descriptor and the identity it had when opened."""
+
+    __slots__ = ("path", "fd", "ident")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = open_lock_file(path)
+        st = os.fstat(self.fd)
+        self.ident = (st.st_dev, st.st_ino)
+
+    def is_current(self) -> bool:
+        """Whether the path still names this file (not deleted, not replaced)."""
         try:
-            offset = key_offset(key)
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            self.lockfile.lock(offset, left, key)
-        except BaseException:
-            self.threads.release(key)
-            raise
-        self.held[key] = offset
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot check {self.path}: {exc}", path=self.path) from exc
+        return (st.st_dev, st.st_ino) == self.ident
 
-    def release(self, key: str) -> None:
-        offset = self.held.pop(key)
+
+class OfdLocks:
+    """A store's slots as bytes of its lock file, under OFD locks (Linux)."""
+
+    method = "ofd"
+
+    def __init__(self, path: str, directory: str) -> None:
+        self.path = path
+        self.directory = directory
+        self._mutex = threading.Lock()  # guards replacing the file
+        self.file = _OfdFile(path)
+        self._retired: list[_OfdFile] = []  # replaced files, kept open until close
+        self._dir_fd = -1
+        self._hold_directory()
+
+    @property
+    def fd(self) -> int:
+        """The lock file's descriptor (the shelf keeps a change counter in it)."""
+        return self.file.fd
+
+    def _hold_directory(self) -> None:
         try:
-            self.lockfile.unlock(offset)
+            fd = os.open(self.directory, os.O_RDONLY | O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return
+        self._dir_fd = fd
+
+    # -- one byte ------------------------------------------------------------
+
+    def _set(self, fd: int, cmd: int, kind: int, slot: int, key: str) -> bool:
+        try:
+            fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, slot, 1, 0))
+            return True
+        except OSError as exc:
+            if cmd == _F_OFD_SETLK and exc.errno in _BUSY:
+                return False
+            raise StorageError(f"cannot lock {self.path}: {exc}", key=key or None, path=self.path) from exc
+
+    def lock(self, slot: int, timeout: float | None, key: str) -> _OfdFile:
+        """Lock ``slot`` exclusively; returns the file to pass to :meth:`unlock`.
+
+        ``LockTimeout`` after ``timeout`` seconds (``None``: wait for ever).
+        A lock file found deleted or replaced once its byte is locked is
+        retired and the lock is taken again on the file the path names now.
+        """
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            f = self.file
+            fd = f.fd
+            if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
+                if deadline is None:
+                    self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
+                else:
+                    _wait_loop(
+                        lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key),
+                        max(0.0, deadline - _monotonic()),
+                        key,
+                    )
+            try:
+                if f.is_current():
+                    return f
+            except BaseException:
+                self.unlock(f, slot)
+                raise
+            self.unlock(f, slot)
+            self._replace(f)
+
+    def unlock(self, f: _OfdFile, slot: int) -> None:
+        fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+
+    def is_current(self, f: Any) -> bool:
+        """Whether locks taken through ``f`` still exclude the other processes."""
+        return f is self.file
+
+    def _replace(self, stale: _OfdFile) -> None:
+        with self._mutex:
+            if self.file is not stale:
+                return  # another thread did it
+            log.warning(
+                "sessionkit: lock file %s was deleted or replaced while in use; "
+                "switching to the file at that path now",
+                self.path,
+            )
+            try:
+                fresh = _OfdFile(self.path)
+            except OSError as exc:
+                raise StorageError(f"cannot reopen {self.path}: {exc}", path=self.path) from exc
+            self._retired.append(stale)  # keys held through it are released through it
+            self.file = fresh
+
+    # -- fork and close --------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """Give the child its own open file: the parent's locks stay the parent's."""
+        self._mutex = threading.Lock()
+        inherited = [self.file, *self._retired]
+        self._retired = []
+        try:
+            self.file = _OfdFile(self.path)
+        except OSError:
+            # Keep the inherited file so the error surfaces on use, not in fork().
+            log.warning("sessionkit: cannot reopen %s after fork", self.path)
+            return
+        for f in inherited:  # closing a shared description's copy drops no lock
+            os.close(f.fd)
+
+    def close(self) -> None:
+        for f in [self.file, *self._retired]:
+            os.close(f.fd)
+        self._retired = []
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+class _Stripe:
+    __slots__ = ("lock", "count", "taking")
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+        self.count = 0  # threads of this process that hold a slot of this stripe
+        self.taking = False  # a thread is acquiring the file lock
+
+
+class StripedLocks:
+    """A store's slots as ``filelock`` locks on a bounded set of files."""
+
+    method = "filelock"
+
+    def __init__(self, path: str, directory: str) -> None:
+        import filelock
+
+        self._filelock = filelock
+        self.path = path
+        self.directory = path + ".d"
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._fd = open_lock_file(path)
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
+        self._cond = threading.Condition(threading.Lock())
+        self._stripes: dict[int, _Stripe] = {}
+        self._inherited: list[Any] = []  # a parent's lock objects, never released here
+        self.file = self  # what lock() returns; never replaced
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def _name(self, slot: int) -> int:
+        return slot % STRIPES if slot < SHARD_BASE - 1 else STRIPES + slot - (SHARD_BASE - 1)
+
+    def _stripe(self, n: int) -> _Stripe:
+        stripe = self._stripes.get(n)
+        if stripe is None:
+            name = f"key-{n:02d}.lock" if n < STRIPES else f"slot-{n - STRIPES}.lock"
+            lock = self._filelock.FileLock(os.path.join(self.directory, name), thread_local=False)
+            stripe = self._stripes[n] = _Stripe(lock)
+        return stripe
+
+    def lock(self, slot: int, timeout: float | None, key: str) -> StripedLocks:
+        n = self._name(slot)
+        deadline = None if timeout is None else _monotonic() + timeout
+        with self._cond:
+            stripe = self._stripe(n)
+            while True:
+                if stripe.count:
+                    stripe.count += 1  # this process holds the stripe already
+                    return self
+                if not stripe.taking:
+                    stripe.taking = True
+                    break
+                left = None if deadline is None else deadline - _monotonic()
+                if left is not None and left <= 0:
+                    raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
+                self._cond.wait(left)
+        ok = False
+        try:
+            left = -1.0 if deadline is None else max(0.0, deadline - _monotonic())
+            try:
+                stripe.lock.acquire(timeout=left, poll_interval=0.002)
+            except self._filelock.Timeout:
+                raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key) from None
+            except OSError as exc:
+                raise StorageError(f"cannot lock {self.directory}: {exc}", key=key or None, path=self.directory) from exc
+            ok = True
         finally:
-            self.threads.release(key)
+            with self._cond:
+                stripe.taking = False
+                if ok:
+                    stripe.count = 1
+                self._cond.notify_all()
+        return self
+
+    def unlock(self, f: Any, slot: int) -> None:
+        with self._cond:
+            stripe = self._stripes.get(self._name(slot))
+            if stripe is None or not stripe.count:
+                return  # taken before a fork, by the parent
+            stripe.count -= 1
+            if not stripe.count:
+                stripe.lock.release()
+
+    def is_current(self, f: Any) -> bool:
+        return True
+
+    def after_fork_in_child(self) -> None:
+        """The parent's lock objects share its open files: never release them here."""
+        self._inherited.extend(s.lock for s in self._stripes.values())
+        self._stripes = {}
+        self._cond = threading.Condition(threading.Lock())
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def make_locks(path: str, directory: str) -> OfdLocks | StripedLocks:
+    """The store's cross-process locks, by this process's :func:`locking_method`."""
+    if locking_method() == "ofd":
+        try:
+            return OfdLocks(path, directory)
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
+    return StripedLocks(path, directory)

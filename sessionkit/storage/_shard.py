@@ -14,7 +14,6 @@ expiry times live in a second dict only for keys that have one.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -52,12 +51,13 @@ def fsync_dir(directory: str) -> None:
 class Shard:
     """An append-only log of records and the in-memory index over it."""
 
-    def __init__(self, directory: str, number: int, lock_fd: int, lock_offset: int, durable: bool) -> None:
+    def __init__(self, directory: str, number: int, locks: Any, slot: int) -> None:
         self.directory = directory
         self.path = os.path.join(directory, f"shard-{number:03d}.log")
-        self.lock_fd = lock_fd
-        self.lock_offset = lock_offset
-        self.durable = durable
+        self.locks = locks  # the store's cross-process locks (see _lockfile)
+        self.slot = slot
+        self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard``
+        self.durable = False  # set for the whole store once any handle asks for it
         self.mutex = threading.Lock()
         self.fd = -1
         self.end = 0  # where the valid log ends, and the next record goes
@@ -72,11 +72,9 @@ class Shard:
     def __enter__(self) -> Shard:
         self.mutex.acquire()
         try:
-            fcntl.lockf(self.lock_fd, fcntl.LOCK_EX, 1, self.lock_offset)
-        except BaseException as exc:
+            self.lock_file = self.locks.lock(self.slot, None, "")
+        except BaseException:
             self.mutex.release()
-            if isinstance(exc, OSError):
-                raise StorageError(f"cannot lock {self.path}: {exc}", path=self.path) from exc
             raise
         try:
             self._sync()
@@ -87,7 +85,7 @@ class Shard:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            fcntl.lockf(self.lock_fd, fcntl.LOCK_UN, 1, self.lock_offset)
+            self.locks.unlock(self.lock_file, self.slot)
         finally:
             self.mutex.release()
 
@@ -161,21 +159,29 @@ class Shard:
         self.end = stop
 
     def _apply(self, record: rec.Record) -> None:
+        # A key's index entry changes by one assignment (or one deletion), so
+        # an exception raised asynchronously in here never hides a session.
         key = record.key
-        old = self.index.pop(key, None)
+        index = self.index
+        old = index.get(key)
+        if record.ok and not record.flags & rec.FLAG_DELETE:
+            if record.expiry:
+                self.expiry[key] = record.expiry
+            elif self.expiry:
+                self.expiry.pop(key, None)
+            index[key] = record.offset << 32 | record.length
+            self.live += record.length - (0 if old is None else old & _LOW)
+            if self.corrupt:
+                self.corrupt.pop(key, None)
+            return
+        if record.ok:  # a deletion
+            self.corrupt.pop(key, None)
+        else:
+            self.corrupt[key] = record.offset
         if old is not None:
+            del index[key]
             self.live -= old & _LOW
         self.expiry.pop(key, None)
-        self.corrupt.pop(key, None)
-        if record.flags & rec.FLAG_DELETE:
-            return
-        if not record.ok:
-            self.corrupt[key] = record.offset
-            return
-        self.index[key] = record.offset << 32 | record.length
-        self.live += record.length
-        if record.expiry:
-            self.expiry[key] = record.expiry
 
     def read_unlocked(self, key: str, now: float) -> bytes | None | bool:
         """Read without the shard's cross-process lock; ``False``: take it.

@@ -12,10 +12,10 @@ from typing import Any, Callable, ContextManager, Iterator
 from .. import _codec
 from ..errors import CorruptSessionError, StorageError
 from . import _records
+from ._lockfile import O_CLOEXEC
 from ._lockfile import SHARD_BASE as _SHARD_BASE
-from ._lockfile import LockFile as _LockFile
-from ._lockfile import ProcessKeyLocks
 from ._shard import Shard, fsync_dir
+from ._state import StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["MsgpackFileStorage"]
@@ -25,6 +25,58 @@ log = logging.getLogger("sessionkit")
 FORMAT_FILE = "FORMAT"
 LOCK_FILE = "sessionkit.lock"
 _crc32 = zlib.crc32
+
+
+class _MsgpackStore(StoreState):
+    """A msgpack store's state in this process: its shards (logs and indexes)."""
+
+    def __init__(self, ident: tuple[Any, ...], directory: str, shards: int | None) -> None:
+        super().__init__(ident, os.path.join(directory, LOCK_FILE), directory)
+        self.directory = directory
+        self.wanted_shards = shards
+        self.count = 0
+        self.shards: list[Shard] = []
+
+    def setup(self) -> None:
+        self.count = self._read_format(self.wanted_shards)
+        self.shards = [Shard(self.directory, n, self.locks, _SHARD_BASE + n) for n in range(self.count)]
+
+    def _read_format(self, shards: int | None) -> int:
+        """The shard count recorded in the directory, recorded on first use."""
+        path = os.path.join(self.directory, FORMAT_FILE)
+        held = self.locks.lock(_SHARD_BASE - 1, None, "")
+        try:
+            try:
+                with open(path, encoding="ascii") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                count = shards or 16
+                tmp = path + ".tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o600)
+                try:
+                    os.write(fd, f"sessionkit msgpack-log 1\nshards {count}\n".encode("ascii"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                fsync_dir(self.directory)
+                return count
+        except OSError as exc:
+            raise StorageError(f"cannot set up {self.directory}: {exc}", path=self.directory) from exc
+        finally:
+            self.locks.unlock(held, _SHARD_BASE - 1)
+        lines = text.split("\n")
+        if len(lines) < 2 or lines[0] != "sessionkit msgpack-log 1" or not lines[1].startswith("shards "):
+            raise CorruptSessionError(f"{path} is not a sessionkit store format file", path=path)
+        return int(lines[1].split()[1])
+
+    def teardown(self) -> None:
+        for shard in self.shards:
+            with shard.mutex:
+                shard.close()
+
+    def mutexes(self) -> list[Any]:
+        return [shard.mutex for shard in self.shards]
 
 
 class MsgpackFileStorage(EncodedStorage):
@@ -71,21 +123,23 @@ class MsgpackFileStorage(EncodedStorage):
         self.ttl = ttl_seconds(ttl)
         self.durable = bool(durable)
         self._clock = clock
-        if shards is not None and not (isinstance(shards, int) and 1 <= shards <= 4096):
+        if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 4096):
             raise ValueError("shards must be an int from 1 to 4096")
         try:
             self._make_directory()
-            self._lockfile = _LockFile.get(os.path.join(self.directory, LOCK_FILE))
         except OSError as exc:
             raise StorageError(f"cannot open {self.directory}: {exc}", path=self.directory) from exc
-        try:
-            self.shards = self._read_format(shards)
-        except BaseException:
-            self._lockfile.release()
-            raise
-        fd = self._lockfile.fd
-        self._shards = [Shard(self.directory, n, fd, _SHARD_BASE + n, self.durable) for n in range(self.shards)]
-        self._keylocks = ProcessKeyLocks(self._lockfile)
+        ident = ("msgpack", *store_identity(self.directory))
+        self._state = state = _MsgpackStore.attach(ident, lambda: _MsgpackStore(ident, self.directory, shards))
+        if shards is not None and shards != state.count:
+            state.detach()
+            raise ValueError(f"{self.directory} was created with shards={state.count}, not {shards}")
+        self.shards = state.count
+        self._shards = state.shards
+        if self.durable:
+            for shard in self._shards:
+                shard.durable = True
+        self._keylocks = state.keys
         self._acquire = self._keylocks.acquire
         self._release = self._keylocks.release
         self._closed = False
@@ -99,38 +153,6 @@ class MsgpackFileStorage(EncodedStorage):
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             os.chmod(self.directory, 0o700)
-
-    def _read_format(self, shards: int | None) -> int:
-        """The shard count recorded in the directory, recorded on first use."""
-        path = os.path.join(self.directory, FORMAT_FILE)
-        self._lockfile.lock(_SHARD_BASE - 1, None, FORMAT_FILE)
-        try:
-            try:
-                with open(path, encoding="ascii") as f:
-                    text = f.read()
-            except FileNotFoundError:
-                count = shards or 16
-                tmp = path + ".tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-                try:
-                    os.write(fd, f"sessionkit msgpack-log 1\nshards {count}\n".encode("ascii"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                fsync_dir(self.directory)
-                return count
-        except OSError as exc:
-            raise StorageError(f"cannot set up {self.directory}: {exc}", path=self.directory) from exc
-        finally:
-            self._lockfile.unlock(_SHARD_BASE - 1)
-        lines = text.split("\n")
-        if lines[0] != "sessionkit msgpack-log 1" or not lines[1].startswith("shards "):
-            raise CorruptSessionError(f"{path} is not a sessionkit store format file", path=path)
-        count = int(lines[1].split()[1])
-        if shards is not None and shards != count:
-            raise ValueError(f"{self.directory} was created with shards={count}, not {shards}")
-        return count
 
     def _shard(self, key: str) -> Shard:
         if self._closed:
@@ -154,6 +176,7 @@ class MsgpackFileStorage(EncodedStorage):
     def _raw_write(self, key: str, raw: bytes) -> None:
         now = self._clock()
         with self._shard(key) as shard:
+            self._keylocks.check_held(key, self.directory)
             shard.append(key, raw, 0.0 if self.ttl is None else now + self.ttl, now)
 
     def _raw_loads(self, raw: bytes, key: str) -> Any:
@@ -171,6 +194,7 @@ class MsgpackFileStorage(EncodedStorage):
         key = check_key(key)
         now = self._clock()
         with self._shard(key) as shard:
+            self._keylocks.check_held(key, self.directory)
             if key in shard.index or key in shard.corrupt:
                 shard.append(key, None, 0.0, now)
 
@@ -202,14 +226,11 @@ class MsgpackFileStorage(EncodedStorage):
         return purged
 
     def close(self) -> None:
-        """Close the logs and the lock file; the storage is unusable afterwards."""
+        """Close this handle; the store's files close with the process's last handle on it."""
         if self._closed:
             return
         self._closed = True
-        for shard in self._shards:
-            with shard.mutex:
-                shard.close()
-        self._lockfile.release()
+        self._state.detach()
 
     def __enter__(self) -> MsgpackFileStorage:
         return self

@@ -15,7 +15,8 @@ from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
 from ..errors import CorruptSessionError, SerializationError, StorageError
-from ._lockfile import SHARD_BASE, LockFile, ProcessKeyLocks
+from ._lockfile import SHARD_BASE, make_locks
+from ._state import StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["ShelveStorage"]
@@ -106,33 +107,29 @@ class ShelveStorage(EncodedStorage):
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.ttl = ttl_seconds(ttl)
+        if isinstance(protocol, bool) or not isinstance(protocol, int) or not 0 <= protocol <= pickle.HIGHEST_PROTOCOL:
+            raise ValueError(f"protocol must be a pickle protocol from 0 to {pickle.HIGHEST_PROTOCOL}")
         self.protocol = protocol
         self._clock = clock
-        self.dbm = self._choose(dbm)
-        self._module: Any = importlib.import_module(self.dbm)
         directory = os.path.dirname(self.path)
         try:
             if not os.path.isdir(directory):
                 os.makedirs(directory, mode=0o700, exist_ok=True)
                 os.chmod(directory, 0o700)
-            self._lockfile = LockFile.get(self.path + ".lock")
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
-        self._keylocks = ProcessKeyLocks(self._lockfile)
+        real = os.path.realpath(self.path)
+        ident = ("shelve", *store_identity(os.path.dirname(real), os.path.basename(real)))
+        wanted = self._choose(dbm)
+        self._state = state = _ShelfState.attach(ident, lambda: _ShelfState(ident, self.path, wanted))
+        if dbm is not None and state.dbm != wanted:
+            state.detach()
+            raise ValueError(f"{self.path} is already open here with {state.dbm}, not {wanted}")
+        self.dbm = state.dbm
+        self._keylocks = state.keys
         self._acquire = self._keylocks.acquire
         self._release = self._keylocks.release
-        self._mutex = threading.Lock()
-        self._db: Any = None
-        self._gen = -1
-        self._dir_appends = 0
-        self._dirty = False  # this section changed the shelf: bump the counter
         self._closed = False
-        try:
-            with self._store():
-                pass
-        except BaseException:
-            self._lockfile.release()
-            raise
 
     def __repr__(self) -> str:
         return f"ShelveStorage({self.path!r}, dbm={self.dbm!r}, ttl={self.ttl})"
@@ -151,118 +148,24 @@ class ShelveStorage(EncodedStorage):
             return "dbm.dumb"  # dbm.dumb's data without its index: let the check report it
         return have[0]
 
-    # -- the shelf, locked and current -------------------------------------------
-
     def _store(self) -> _StoreSection:
         if self._closed:
             raise StorageError(f"{self!r} is closed", path=self.path)
-        return _StoreSection(self)
-
-    def _read_gen(self) -> int:
-        raw = os.pread(self._lockfile.fd, _GEN.size, 0)
-        return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
-
-    def _bump_gen(self) -> None:
-        self._gen = self._read_gen() + 1
-        os.pwrite(self._lockfile.fd, _GEN.pack(self._gen), 0)
-
-    def _reopen(self) -> None:
-        self._close_db()
-        if self.dbm == "dbm.dumb":
-            self._check_dumb()
-        if self.dbm in _FRAGILE and os.pread(self._lockfile.fd, 1, _MARK) == b"\x01":
-            self._check_crash_mark()
-        try:
-            if self.dbm == "dbm.gnu":
-                flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
-                self._db = self._module.open(self.path, flags, 0o600)
-            else:
-                self._db = self._module.open(self.path, "c", 0o600)
-        except (self._module.error, SyntaxError, ValueError) as exc:  # dbm.dumb parses its index
-            raise CorruptSessionError(
-                f"{self.path} ({self.dbm}) cannot be opened: {exc}; the files are left as they "
-                f"are: restore them from a backup{self._recovery_hint()}",
-                path=self.path,
-            ) from exc
-        self._dir_appends = 0
-
-    def _files(self) -> list[str]:
-        directory, name = os.path.split(self.path)
-        return sorted(
-            os.path.join(directory, f)
-            for f in os.listdir(directory)
-            if f.startswith(name) and f != name + ".lock" and f[len(name):len(name) + 1] in ("", ".")
-        )
-
-    def _check_crash_mark(self) -> None:
-        """A process died in the middle of a write to a fragile dbm."""
-        files = self._files()
-        if not files:  # the damaged files were removed: start afresh
-            os.pwrite(self._lockfile.fd, b"\0", _MARK)
-            return
-        raise CorruptSessionError(
-            f"a process died while writing {', '.join(files)} ({self.dbm}), which a crash can damage "
-            "without any sign, so it is not read: check or restore the files, then call "
-            f"ShelveStorage.clear_crash_mark({self.path!r}) (or delete the files to start over)",
-            path=self.path,
-        )
+        return _StoreSection(self._state)
 
     @staticmethod
     def clear_crash_mark(path: str | os.PathLike[str]) -> None:
         """Declare the shelf at ``path`` checked after a crash mid-write."""
-        lockfile = LockFile.get(os.path.abspath(os.fspath(path)) + ".lock")
+        path = os.path.abspath(os.fspath(path))
+        locks = make_locks(path + ".lock", os.path.dirname(path))
         try:
-            lockfile.lock(_STORE_LOCK, None, "")
+            held = locks.lock(_STORE_LOCK, None, "")
             try:
-                os.pwrite(lockfile.fd, b"\0", _MARK)
+                os.pwrite(locks.fd, b"\0", _MARK)
             finally:
-                lockfile.unlock(_STORE_LOCK)
+                locks.unlock(held, _STORE_LOCK)
         finally:
-            lockfile.release()
-
-    def _recovery_hint(self) -> str:
-        if self.dbm == "dbm.gnu":
-            return " or run `gdbmtool` on it and use its `recover` command"
-        if self.dbm == "dbm.dumb" and os.path.exists(self.path + ".bak"):
-            return f", or copy {self.path}.bak over {self.path}.dir"
-        return ""
-
-    def _check_dumb(self) -> None:
-        """Before dbm.dumb reads its index: never let it open a damaged one as empty."""
-        dirfile, datfile, bakfile = self.path + ".dir", self.path + ".dat", self.path + ".bak"
-        if not os.path.exists(dirfile):
-            if os.path.exists(datfile) and os.path.getsize(datfile) > 0:
-                hint = f": copy {bakfile} to {dirfile}" if os.path.exists(bakfile) else ""
-                raise CorruptSessionError(
-                    f"{dirfile} is missing but {datfile} holds data; nothing was changed{hint}",
-                    path=dirfile,
-                )
-            return
-        with open(dirfile, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            # A crash while appending an index line: that write was never
-            # acknowledged.  Drop the partial line (we hold the shelf lock).
-            cut = data.rfind(b"\n") + 1
-            with open(dirfile, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        tail = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :] if data else b""
-        if tail:
-            try:
-                ast.literal_eval(tail.decode("latin-1").strip())
-            except (SyntaxError, ValueError) as exc:
-                raise CorruptSessionError(
-                    f"the last index line of {dirfile} is damaged ({exc}); nothing was changed",
-                    path=dirfile,
-                ) from exc
-
-    def _close_db(self) -> None:
-        if self._db is not None:
-            if self.dbm == "dbm.dumb":
-                self._db._modified = False  # the index file is current: nothing to rewrite
-            self._db.close()
-            self._db = None
+            locks.close()
 
     # -- values ----------------------------------------------------------------------
 
@@ -316,7 +219,189 @@ class ShelveStorage(EncodedStorage):
         now = self._clock()
         framed = self._frame(data, 0.0 if self.ttl is None else now + self.ttl)
         with self._store() as db:
-            self._put(db, _encode_key(key), framed)
+            self._keylocks.check_held(key, self.path)
+            self._state._put(db, _encode_key(key), framed)
+
+    # -- the StorageAdapter contract ------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        kb = _encode_key(check_key(key))
+        with self._store() as db:
+            self._keylocks.check_held(key, self.path)
+            if kb in db:
+                self._state._remove(db, [kb])
+
+    def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
+        now = self._clock()
+        for kb in list(db.keys()):
+            key = _decode_key(kb)
+            data = self._unframe(key, db[kb], now)
+            if data is not None:
+                yield key, data
+
+    def keys(self) -> Iterator[str]:
+        with self._store() as db:
+            return iter([key for key, _ in self._live(db)])
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        with self._store() as db:
+            found = list(self._live(db))
+        return iter([(key, self._raw_loads(data, key)) for key, data in found])
+
+    def purge_expired(self) -> int:
+        """Delete expired sessions; returns how many."""
+        now = self._clock()
+        with self._store() as db:
+            expired = []
+            for kb in list(db.keys()):
+                stored = db[kb]
+                if stored.startswith(MAGIC) and len(stored) >= _FRAME.size:
+                    expiry = _FRAME.unpack_from(stored)[2]
+                    if expiry and expiry <= now:
+                        expired.append(kb)
+            if expired:
+                self._state._remove(db, expired)
+            return len(expired)
+
+    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        return self._keylocks.lock(check_key(key), timeout)
+
+    def close(self) -> None:
+        """Close this handle; the dbm closes with the process's last handle on the shelf."""
+        if self._closed:
+            return
+        self._closed = True
+        self._state.detach()
+
+
+class _ShelfState(StoreState):
+    """A shelf's state in this process: the open dbm and what keeps it current.
+
+    Every operation runs in ``with state.section() as db``: the state's
+    mutex, the shelf's slot in the lock file, and a reopen of the dbm when
+    the change counter says another process wrote.
+    """
+
+    def __init__(self, ident: tuple[Any, ...], path: str, dbm: str) -> None:
+        super().__init__(ident, path + ".lock", os.path.dirname(path))
+        self.path = path
+        self.dbm = dbm
+        self._module: Any = importlib.import_module(dbm)
+        self._mutex = threading.Lock()
+        self._db: Any = None
+        self._gen = -1
+        self._dir_appends = 0
+        self._dirty = False  # this section changed the shelf: bump the counter
+        self._closed = False
+        self._held: Any = None  # the lock file the shelf's slot was taken through
+
+    def setup(self) -> None:
+        with self.section():
+            pass
+
+    def teardown(self) -> None:
+        with self._mutex:
+            self._closed = True
+            self._close_db()
+
+    def mutexes(self) -> list[Any]:
+        return [self._mutex]
+
+    def section(self) -> _StoreSection:
+        return _StoreSection(self)
+
+    def _read_gen(self) -> int:
+        raw = os.pread(self.locks.fd, _GEN.size, 0)
+        return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
+
+    def _bump_gen(self) -> None:
+        self._gen = self._read_gen() + 1
+        os.pwrite(self.locks.fd, _GEN.pack(self._gen), 0)
+
+    def _reopen(self) -> None:
+        self._close_db()
+        if self.dbm == "dbm.dumb":
+            self._check_dumb()
+        if self.dbm in _FRAGILE and os.pread(self.locks.fd, 1, _MARK) == b"\x01":
+            self._check_crash_mark()
+        try:
+            if self.dbm == "dbm.gnu":
+                flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
+                self._db = self._module.open(self.path, flags, 0o600)
+            else:
+                self._db = self._module.open(self.path, "c", 0o600)
+        except (self._module.error, SyntaxError, ValueError) as exc:  # dbm.dumb parses its index
+            raise CorruptSessionError(
+                f"{self.path} ({self.dbm}) cannot be opened: {exc}; the files are left as they "
+                f"are: restore them from a backup{self._recovery_hint()}",
+                path=self.path,
+            ) from exc
+        self._dir_appends = 0
+
+    def _files(self) -> list[str]:
+        directory, name = os.path.split(self.path)
+        return sorted(
+            os.path.join(directory, f)
+            for f in os.listdir(directory)
+            if f.startswith(name) and f != name + ".lock" and f[len(name):len(name) + 1] in ("", ".")
+        )
+
+    def _check_crash_mark(self) -> None:
+        """A process died in the middle of a write to a fragile dbm."""
+        files = self._files()
+        if not files:  # the damaged files were removed: start afresh
+            os.pwrite(self.locks.fd, b"\0", _MARK)
+            return
+        raise CorruptSessionError(
+            f"a process died while writing {', '.join(files)} ({self.dbm}), which a crash can damage "
+            "without any sign, so it is not read: check or restore the files, then call "
+            f"ShelveStorage.clear_crash_mark({self.path!r}) (or delete the files to start over)",
+            path=self.path,
+        )
+
+    def _recovery_hint(self) -> str:
+        if self.dbm == "dbm.gnu":
+            return " or run `gdbmtool` on it and use its `recover` command"
+        if self.dbm == "dbm.dumb" and os.path.exists(self.path + ".bak"):
+            return f", or copy {self.path}.bak over {self.path}.dir"
+        return ""
+
+    def _check_dumb(self) -> None:
+        """Before dbm.dumb reads its index: never let it open a damaged one as empty."""
+        dirfile, datfile, bakfile = self.path + ".dir", self.path + ".dat", self.path + ".bak"
+        if not os.path.exists(dirfile):
+            if os.path.exists(datfile) and os.path.getsize(datfile) > 0:
+                hint = f": copy {bakfile} to {dirfile}" if os.path.exists(bakfile) else ""
+                raise CorruptSessionError(
+                    f"{dirfile} is missing but {datfile} holds data; nothing was changed{hint}",
+                    path=dirfile,
+                )
+            return
+        with open(dirfile, "rb") as f:
+            data = f.read()
+        if data and not data.endswith(b"\n"):
+            # A crash while appending an index line: that write was never
+            # acknowledged.  Drop the partial line (we hold the shelf lock).
+            cut = data.rfind(b"\n") + 1
+            with open(dirfile, "r+b") as f:
+                f.truncate(cut)
+            data = data[:cut]
+        tail = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :] if data else b""
+        if tail:
+            try:
+                ast.literal_eval(tail.decode("latin-1").strip())
+            except (SyntaxError, ValueError) as exc:
+                raise CorruptSessionError(
+                    f"the last index line of {dirfile} is damaged ({exc}); nothing was changed",
+                    path=dirfile,
+                ) from exc
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            if self.dbm == "dbm.dumb":
+                self._db._modified = False  # the index file is current: nothing to rewrite
+            self._db.close()
+            self._db = None
 
     def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
         self._start_write()
@@ -342,7 +427,7 @@ class ShelveStorage(EncodedStorage):
 
     def _start_write(self) -> None:
         if self.dbm in _FRAGILE and not self._dirty:
-            os.pwrite(self._lockfile.fd, b"\x01", _MARK)
+            os.pwrite(self.locks.fd, b"\x01", _MARK)
         self._dirty = True
 
     def _rewrite_dumb_index(self, db: Any) -> None:
@@ -376,80 +461,31 @@ class ShelveStorage(EncodedStorage):
         except OSError as exc:
             raise StorageError(f"cannot delete from {self.path}: {exc}", path=self.path) from exc
 
-    # -- the StorageAdapter contract ------------------------------------------------
-
-    def delete(self, key: str) -> None:
-        kb = _encode_key(check_key(key))
-        with self._store() as db:
-            if kb in db:
-                self._remove(db, [kb])
-
-    def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
-        now = self._clock()
-        for kb in list(db.keys()):
-            key = _decode_key(kb)
-            data = self._unframe(key, db[kb], now)
-            if data is not None:
-                yield key, data
-
-    def keys(self) -> Iterator[str]:
-        with self._store() as db:
-            return iter([key for key, _ in self._live(db)])
-
-    def items(self) -> Iterator[tuple[str, Any]]:
-        with self._store() as db:
-            found = list(self._live(db))
-        return iter([(key, self._raw_loads(data, key)) for key, data in found])
-
-    def purge_expired(self) -> int:
-        """Delete expired sessions; returns how many."""
-        now = self._clock()
-        with self._store() as db:
-            expired = []
-            for kb in list(db.keys()):
-                stored = db[kb]
-                if stored.startswith(MAGIC) and len(stored) >= _FRAME.size:
-                    expiry = _FRAME.unpack_from(stored)[2]
-                    if expiry and expiry <= now:
-                        expired.append(kb)
-            if expired:
-                self._remove(db, expired)
-            return len(expired)
-
-    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
-        return self._keylocks.lock(check_key(key), timeout)
-
-    def close(self) -> None:
-        """Close the dbm and the lock file; the storage is unusable afterwards."""
-        if self._closed:
-            return
-        with self._mutex:
-            self._closed = True
-            self._close_db()
-        self._lockfile.release()
-
 
 class _StoreSection:
-    """``with storage._store() as db``: the shelf locked, current, and changes published."""
+    """``with state.section() as db``: the shelf locked, current, and changes published."""
 
     __slots__ = ("storage",)
 
-    def __init__(self, storage: ShelveStorage) -> None:
+    def __init__(self, storage: _ShelfState) -> None:
         self.storage = storage
 
     def __enter__(self) -> Any:
         s = self.storage
         s._mutex.acquire()
         try:
-            s._lockfile.lock(_STORE_LOCK, None, "")
+            if s._closed:
+                raise StorageError(f"{s.path} is closed", path=s.path)
+            held = s.locks.lock(_STORE_LOCK, None, "")
             try:
                 gen = s._read_gen()
                 if s._db is None or gen != s._gen:
                     s._reopen()
                     s._gen = gen
             except BaseException:
-                s._lockfile.unlock(_STORE_LOCK)
+                s.locks.unlock(held, _STORE_LOCK)
                 raise
+            s._held = held
         except BaseException:
             s._mutex.release()
             raise
@@ -464,9 +500,9 @@ class _StoreSection:
                 if s.dbm == "dbm.ndbm":
                     s._close_db()  # ndbm has no sync(): only close() makes writes visible
                 if s.dbm in _FRAGILE:
-                    os.pwrite(s._lockfile.fd, b"\0", _MARK)  # the write is complete
+                    os.pwrite(s.locks.fd, b"\0", _MARK)  # the write is complete
         finally:
             try:
-                s._lockfile.unlock(_STORE_LOCK)
+                s.locks.unlock(s._held, _STORE_LOCK)
             finally:
                 s._mutex.release()

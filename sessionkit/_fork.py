@@ -1,0 +1,90 @@
+"""What happens to sessionkit's in-process state when the process forks.
+
+``os.fork()`` copies every mutex in whatever state it is in, but only the
+forking thread goes on in the child.  A mutex that another thread held at
+that moment would stay locked in the child for ever, and a key that another
+thread held would never be released there.  So every object that owns such
+state registers here, and ``os.register_at_fork`` runs, in this order:
+
+``before`` (in the parent, in the forking thread)
+    takes every registered object's mutexes, so the fork happens between
+    storage calls and never copies a half-updated index;
+``after_in_parent``
+    releases them again;
+``after_in_child``
+    releases them too, forgets every key held or awaited by the parent's
+    threads, and reopens what must not be shared with the parent (a lock
+    file's open file description: a lock taken through a shared one would
+    belong to both processes).
+
+An object registers with :func:`register` and implements ``_fork_before()``,
+``_fork_after_parent()`` and ``_fork_after_child()``.  Objects are held
+weakly; their hooks run in registration order (reversed after the fork), and
+no code path holds the mutexes of two registered objects at once, so taking
+them all cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+_objects: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_counter = 0
+_mutex = threading.Lock()
+_taken: list[Any] = []  # objects whose _fork_before() ran, for the two after-hooks
+_first: list[Any] = []  # module-level mutexes, taken before _mutex (see register_mutex)
+
+
+def register_mutex(mutex: Any) -> None:
+    """Hold ``mutex`` across every fork.  Code that holds it may call
+    :func:`register`, so it is taken before this module's own mutex."""
+    _first.append(mutex)
+
+
+def register(obj: Any) -> None:
+    """Run ``obj``'s fork hooks at every ``os.fork()`` while ``obj`` lives."""
+    global _counter
+    with _mutex:
+        _counter += 1
+        _objects[_counter] = obj
+
+
+def _before() -> None:
+    for mutex in _first:
+        mutex.acquire()
+    _mutex.acquire()
+    try:
+        for _, obj in sorted(_objects.items()):
+            obj._fork_before()
+            _taken.append(obj)
+    except BaseException:
+        _after_parent()
+        raise
+
+
+def _after_parent() -> None:
+    try:
+        while _taken:
+            _taken.pop()._fork_after_parent()
+    finally:
+        _mutex.release()
+        for mutex in reversed(_first):
+            mutex.release()
+
+
+def _after_child() -> None:
+    global _mutex
+    try:
+        while _taken:
+            _taken.pop()._fork_after_child()
+    finally:
+        _mutex = threading.Lock()
+        for mutex in reversed(_first):
+            mutex.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before, after_in_parent=_after_parent, after_in_child=_after_child)

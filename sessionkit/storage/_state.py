@@ -1,0 +1,175 @@
+"""One shared state per disk store per process.
+
+A disk storage object (``MsgpackFileStorage``, ``ShelveStorage``) is a
+handle onto a :class:`StoreState`: the store's cross-process locks, its
+per-key thread locks, and what the backend keeps in memory about the files
+(the logs' indexes, the open dbm).  Every handle on the same store shares
+the one state, whatever path it was given: stores are told apart by the
+device and inode of their directory (plus a file name for a shelf), so a
+symlinked or relative spelling finds the same state.  Two handles therefore
+exclude each other exactly as two threads with one handle do, and closing
+one leaves the others working; the state closes with its last handle.
+
+Lock order, for every code path: a key's thread lock, then its process lock
+(both taken by :class:`ProcessKeyLocks`); then at most one state mutex (a
+shard's, or the shelf's) for the microseconds of an operation, during which
+the matching store slot is locked.  No path holds two state mutexes, so the
+fork hooks (see ``sessionkit._fork``) can take them all.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+from .. import _fork
+from .._locks import KeyLocks, LockContext
+from ..errors import StorageError
+from ._lockfile import OfdLocks, StripedLocks, key_slot, make_locks
+
+S = TypeVar("S", bound="StoreState")
+
+_registry: dict[tuple[Any, ...], "StoreState"] = {}
+_registry_mutex = threading.Lock()
+_fork.register_mutex(_registry_mutex)
+
+
+def store_identity(directory: str, name: str = "") -> tuple[Any, ...]:
+    """Who a store is: its directory's device and inode, and a file name in it."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise StorageError(f"cannot open {directory}: {exc}", path=directory) from exc
+    return (st.st_dev, st.st_ino, name)
+
+
+class StoreState:
+    """What every handle on one store shares in this process.
+
+    Subclasses keep the backend's data; they set it up in :meth:`setup`
+    (called once, before any handle sees the state) and release it in
+    :meth:`teardown`.  ``mutexes()`` lists the locks that guard that data,
+    for the fork hooks.
+    """
+
+    def __init__(self, ident: tuple[Any, ...], lock_path: str, directory: str) -> None:
+        self.ident = ident
+        self.users = 0
+        self.locks: OfdLocks | StripedLocks = make_locks(lock_path, directory)
+        self.keys = ProcessKeyLocks(self)
+
+    @classmethod
+    def attach(cls: type[S], ident: tuple[Any, ...], build: Callable[[], S]) -> S:
+        """The state of the store ``ident``, built by ``build()`` if this process has none."""
+        with _registry_mutex:
+            state = _registry.get(ident)
+            if state is None:
+                state = build()
+                try:
+                    state.setup()
+                except BaseException:
+                    state.locks.close()
+                    raise
+                _registry[ident] = state
+                _fork.register(state)
+            elif not isinstance(state, cls):
+                raise StorageError(f"this store is already open as a {type(state).__name__}")
+            state.users += 1
+            return state  # type: ignore[return-value]
+
+    def detach(self) -> None:
+        """One handle fewer; the last one closes the files."""
+        with _registry_mutex:
+            self.users -= 1
+            if self.users:
+                return
+            del _registry[self.ident]
+        try:
+            self.teardown()
+        finally:
+            self.locks.close()
+
+    def setup(self) -> None:
+        """Open the store's files (the store's slots may be locked here)."""
+
+    def teardown(self) -> None:
+        """Close the store's files (no handle is left)."""
+
+    def mutexes(self) -> list[Any]:
+        """The locks that guard this state's data, in the order to take them."""
+        return []
+
+    # -- fork hooks (see sessionkit._fork) ----------------------------------------
+
+    def _fork_before(self) -> None:
+        taken = []
+        try:
+            for mutex in self.mutexes():
+                mutex.acquire()
+                taken.append(mutex)
+        except BaseException:
+            for mutex in reversed(taken):
+                mutex.release()
+            raise
+
+    def _fork_after_parent(self) -> None:
+        for mutex in reversed(self.mutexes()):
+            mutex.release()
+
+    def _fork_after_child(self) -> None:
+        for mutex in reversed(self.mutexes()):
+            mutex.release()
+        self.locks.after_fork_in_child()
+        self.keys.held.clear()
+
+
+class ProcessKeyLocks(LockContext):
+    """Per-key locks across the threads and processes of one store.
+
+    The key's thread lock comes first (threads of this process queue in
+    memory, and re-entry is refused), then its process lock.  ``held`` maps
+    each key this process holds to the lock file it was taken through: a
+    write whose key lock was taken through a lock file that has since been
+    deleted or replaced is refused (see :meth:`check_held`).
+    """
+
+    def __init__(self, state: StoreState) -> None:
+        self.state = state
+        self.threads = KeyLocks()
+        self.held: dict[str, Any] = {}
+
+    def acquire(self, key: str, timeout: float | None = None) -> None:
+        start = time.monotonic() if timeout is not None else 0.0
+        self.threads.acquire(key, timeout)
+        try:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            self.held[key] = self.state.locks.lock(key_slot(key), left, key)
+        except BaseException:
+            self.threads.release(key)
+            raise
+
+    def release(self, key: str) -> None:
+        f = self.held.pop(key, None)
+        try:
+            if f is not None:
+                self.state.locks.unlock(f, key_slot(key))
+        finally:
+            self.threads.release(key)
+
+    def check_held(self, key: str, path: str) -> None:
+        """Refuse a write under a key lock that no longer excludes other processes.
+
+        Called with the store slot of the write locked (so the lock file is
+        known to be current).  A key not held by this process (a direct
+        ``storage.write()``) passes.
+        """
+        f = self.held.get(key)
+        if f is not None and not self.state.locks.is_current(f):
+            raise StorageError(
+                f"the lock file of {path} was deleted or replaced while session {key!r} was open, "
+                "so another process may have opened it too; this write was refused",
+                key=key,
+                path=path,
+            )
