@@ -29,6 +29,7 @@ _monotonic = time.monotonic
 # far above the small-int cache), so "is" tells a fresh dict insert from an
 # entry left by an earlier call.  Elsewhere, fall back to comparing values.
 FRESH_IDENTS = _get_ident() is not _get_ident()
+_RECHECK = 1.0  # seconds a waiter sleeps before looking at the key again
 
 
 class LockContext:
@@ -110,14 +111,24 @@ class KeyLocks(LockContext):
             try:
                 while held.setdefault(key, me) != me:
                     if deadline is None:
-                        entry[1].wait()
+                        # Bounded, so a wake-up lost to an exception raised
+                        # asynchronously in a releasing thread costs a
+                        # second, not a hang.
+                        entry[1].wait(_RECHECK)
                     else:
                         left = deadline - _monotonic()
                         if left <= 0:
                             raise LockTimeout(
                                 f"could not lock session {key!r} within {timeout} s", key=key
                             )
-                        entry[1].wait(left)
+                        entry[1].wait(min(left, _RECHECK))
+            except BaseException:
+                # The key was not ours on entry (re-entry is refused before
+                # waiting), so holding it now means this call took it.
+                if held.get(key) == me:
+                    del held[key]
+                    entry[1].notify()
+                raise
             finally:
                 entry[0] -= 1
                 if not entry[0]:

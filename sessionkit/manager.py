@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
+import random
+import time
 from typing import Any, Callable, Iterator
 
-import msgpack
-
-from ._locks import FRESH_IDENTS, shared_key_locks
-from .session import _LOADED, _UNLOADED, Session
+from ._locks import shared_key_locks
+from .errors import LockTimeout, SessionError
+from .session import _CLOSED, _NEW_EAGER, _NEW_LAZY, _UNLOADED, Session
 from .storage.base import StorageAdapter
 
 __all__ = ["Sessions", "MultiSessions", "MultiSession"]
 
 _new_session = object.__new__
-_get_ident = threading.get_ident
-_unpackb = msgpack.unpackb
 
 
 class Sessions:
@@ -27,10 +25,19 @@ class Sessions:
         with sessions.open(chat_id) as s:
             s["count"] = s.get("count", 0) + 1
 
-    ``open()`` locks the key (the storage's own ``lock()``, or an in-process
-    per-key lock shared by every ``Sessions`` over the same storage object),
-    reads the value, and on a clean exit writes it back if it was assigned or
-    changed; if the block raises, nothing is written.
+    Entering the ``with`` block locks the key (the storage's own ``lock()``,
+    or an in-process per-key lock shared by every ``Sessions`` over the same
+    storage object) and reads the value; a clean exit writes it back if it
+    was assigned or changed; if the block raises, nothing is written.
+
+    ``storage``: any ``StorageAdapter`` (default: a new ``MemoryStorage``).
+    ``initial``: a zero-argument factory for a session the storage does not
+    hold (``dict``).  ``prefix``: prepended to every key.  ``get_key``: maps
+    the argument of ``open()`` (an update object, say) to a key, or ``None``
+    for "no session".  ``lazy``: lock and read only when the session is
+    first touched.  ``lock_timeout``: seconds to wait for a key's lock before
+    ``LockTimeout`` (``None``: for ever).  ``write_unchanged``: write back a
+    session that was read and left unchanged too.
     """
 
     def __init__(
@@ -48,6 +55,11 @@ class Sessions:
             from .storage.memory import MemoryStorage
 
             storage = MemoryStorage()
+        if isinstance(storage, type):
+            raise TypeError(
+                f"storage must be a storage object, not the class {storage.__name__}: "
+                f"write {storage.__name__}(...)"
+            )
         for name in ("read", "write", "delete"):
             if not callable(getattr(storage, name, None)):
                 raise TypeError(f"storage {storage!r} has no {name}() method")
@@ -61,7 +73,8 @@ class Sessions:
         self.initial = initial
         self.prefix = prefix
         self.lazy = bool(lazy)
-        self.lock_timeout = lock_timeout
+        self._new_state = _NEW_LAZY if self.lazy else _NEW_EAGER  # of a handle from open()
+        self.lock_timeout = _check_timeout(lock_timeout, "lock_timeout")
         self.write_unchanged = bool(write_unchanged)
         self._get_key = get_key
         self._plain = get_key is None and not prefix  # a str key is the storage key
@@ -122,11 +135,12 @@ class Sessions:
     def open(self, key_or_obj: Any, lazy: bool | None = None, timeout: float | None = None) -> Session:
         """A handle to use as ``with sessions.open(key) as s:``.
 
-        An eager session is locked and read here, so use ``open()`` only as
-        the expression of a ``with`` statement.  ``lazy`` (default: the
-        manager's) defers locking and reading until the session is first
-        touched.  ``timeout`` (default: ``lock_timeout``)
-        bounds the wait for the key's lock, then raises ``LockTimeout``.
+        ``open()`` only builds the handle: an eager session is locked and
+        read when the ``with`` block is entered, a lazy one (``lazy``,
+        default: the manager's) when it is first touched.  A handle that is
+        never entered holds nothing, and touching it raises
+        ``SessionError``.  ``timeout`` (default: ``lock_timeout``) bounds the
+        wait for the key's lock, then raises ``LockTimeout``.
         """
         handle = _new_session(Session)  # no __init__: this is the hot path
         if self._plain and type(key_or_obj) is str:
@@ -135,41 +149,26 @@ class Sessions:
             key = self.resolve_key(key_or_obj)
         handle.key = key
         handle._m = self
-        if timeout is None:
-            timeout = self.lock_timeout
-        if key is None or (self.lazy if lazy is None else lazy):
-            handle._timeout = timeout
-            handle._state = _UNLOADED
-            handle._dict = None
-            return handle  # locked and read at first touch, if ever
-        fast = self._fast
-        if fast is not None:
-            # Inlined path for built-in msgpack-coded storages locked by a
-            # KeyLocks table: two dict operations to lock, one to read.
-            # A fresh insert of our new ident object means the key was free
-            # (see _locks.FRESH_IDENTS); anything else takes the full path.
-            me = _get_ident()
-            if not FRESH_IDENTS or fast[0].setdefault(key, me) is not me:
-                fast[2].acquire(key, timeout)  # waits, or refuses re-entry
-            raw = fast[1].get(key)
-            if raw is not None:
-                try:
-                    data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
-                except Exception:
-                    data = None  # _load() below reports it as corrupt
-                if data is not None:
-                    handle._data = data
-                    handle._dict = data if type(data) is dict else None
-                    handle._snap = raw
-                    handle._state = _LOADED
-                    return handle
-        handle._state = _UNLOADED
+        if timeout is not None:
+            _check_timeout(timeout, "timeout")
+        handle._timeout = timeout  # None: the manager's lock_timeout
         handle._dict = None
-        handle._timeout = timeout
-        if fast is None:  # the fast path above already holds the lock
-            handle._lock()
-        handle._load_or_unlock()
+        if lazy is None and key is not None:
+            handle._state = self._new_state
+        else:  # a lazy one is locked and read at first touch, if ever
+            handle._state = _NEW_LAZY if key is None or lazy else _NEW_EAGER
         return handle
+
+
+def _check_timeout(value: Any, name: str) -> float | None:
+    """A lock timeout: ``None`` or a number of seconds, at least 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not value >= 0:  # also refuses NaN
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return value
 
 
 class MultiSession:
@@ -179,11 +178,13 @@ class MultiSession:
     part on a clean exit.
     """
 
-    __slots__ = ("_parts", "_order")
+    __slots__ = ("_parts", "_order", "_timeout", "_entered")
 
-    def __init__(self, parts: dict[str, Session], order: list[str]) -> None:
+    def __init__(self, parts: dict[str, Session], order: list[str], timeout: float | None = None) -> None:
         self._parts = parts
         self._order = order
+        self._timeout = timeout
+        self._entered = False
 
     def __getattr__(self, name: str) -> Session:
         try:
@@ -206,25 +207,109 @@ class MultiSession:
             self._parts[name].delete()
 
     def __enter__(self) -> MultiSession:
-        for name in self._order:
-            self._parts[name].__enter__()
+        """Lock every part without ever deadlocking, then read them all."""
+        if self._entered:
+            raise SessionError("this multi-session handle was already used; call open() again")
+        self._entered = True
+        handles = [self._parts[name] for name in self._order]
+        keyed = []
+        for handle in handles:
+            if handle.key is None:
+                handle._state = _UNLOADED  # touching it raises SessionKeyError
+            else:
+                keyed.append(handle)
+        _lock_all(keyed, self._timeout)
+        try:
+            for handle in keyed:
+                handle._load()  # LOADED from here: _finish() unlocks it
+        except BaseException:
+            for handle in reversed(keyed):
+                if handle._state == _NEW_EAGER:  # locked, not loaded
+                    handle._state = _CLOSED
+                    handle._unlock()
+            _finish_all(handles)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         handles = [self._parts[name] for name in self._order]
         try:
             if exc_type is None:
-                for handle in handles:
-                    handle._flush()
+                plans = [handle._plan() for handle in handles]  # encode every part first
+                for handle, plan in zip(handles, plans):
+                    if plan is not None:
+                        handle._write(plan)
         finally:
-            errors = []
-            for handle in reversed(handles):
-                try:
-                    handle._finish()
-                except BaseException as err:  # keep releasing the others
-                    errors.append(err)
-            if errors:
-                raise errors[0]
+            _finish_all(handles)
+
+
+def _lock_all(handles: list[Session], timeout: float | None) -> None:
+    """Lock every handle's key, waiting on at most one lock at a time.
+
+    Each round waits for one part's lock (first round: the first part) and
+    then tries the others without waiting.  If one is busy, the round lets
+    every lock go, pauses a few random milliseconds, and the next round
+    waits for the part that was busy.  A thread never waits while holding a
+    lock, so no two MultiSessions (nor a MultiSessions and a Sessions) can
+    deadlock, whatever parts and storages they share and in whatever order.
+    """
+    if not handles:
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    first = 0
+    rounds = 0
+    while True:
+        held: list[Session] = []
+        busy = -1
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            handles[first]._lock(left)
+            held.append(handles[first])
+            for i, handle in enumerate(handles):
+                if i != first:
+                    try:
+                        handle._lock(0)
+                    except LockTimeout:
+                        busy = i
+                        break
+                    held.append(handle)
+        except BaseException:
+            _unlock_all(held)
+            raise
+        if busy < 0:
+            return
+        _unlock_all(held)
+        first = busy
+        rounds += 1
+        pause = random.uniform(0, min(0.0005 * rounds, 0.02))
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            raise LockTimeout(
+                f"could not lock every part of session {handles[busy].key!r} within {timeout} s",
+                key=handles[busy].key,
+            )
+        time.sleep(pause)
+
+
+def _unlock_all(held: list[Session]) -> None:
+    errors = []
+    for handle in reversed(held):
+        try:
+            handle._unlock()
+        except BaseException as err:  # keep releasing the others
+            errors.append(err)
+    if errors:
+        raise errors[0]
+
+
+def _finish_all(handles: list[Session]) -> None:
+    errors = []
+    for handle in reversed(handles):
+        try:
+            handle._finish()
+        except BaseException as err:  # keep releasing the others
+            errors.append(err)
+    if errors:
+        raise errors[0]
 
 
 class MultiSessions:
@@ -237,8 +322,13 @@ class MultiSessions:
         with multi.open(chat_id) as m:
             m.prefs["lang"] = "en"
 
-    Parts are locked in sorted order of their names, so two threads never
-    deadlock; parts are therefore eager (a lazy part is a ``ValueError``).
+    Entering the block locks every part without ever deadlocking, whatever
+    the part names and however several ``MultiSessions`` map them to
+    storages: it waits for one part's lock at a time and takes the others
+    only if they are free, otherwise it lets all go and tries again (see
+    ``_lock_all``).  Parts are therefore eager (a lazy part is a
+    ``ValueError``).  On a clean exit every part is encoded before any is
+    written, so a value that cannot be stored writes no part.
     """
 
     def __init__(self, **parts: Sessions) -> None:
@@ -255,22 +345,20 @@ class MultiSessions:
             if part.lazy:
                 raise ValueError(
                     f"part {name!r} is lazy; multi-session parts are locked together "
-                    "in a fixed order, so they must be eager"
+                    "when the block is entered, so they must be eager"
                 )
         self.parts = dict(parts)
-        self._order = sorted(parts)
+        self._order = list(parts)
 
     def __repr__(self) -> str:
         return f"MultiSessions({', '.join(self._order)})"
 
     def open(self, key_or_obj: Any, timeout: float | None = None) -> MultiSession:
-        """A handle to use as ``with multi.open(key) as m:``; parts lock in name order."""
-        parts: dict[str, Session] = {}
-        try:
-            for name in self._order:  # each eager open() locks its part
-                parts[name] = self.parts[name].open(key_or_obj, lazy=False, timeout=timeout)
-        except BaseException:
-            for handle in reversed(list(parts.values())):
-                handle._finish()
-            raise
-        return MultiSession(parts, self._order)
+        """A handle to use as ``with multi.open(key) as m:``; every part locks on entering.
+
+        ``timeout`` bounds the whole wait for every part's lock (default: no
+        limit), then raises ``LockTimeout``.
+        """
+        timeout = _check_timeout(timeout, "timeout")
+        parts = {name: self.parts[name].open(key_or_obj, lazy=False) for name in self._order}
+        return MultiSession(parts, self._order, timeout)

@@ -1,17 +1,22 @@
 """Session: the handle yielded by ``Sessions.open()``.
 
-The handle owns one key's read-modify-write: it takes the key's lock (at
-``open()``, or at first touch in lazy mode), loads the value once, tracks
-whether it was assigned or changed in place, and on a clean exit writes back
-only what changed.  After the ``with`` block it is closed.
+The handle owns one key's read-modify-write: it takes the key's lock (when
+the ``with`` block is entered, or at first touch in lazy mode), loads the
+value once, tracks whether it was assigned or changed in place, and on a
+clean exit writes back only what changed.  After the ``with`` block it is
+closed.  A handle that is never entered holds nothing.
 """
 
 from __future__ import annotations
 
 import pickle
+import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
+import msgpack
+
 from . import _codec
+from ._locks import FRESH_IDENTS
 from .errors import SessionError, SessionKeyError
 
 if TYPE_CHECKING:
@@ -20,13 +25,16 @@ if TYPE_CHECKING:
 __all__ = ["Session"]
 
 # Handle states.  The key's lock is held exactly while the state is LOADED or
-# ASSIGNED, so no separate flag is needed.
-_UNLOADED, _LOADED, _ASSIGNED, _CLOSED = 0, 1, 2, 3
+# ASSIGNED, so no separate flag is needed.  NEW_*: built by open(), not yet
+# entered (nothing held).
+_UNLOADED, _LOADED, _ASSIGNED, _CLOSED, _NEW_EAGER, _NEW_LAZY = 0, 1, 2, 3, 4, 5
 
 _UNKNOWN = object()  # a fingerprint that could not be taken: always write
 _UNREAD = object()  # snapshot of a session assigned before any read
 _dumps = _codec.dumps
 _tls = _codec._local
+_get_ident = threading.get_ident
+_unpackb = msgpack.unpackb
 
 
 def _fingerprint(value: Any) -> Any:
@@ -54,11 +62,11 @@ class Session:
 
     key: Any  # the full key (str), or None when the update has no session
 
-    def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None) -> None:
+    def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None, lazy: bool = False) -> None:
         self.key = key
         self._m = manager
-        self._timeout = timeout
-        self._state = _UNLOADED
+        self._timeout = timeout  # None: the manager's lock_timeout
+        self._state = _NEW_LAZY if lazy or key is None else _NEW_EAGER
         # _cm: the storage's lock context manager, set only when one is used
         # _data while it is a plain dict: the mapping methods' fast path
         self._dict: dict[Any, Any] | None = None
@@ -66,15 +74,48 @@ class Session:
         # when the storage held nothing) are set when the session is loaded
 
     def __repr__(self) -> str:
-        state = ("unloaded", "loaded", "assigned", "closed")[self._state]
+        state = ("unloaded", "loaded", "assigned", "closed", "not entered", "not entered")[self._state]
         return f"<Session key={self.key!r} {state}>"
 
     # -- the with-block -----------------------------------------------------
 
     def __enter__(self) -> Session:
-        # Sessions.open() already locked and read an eager session.
-        if self._state == _CLOSED:
+        """Lock and read an eager session (a lazy one waits for its first touch)."""
+        if self._state != _NEW_EAGER:
+            if self._state == _NEW_LAZY:
+                self._state = _UNLOADED
+                return self
             raise SessionError("this session handle was already used; call open() again", key=self.key)
+        fast = self._m._fast
+        if fast is not None:
+            # Inlined path for built-in msgpack-coded storages locked by a
+            # KeyLocks table: two dict operations to lock, one to read.
+            # A fresh insert of our new ident object means the key was free
+            # (see _locks.FRESH_IDENTS); anything else takes the full path.
+            key = self.key
+            me = _get_ident()
+            if not FRESH_IDENTS or fast[0].setdefault(key, me) is not me:
+                t = self._timeout
+                fast[2].acquire(key, self._m.lock_timeout if t is None else t)  # waits, or refuses re-entry
+            try:
+                raw = fast[1].get(key)
+                if raw is not None:
+                    try:
+                        data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
+                    except Exception:
+                        data = None  # _load() below reports it as corrupt
+                    if data is not None:
+                        self._data = data
+                        self._dict = data if type(data) is dict else None
+                        self._snap = raw
+                        self._state = _LOADED
+                        return self
+            except BaseException:  # an exception raised asynchronously
+                self._m._release(key)  # type: ignore[misc]
+                raise
+        else:
+            self._lock()
+        self._load_or_unlock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -95,9 +136,9 @@ class Session:
                 elif self._snap is not None:
                     self._flush()
             finally:
+                del fast[0][key]  # unlock first: nothing below can leave it held
                 self._state = _CLOSED
                 self._dict = None
-                del fast[0][key]
                 if fast[3]:
                     fast[2].notify(key)
             return
@@ -110,12 +151,17 @@ class Session:
         finally:
             self._finish()
 
-    def _lock(self) -> None:
+    def _lock(self, timeout: Any = _UNREAD) -> None:
+        """Take the key's lock (``timeout``: the handle's unless given)."""
         m = self._m
+        if timeout is _UNREAD:
+            timeout = self._timeout
+            if timeout is None:
+                timeout = m.lock_timeout
         if m._acquire is not None:
-            m._acquire(self.key, self._timeout)
+            m._acquire(self.key, timeout)
         else:
-            cm = m._lock_cm(self.key, self._timeout)  # type: ignore[misc]
+            cm = m._lock_cm(self.key, timeout)  # type: ignore[misc]
             cm.__enter__()
             self._cm = cm  # only after a successful enter: _unlock() exits it
 
@@ -131,10 +177,12 @@ class Session:
     def _finish(self) -> None:
         """Release the lock (if held) and close the handle, writing nothing."""
         state = self._state
-        self._state = _CLOSED
-        self._dict = None
-        if state == _LOADED or state == _ASSIGNED:
-            self._unlock()
+        try:
+            if state == _LOADED or state == _ASSIGNED:
+                self._unlock()
+        finally:
+            self._state = _CLOSED
+            self._dict = None
 
     def _load_or_unlock(self) -> None:
         """Load with the lock just taken; if loading fails, let the lock go."""
@@ -168,30 +216,50 @@ class Session:
 
     def _flush(self) -> None:
         """Write back on a clean exit, following the write-back rules."""
+        plan = self._plan()
+        if plan is not None:
+            self._write(plan)
+
+    def _plan(self) -> tuple[str, Any] | None:
+        """What a clean exit must do, encoded: ``None``, ``("delete", None)``,
+        ``("raw", bytes)`` or ``("value", value)``.  Raises
+        ``SerializationError`` before anything is written."""
         state = self._state
         if state != _LOADED and state != _ASSIGNED:
-            return
+            return None
         m = self._m
-        key = self.key
         value = self._data
         if value is None:
             # assigned None deletes; read-and-absent stays absent
             if state == _ASSIGNED or self._snap is not None:
-                m.storage.delete(key)
-            return
+                return ("delete", None)
+            return None
         snap = None if state == _ASSIGNED else self._snap
         if m._raw_write is not None:
-            raw = m._raw_dumps(value, key)
+            raw = m._raw_dumps(value, self.key)
             if state == _ASSIGNED or raw != snap or m.write_unchanged:
-                m._raw_write(key, raw)
-        elif (
+                return ("raw", raw)
+            return None
+        if (
             state == _ASSIGNED
             or snap is None
             or snap is _UNKNOWN
             or m.write_unchanged
             or _fingerprint(value) != snap
         ):
-            m.storage.write(key, value)
+            return ("value", value)
+        return None
+
+    def _write(self, plan: tuple[str, Any]) -> None:
+        """Carry out a plan made by :meth:`_plan`."""
+        m = self._m
+        op, payload = plan
+        if op == "raw":
+            m._raw_write(self.key, payload)
+        elif op == "delete":
+            m.storage.delete(self.key)
+        else:
+            m.storage.write(self.key, payload)
 
     def _touch(self) -> Any:
         """Slow path of every data access: closed, keyless, or not yet loaded."""
@@ -199,6 +267,12 @@ class Session:
         if state == _CLOSED:
             raise SessionError(
                 f"session {self.key!r} is closed: use it inside its with-block", key=self.key
+            )
+        if state == _NEW_EAGER or state == _NEW_LAZY:
+            raise SessionError(
+                f"session {self.key!r} was opened but not entered: use it as "
+                "`with sessions.open(key) as s:` (open() alone locks nothing)",
+                key=self.key,
             )
         if state != _UNLOADED:
             return self._data
@@ -227,7 +301,7 @@ class Session:
     @data.setter
     def data(self, value: Any) -> None:
         state = self._state
-        if state == _CLOSED:
+        if state >= _CLOSED:
             self._touch()  # raises
         if state == _UNLOADED:
             self._need_key()

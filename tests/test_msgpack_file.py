@@ -113,7 +113,8 @@ def test_reopening_in_the_same_thread_is_an_error(directory: str) -> None:
     sessions = Sessions(MsgpackFileStorage(directory))
     with sessions.open("k"):
         with pytest.raises(SessionError, match="already open"):
-            sessions.open("k")
+            with sessions.open("k"):
+                pass
 
 
 def test_processes_see_each_others_writes_and_compactions(directory: str) -> None:

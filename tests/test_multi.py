@@ -1,4 +1,4 @@
-"""MultiSessions: parts, ordering, all-or-nothing on error, validation."""
+"""MultiSessions: parts, deadlock-free locking, all-or-nothing on error, validation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from sessionkit import MemoryStorage, MultiSessions, SessionError, Sessions
+from sessionkit import (
+    CorruptSessionError,
+    LockTimeout,
+    MemoryStorage,
+    MultiSessions,
+    SerializationError,
+    SessionError,
+    Sessions,
+    StorageError,
+)
 
 from .helpers import RecordingStorage
 
@@ -22,7 +31,7 @@ def test_parts_are_reached_by_attribute_and_item() -> None:
         m["cart"].data.append(17)
         assert m.prefs is m["prefs"]
         assert m.prefs.key == "p:7" and m.cart.key == "7"
-        assert list(m) == ["cart", "prefs"]
+        assert list(m) == ["prefs", "cart"]  # the order they were given
         with pytest.raises(AttributeError):
             m.nothing
     with multi.open(7) as m:
@@ -51,46 +60,129 @@ def test_delete_deletes_every_part() -> None:
     assert one.read("1") is None and two.read("1") is None
 
 
-def test_failed_write_stops_later_parts_and_releases_all() -> None:
-    good_before, good_after = MemoryStorage(), MemoryStorage()
+def test_a_value_that_cannot_be_stored_writes_no_part() -> None:
+    before, after = MemoryStorage(), MemoryStorage()
     multi = MultiSessions(
-        a=Sessions(good_before, initial=dict),
+        a=Sessions(before, initial=dict),
         b=Sessions(MemoryStorage(), initial=dict),
-        c=Sessions(good_after, initial=dict),
+        c=Sessions(after, initial=dict),
     )
-    from sessionkit import SerializationError
-
     with pytest.raises(SerializationError):
         with multi.open(1) as m:
             m.a["x"] = 1
             m.b["x"] = object()
             m.c["x"] = 1
-    assert good_before.read("1") == {"x": 1}
-    assert good_after.read("1") is None
+    assert before.read("1") is None and after.read("1") is None
+    with multi.open(1, timeout=0.01):  # every part was released
+        pass
+
+
+class _FullDisk(RecordingStorage):
+    """A backend whose writes fail, as a full disk's do."""
+
+    def write(self, key: str, value: Any) -> None:
+        raise StorageError("no space left on device", key=key)
+
+
+def test_failed_write_stops_later_parts_and_releases_all() -> None:
+    before, after = MemoryStorage(), MemoryStorage()
+    multi = MultiSessions(
+        a=Sessions(before, initial=dict),
+        b=Sessions(_FullDisk()),
+        c=Sessions(after, initial=dict),
+    )
+    with pytest.raises(StorageError):
+        with multi.open(1) as m:
+            m.a["x"] = 1
+            m.b.data = {"x": 1}
+            m.c["x"] = 1
+    assert before.read("1") == {"x": 1}
+    assert after.read("1") is None
     with multi.open(1, timeout=0.01):
         pass
 
 
-def test_parts_lock_in_sorted_order_so_two_threads_never_deadlock() -> None:
-    first, second = MemoryStorage(), MemoryStorage()
-    # declared in opposite orders: both still lock "a" before "z"
-    m1 = MultiSessions(z=Sessions(second, initial=dict), a=Sessions(first, initial=dict))
-    m2 = MultiSessions(a=Sessions(first, initial=dict), z=Sessions(second, initial=dict))
-    barrier = threading.Barrier(2)
-
-    def work(multi: MultiSessions) -> None:
-        barrier.wait()
-        for _ in range(300):
-            with multi.open("k", timeout=5) as m:
-                m.a["n"] = m.a.get("n", 0) + 1
-                m.z["n"] = m.z.get("n", 0) + 1
-
-    threads = [threading.Thread(target=work, args=(m,)) for m in (m1, m2)]
+def _run_in_threads(works: list[Any], limit: float) -> list[threading.Thread]:
+    """Start daemon threads (a deadlock must fail the test, not hang it); the hung ones."""
+    threads = [threading.Thread(target=w, daemon=True) for w in works]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(20)
-    assert first.read("k") == {"n": 600} and second.read("k") == {"n": 600}
+        t.join(limit)
+    return [t for t in threads if t.is_alive()]
+
+
+@pytest.mark.parametrize("kind", ["memory", "lockless-storage"])
+def test_opposite_orders_over_the_same_storages_never_deadlock(kind: str, fast_switching: None) -> None:
+    make = MemoryStorage if kind == "memory" else RecordingStorage
+    first, second = make(), make()
+    # the same names mapped to the storages the other way round: locking by
+    # name would take first->second in one and second->first in the other
+    m1 = MultiSessions(a=Sessions(first, initial=dict), b=Sessions(second, initial=dict))
+    m2 = MultiSessions(a=Sessions(second, initial=dict), b=Sessions(first, initial=dict))
+    barrier = threading.Barrier(2)
+    per_thread = 3000
+
+    def work(multi: MultiSessions) -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            with multi.open("k") as m:  # no timeout: a deadlock would hang
+                m.a["n"] = m.a.get("n", 0) + 1
+                m.b["n"] = m.b.get("n", 0) + 1
+
+    hung = _run_in_threads([lambda: work(m1), lambda: work(m2)], 60)
+    assert not hung, "two MultiSessions deadlocked"
+    assert first.read("k") == {"n": 2 * per_thread} and second.read("k") == {"n": 2 * per_thread}
+
+
+def test_a_multi_session_and_a_plain_session_on_shared_keys_never_deadlock() -> None:
+    first, second = MemoryStorage(), MemoryStorage()
+    multi = MultiSessions(a=Sessions(first, initial=dict), b=Sessions(second, initial=dict))
+    plain = Sessions(second, initial=dict)
+    per_thread = 1000
+
+    def both() -> None:
+        for _ in range(per_thread):
+            with multi.open("k") as m:
+                m.a["n"] = m.a.get("n", 0) + 1
+                m.b["n"] = m.b.get("n", 0) + 1
+
+    def one() -> None:
+        for _ in range(per_thread):
+            with plain.open("k") as s:
+                s["n"] = s.get("n", 0) + 1
+
+    assert not _run_in_threads([both, one], 60)
+    assert second.read("k") == {"n": 2 * per_thread} and first.read("k") == {"n": per_thread}
+
+
+def test_the_whole_lock_wait_is_bounded_by_the_timeout() -> None:
+    storage = MemoryStorage()
+    multi = MultiSessions(a=Sessions(MemoryStorage()), b=Sessions(storage))
+    result: list[BaseException] = []
+
+    def try_it() -> None:
+        try:
+            with multi.open("k", timeout=0.2):
+                pass
+        except BaseException as exc:
+            result.append(exc)
+
+    with Sessions(storage).open("k"):  # "b" is busy for the whole test
+        assert not _run_in_threads([try_it], 10)
+    assert len(result) == 1 and isinstance(result[0], LockTimeout)
+
+
+def test_a_part_that_cannot_be_read_releases_every_part() -> None:
+    good, bad = MemoryStorage(), MemoryStorage()
+    bad._data["k"] = b"\xc1"  # not msgpack
+    multi = MultiSessions(a=Sessions(good, initial=dict), b=Sessions(bad, initial=dict))
+    with pytest.raises(CorruptSessionError):
+        with multi.open("k"):
+            pass
+    with Sessions(good).open("k", timeout=0.01), Sessions(bad, lazy=True).open("k", timeout=0.01):
+        pass
+    assert not good._locks._held and not bad._locks._held
 
 
 def test_a_part_that_cannot_lock_releases_the_parts_already_locked() -> None:

@@ -66,6 +66,7 @@ class Shard:
         self.expiry: dict[str, float] = {}
         self.corrupt: dict[str, int] = {}  # key -> offset of its damaged record
         self.retry_compact_at = 0
+        self.stale = False  # a load was cut short (an asynchronous exception): reload all
 
     # -- entering: lock and catch up ----------------------------------------
 
@@ -95,7 +96,9 @@ class Shard:
                 self._open()
                 return
             st = os.fstat(self.fd)
-            if st.st_nlink == 0:  # compacted by another process: reopen
+            if self.stale:
+                self._load(len(rec.MAGIC), st.st_size, reset=True)
+            elif st.st_nlink == 0:  # compacted by another process: reopen
                 os.close(self.fd)
                 self.fd = -1
                 self._open()
@@ -129,6 +132,7 @@ class Shard:
 
     def _load(self, start: int, size: int, reset: bool) -> None:
         """Index the records from ``start`` to ``size``; drop a crashed tail."""
+        self.stale = True  # until the index is whole again
         if reset:
             self.index, self.expiry, self.corrupt, self.live = {}, {}, {}, 0
         pos = start
@@ -157,6 +161,7 @@ class Shard:
             log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
             os.ftruncate(self.fd, stop)
         self.end = stop
+        self.stale = False
 
     def _apply(self, record: rec.Record) -> None:
         # A key's index entry changes by one assignment (or one deletion), so

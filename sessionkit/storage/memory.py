@@ -7,7 +7,7 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
-from .. import _codec
+from .. import _codec, _fork
 from .._locks import KeyLocks
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -39,6 +39,7 @@ class MemoryStorage(EncodedStorage):
         # key -> expiry time; insertion order is write order, hence expiry order
         self._expires: dict[str, float] = {}
         self._mutex = threading.Lock()
+        _fork.register(self)
         self._locks = KeyLocks()
         self._acquire = self._locks.acquire
         self._release = self._locks.release
@@ -53,6 +54,16 @@ class MemoryStorage(EncodedStorage):
         else:
             self._fast = None
 
+    # Fork hooks (see sessionkit._fork): the child gets a consistent copy.
+    def _fork_before(self) -> None:
+        self._mutex.acquire()
+
+    def _fork_after_parent(self) -> None:
+        self._mutex.release()
+
+    def _fork_after_child(self) -> None:
+        self._mutex.release()
+
     def __repr__(self) -> str:
         return f"MemoryStorage(ttl={self.ttl!r}, sessions={len(self._data)})"
 
@@ -62,7 +73,7 @@ class MemoryStorage(EncodedStorage):
         raw = self._data.get(key)
         if raw is not None and self.ttl is not None:
             expires = self._expires.get(key)
-            if expires is None or expires <= self._clock():
+            if expires is not None and expires <= self._clock():
                 self._drop_expired(key)
                 return None
         return raw
@@ -73,15 +84,18 @@ class MemoryStorage(EncodedStorage):
             return
         now = self._clock()
         with self._mutex:
+            # Expiry first, value last: an exception raised asynchronously in
+            # between leaves the old value readable, never a missing one.
+            expires = self._expires
+            expires.pop(key, None)  # re-inserted at the end: write order
+            expires[key] = now + self.ttl
             self._data[key] = raw
-            self._expires.pop(key, None)
-            self._expires[key] = now + self.ttl
             self._reclaim(now)
 
     def _drop_expired(self, key: str) -> None:
         with self._mutex:
             expires = self._expires.get(key)
-            if expires is None or expires <= self._clock():
+            if expires is not None and expires <= self._clock():
                 self._data.pop(key, None)
                 self._expires.pop(key, None)
 
@@ -92,8 +106,8 @@ class MemoryStorage(EncodedStorage):
             oldest = next(iter(expires))
             if expires[oldest] > now:
                 break
-            del expires[oldest]
             self._data.pop(oldest, None)
+            del expires[oldest]
 
     # -- the StorageAdapter contract ----------------------------------------
 
