@@ -52,6 +52,14 @@ def register(obj: Any) -> None:
         _objects[_counter] = obj
 
 
+def unregister(obj: Any) -> None:
+    """Stop running ``obj``'s fork hooks (it released what they guard)."""
+    with _mutex:
+        for number, registered in list(_objects.items()):
+            if registered is obj:
+                del _objects[number]
+
+
 def _before() -> None:
     for mutex in _first:
         mutex.acquire()

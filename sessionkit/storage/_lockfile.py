@@ -229,6 +229,8 @@ class OfdLocks:
     def after_fork_in_child(self) -> None:
         """Give the child its own open file: the parent's locks stay the parent's."""
         self._mutex = threading.Lock()
+        if self.file.fd < 0:
+            return  # closed
         inherited = [self.file, *self._retired]
         self._retired = []
         try:
@@ -242,7 +244,9 @@ class OfdLocks:
 
     def close(self) -> None:
         for f in [self.file, *self._retired]:
-            os.close(f.fd)
+            if f.fd >= 0:
+                os.close(f.fd)
+                f.fd = -1
         self._retired = []
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
@@ -347,7 +351,9 @@ class StripedLocks:
         self._cond = threading.Condition(threading.Lock())
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def make_locks(path: str, directory: str) -> OfdLocks | StripedLocks:

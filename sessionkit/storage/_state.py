@@ -86,6 +86,7 @@ class StoreState:
             if self.users:
                 return
             del _registry[self.ident]
+            _fork.unregister(self)
         try:
             self.teardown()
         finally:
