@@ -94,5 +94,38 @@ def _after_child() -> None:
             mutex.release()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before, after_in_parent=_after_parent, after_in_child=_after_child)
+_generation = 0
+
+
+def install() -> None:
+    """Register the hooks with ``os.register_at_fork`` (again).
+
+    Python runs ``before`` hooks newest first.  A library whose own fork
+    hook waits for its calls in flight to finish (filelock 4 does) must have
+    registered *before* ours, or a thread inside a storage call could wait
+    on that library while our hook waits on the thread.  So whoever imports
+    such a library calls ``install()`` afterwards; the older registrations
+    become no-ops.
+    """
+    global _generation
+    if not hasattr(os, "register_at_fork"):
+        return
+    _generation += 1
+    mine = _generation
+
+    def before() -> None:
+        if mine == _generation:
+            _before()
+
+    def after_in_parent() -> None:
+        if mine == _generation:
+            _after_parent()
+
+    def after_in_child() -> None:
+        if mine == _generation:
+            _after_child()
+
+    os.register_at_fork(before=before, after_in_parent=after_in_parent, after_in_child=after_in_child)
+
+
+install()

@@ -116,10 +116,10 @@ def test_files_are_private(path: str) -> None:
         make(path).write("k", 1)
     finally:
         os.umask(old)
-    files = list(Path(path).parent.iterdir())
+    files = list(Path(path).parent.rglob("*"))
     assert files
     for file in files:
-        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file
+        assert stat.S_IMODE(file.stat().st_mode) == (0o700 if file.is_dir() else 0o600), file
 
 
 def test_the_docstring_warns_about_pickle() -> None:

@@ -26,9 +26,18 @@ shards, the whole shelf).  Two implementations, picked per process by
     its keys, so a key held open still never delays a different key there;
     across processes, two keys of one stripe exclude each other.
 
-Every process working on a store must use the same method:
-``SESSIONKIT_LOCKING=filelock`` (or ``ofd``) picks it for a process, and the
-default is ``ofd`` wherever the platform has it.
+Every process working on a store must use the same method, so the method
+is a property of the store: the lock file records the one it was created
+with, and every process follows that record (a store created with ``ofd``
+cannot be opened where there are no OFD locks: a clear ``StorageError``).
+``SESSIONKIT_LOCKING=filelock`` (or ``ofd``) picks the method for the stores
+a process creates; the default is ``ofd`` wherever the platform has it.
+A lock file from before methods were recorded counts as ``ofd``: its
+classic POSIX record locks and OFD locks exclude each other on Linux.
+
+Lock file layout: bytes 0-8 are the shelf's change counter and crash mark,
+16-32 a magic string, 32 the method (``o`` or ``f``).  Locks on bytes do
+not depend on what the bytes hold.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from .. import _fork
 from ..errors import LockTimeout, StorageError
 from . import _records
 
@@ -89,9 +99,57 @@ def key_slot(key: str) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
+_MAGIC = b"sessionkit-lock1"
+_METHODS = {b"o": "ofd", b"f": "filelock"}
+
+
 def open_lock_file(path: str) -> int:
-    """Open (creating) a store's lock file, ``0600``."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o600)
+    """Open a store's lock file, creating it (``0600``) with this process's method."""
+    try:
+        return os.open(path, os.O_RDWR | O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    header = bytes(16) + _MAGIC + locking_method()[0].encode("ascii")
+    # Created whole under a temporary name and linked into place, so no
+    # process ever reads a lock file without its method.
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, header)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another process made it first: its method stands
+    except OSError:  # a filesystem without hard links
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, header)
+            finally:
+                os.close(fd)
+    finally:
+        os.unlink(tmp)
+    return os.open(path, os.O_RDWR | O_CLOEXEC)
+
+
+def recorded_method(path: str) -> str:
+    """The locking method the store's lock file records, creating the file if needed."""
+    try:
+        fd = open_lock_file(path)
+        try:
+            head = os.pread(fd, 33, 0) if hasattr(os, "pread") else os.read(fd, 33)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
+    if len(head) == 33 and head[16:32] == _MAGIC and head[32:33] in _METHODS:
+        return _METHODS[head[32:33]]
+    return "ofd"  # made before the method was recorded: classic POSIX locks
 
 
 def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
@@ -253,6 +311,19 @@ class OfdLocks:
             self._dir_fd = -1
 
 
+_filelock_imported = False
+
+
+def _import_filelock() -> None:
+    """Import filelock, then put our fork hooks after its (see _fork.install)."""
+    global _filelock_imported
+    if not _filelock_imported:
+        import filelock  # noqa: F401
+
+        _filelock_imported = True
+        _fork.install()
+
+
 class _Stripe:
     __slots__ = ("lock", "count", "taking")
 
@@ -268,6 +339,7 @@ class StripedLocks:
     method = "filelock"
 
     def __init__(self, path: str, directory: str) -> None:
+        _import_filelock()
         import filelock
 
         self._filelock = filelock
@@ -294,7 +366,7 @@ class StripedLocks:
         stripe = self._stripes.get(n)
         if stripe is None:
             name = f"key-{n:02d}.lock" if n < STRIPES else f"slot-{n - STRIPES}.lock"
-            lock = self._filelock.FileLock(os.path.join(self.directory, name), thread_local=False)
+            lock = self._filelock.FileLock(os.path.join(self.directory, name), mode=0o600, thread_local=False)
             stripe = self._stripes[n] = _Stripe(lock)
         return stripe
 
@@ -357,8 +429,15 @@ class StripedLocks:
 
 
 def make_locks(path: str, directory: str) -> OfdLocks | StripedLocks:
-    """The store's cross-process locks, by this process's :func:`locking_method`."""
-    if locking_method() == "ofd":
+    """The store's cross-process locks, by the method its lock file records."""
+    method = recorded_method(path)
+    if method == "ofd":
+        if not _HAVE_OFD:
+            raise StorageError(
+                f"{path} was created with open file description locks (Linux), which this "
+                "platform lacks; every process on a store must lock it the same way",
+                path=path,
+            )
         try:
             return OfdLocks(path, directory)
         except OSError as exc:
