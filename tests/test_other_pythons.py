@@ -58,7 +58,7 @@ def test_shelve_suite_under_another_python(dbm: str, tmp_path: pathlib.Path) -> 
     env["SESSIONKIT_TEST_DBM"] = dbm
     done = subprocess.run(
         [exe, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         "tests/test_shelve.py", "tests/test_contract.py", "tests/test_processes.py",
+         "tests/test_shelve.py", "tests/test_contract.py", "tests/test_processes.py", "tests/test_deployments.py",
          "-k", "shelve or not (memory or msgpack)",
          "--basetemp", str(tmp_path / "t")],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
