@@ -50,6 +50,11 @@ class EnhancedStorage:
         self._versions: list[int | float] = []
         self._migrations: dict[int | float, Migration] = {}
         if migrations is not None:
+            if not isinstance(migrations, Mapping):
+                raise TypeError(
+                    "migrations must be a mapping of version -> function, e.g. {1: upgrade}, "
+                    f"not {type(migrations).__name__}"
+                )
             if not migrations:
                 raise ValueError("migrations is empty: give at least one {version: function}")
             for version, fn in migrations.items():

@@ -576,3 +576,60 @@ def test_unentered_handle_refuses_use(backend: str, tmp_path: Path) -> None:
         assert storage.read("k") == {"n": 2}
     finally:
         storage.close()
+
+
+# -- the lock file and the directory ------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_store_directory_is_held_against_tmp_cleaners(backend: str, tmp_path: Path) -> None:
+    """systemd-tmpfiles skips a directory someone holds a BSD lock on; it tries LOCK_EX|LOCK_NB."""
+    fcntl = pytest.importorskip("fcntl")
+    spec = spec_of(backend, tmp_path)
+    storage = open_store(spec)
+    if storage._state.locks.method != "ofd":
+        storage.close()
+        pytest.skip("the directory is held by the OFD method")
+    fd = os.open(store_dir(spec), os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        storage.close()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go with the last handle
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_write_under_a_lock_taken_through_a_deleted_lock_file_is_refused(
+    backend: str, tmp_path: Path, procs: Workers
+) -> None:
+    from sessionkit import StorageError
+
+    spec = spec_of(backend, tmp_path)
+    storage = open_store(spec)
+    if storage._state.locks.method != "ofd":
+        storage.close()
+        pytest.skip("the lock file's identity is checked by the OFD method")
+    sessions = Sessions(storage, initial=dict)
+    increment(sessions, "k")
+    with pytest.raises(StorageError, match="deleted or replaced"):
+        with sessions.open("k") as s:
+            s["n"] += 1
+            os.unlink(lock_path(spec))  # a process starting now would lock a new file
+    assert os.path.exists(lock_path(spec))  # the write's shard lock moved to the new file
+    increment(sessions, "k")  # the next session locks through the new file
+    other = open_store(spec)
+    try:
+        assert other.read("k") == {"n": 2}  # the refused increment left no trace
+    finally:
+        other.close()
+        storage.close()
+    # a process that opens the store now excludes this one again
+    storage = open_store(spec)
+    holder = Holder(Sessions(storage, initial=dict), "k")
+    try:
+        assert procs.try_open(spec, "k", 0.3) == "timeout"
+    finally:
+        holder.release()
+        storage.close()

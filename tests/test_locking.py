@@ -222,3 +222,26 @@ def test_a_storage_own_lock_is_used() -> None:
     with Sessions(storage).open(5):
         pass
     assert storage.locked == ["5"]
+
+
+def test_a_waiter_whose_wake_up_was_lost_looks_again() -> None:
+    """A releasing thread interrupted between unlocking and notifying (an
+    exception raised asynchronously) must not leave a waiter asleep for ever."""
+    locks = KeyLocks()
+    locks.acquire("k")
+    got = threading.Event()
+
+    def wait() -> None:
+        locks.acquire("k")  # no timeout
+        got.set()
+        locks.release("k")
+
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not locks._waiting and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert locks._waiting, "the waiter never started waiting"
+    del locks._held["k"]  # released, but the notify is lost
+    assert got.wait(3), "the waiter slept through a free key"
+    t.join(5)

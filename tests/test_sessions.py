@@ -69,6 +69,61 @@ def test_invalid_constructor_arguments() -> None:
         Sessions(object())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="prefix"):
         Sessions(prefix=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"class MemoryStorage.*MemoryStorage\(\.\.\.\)"):
+        Sessions(MemoryStorage)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [("5", TypeError), (True, TypeError), ([1], TypeError), (-1, ValueError), (float("nan"), ValueError)],
+    ids=repr,
+)
+def test_bad_timeouts_fail_where_they_are_given(bad: Any, error: type) -> None:
+    with pytest.raises(error, match="lock_timeout"):
+        Sessions(lock_timeout=bad)
+    sessions = Sessions()
+    with pytest.raises(error, match="timeout"):
+        sessions.open("k", timeout=bad)
+    from sessionkit import MultiSessions
+
+    with pytest.raises(error, match="timeout"):
+        MultiSessions(a=sessions).open("k", timeout=bad)
+
+
+def test_good_timeouts() -> None:
+    for ok in (0, 0.5, 3, float("inf")):
+        with Sessions(lock_timeout=ok).open("k", timeout=ok):
+            pass
+
+
+def test_enhance_storage_checks_its_migrations() -> None:
+    from sessionkit import enhance_storage
+
+    with pytest.raises(TypeError, match="migrations must be a mapping"):
+        enhance_storage(MemoryStorage(), migrations=[lambda old: old])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not callable"):
+        enhance_storage(MemoryStorage(), migrations={1: "upgrade"})  # type: ignore[dict-item]
+
+
+def test_a_handle_never_entered_holds_nothing_and_says_how_to_use_it() -> None:
+    storage = RecordingStorage()
+    sessions = Sessions(storage, initial=dict)
+    forgotten = sessions.open("k")  # no `with`
+    with pytest.raises(SessionError, match=r"with sessions\.open\(key\) as s"):
+        forgotten["n"] = 1
+    with pytest.raises(SessionError, match="not entered"):
+        forgotten.data
+    with pytest.raises(SessionError, match="not entered"):
+        forgotten.data = {}
+    with sessions.open("k", timeout=0.01) as s:  # the key is free
+        s["n"] = 1
+    assert storage.count("read") == 1 and storage.args("write") == [("k", {"n": 1})]
+    with pytest.raises(SessionError, match="already used"):
+        with_block = sessions.open("k")
+        with with_block:
+            pass
+        with with_block:
+            pass
 
 
 # -- write-back rules -----------------------------------------------------------

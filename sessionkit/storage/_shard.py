@@ -1,8 +1,8 @@
 """One shard of a MsgpackFileStorage: an append-only log and its index.
 
-Every operation runs inside ``with shard:``, which takes the shard's thread
-mutex and its byte-range lock in the store's lock file (so one thread of one
-process touches the log at a time, for microseconds), then catches up with
+Every operation runs inside ``with shard.mutex, shard:``, which takes the
+shard's thread mutex and its slot in the store's lock file (so one thread of
+one process touches the log at a time, for microseconds), then catches up with
 what other processes appended since this process last looked: one ``fstat``
 when nothing changed.  A log that another process compacted has been
 replaced (its link count is 0) and is reopened.
@@ -56,7 +56,7 @@ class Shard:
         self.path = os.path.join(directory, f"shard-{number:03d}.log")
         self.locks = locks  # the store's cross-process locks (see _lockfile)
         self.slot = slot
-        self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard``
+        self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard.mutex, shard``
         self.durable = False  # set for the whole store once any handle asks for it
         self.mutex = threading.Lock()
         self.fd = -1
@@ -71,12 +71,12 @@ class Shard:
     # -- entering: lock and catch up ----------------------------------------
 
     def __enter__(self) -> Shard:
-        self.mutex.acquire()
-        try:
-            self.lock_file = self.locks.lock(self.slot, None, "")
-        except BaseException:
-            self.mutex.release()
-            raise
+        # The caller holds self.mutex, taken by a ``with`` of its own (a C
+        # lock's with-statement cannot be cut short by an exception raised
+        # asynchronously; a Python __exit__ can, at its first instruction).
+        # What such an exception can leak here is the shard's slot, and that
+        # is taken again and released by this process's next section.
+        self.lock_file = self.locks.lock(self.slot, None, "")
         try:
             self._sync()
         except BaseException:
@@ -85,10 +85,7 @@ class Shard:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        try:
-            self.locks.unlock(self.lock_file, self.slot)
-        finally:
-            self.mutex.release()
+        self.locks.unlock(self.lock_file, self.slot)
 
     def _sync(self) -> None:
         try:
@@ -223,7 +220,7 @@ class Shard:
                 raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
             return self.read(key, now)
 
-    # -- operations (inside ``with shard``) ----------------------------------
+    # -- operations (inside ``with shard.mutex, shard``) ----------------------------------
 
     def expired(self, key: str, now: float) -> bool:
         when = self.expiry.get(key)

@@ -170,12 +170,13 @@ class MsgpackFileStorage(EncodedStorage):
             raw = shard.read_unlocked(key, self._clock())
             if raw is not False:
                 return raw  # type: ignore[return-value]
-        with shard:
+        with shard.mutex, shard:
             return shard.read(key, self._clock())
 
     def _raw_write(self, key: str, raw: bytes) -> None:
         now = self._clock()
-        with self._shard(key) as shard:
+        shard = self._shard(key)
+        with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             shard.append(key, raw, 0.0 if self.ttl is None else now + self.ttl, now)
 
@@ -193,7 +194,8 @@ class MsgpackFileStorage(EncodedStorage):
     def delete(self, key: str) -> None:
         key = check_key(key)
         now = self._clock()
-        with self._shard(key) as shard:
+        shard = self._shard(key)
+        with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             if key in shard.index or key in shard.corrupt:
                 shard.append(key, None, 0.0, now)
@@ -201,7 +203,7 @@ class MsgpackFileStorage(EncodedStorage):
     def keys(self) -> Iterator[str]:
         found: list[str] = []
         for shard in self._shards:
-            with shard:
+            with shard.mutex, shard:
                 now = self._clock()
                 found.extend(k for k in shard.index if not shard.expired(k, now))
         return iter(found)
@@ -209,7 +211,7 @@ class MsgpackFileStorage(EncodedStorage):
     def items(self) -> Iterator[tuple[str, Any]]:
         found: list[tuple[str, Any]] = []
         for shard in self._shards:
-            with shard:
+            with shard.mutex, shard:
                 now = self._clock()
                 for key in list(shard.index):
                     raw = shard.read(key, now)
@@ -221,7 +223,7 @@ class MsgpackFileStorage(EncodedStorage):
         """Reclaim the space of expired sessions, decoding no value; returns their count."""
         purged = 0
         for shard in self._shards:
-            with shard:
+            with shard.mutex, shard:
                 purged += shard.purge(self._clock())
         return purged
 

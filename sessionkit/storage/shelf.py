@@ -211,14 +211,14 @@ class ShelveStorage(EncodedStorage):
     # -- the encoded form, used by Sessions ------------------------------------------
 
     def _raw_read(self, key: str) -> bytes | None:
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             stored = db.get(_encode_key(key))
             return None if stored is None else self._unframe(key, stored, self._clock())
 
     def _raw_write(self, key: str, data: bytes) -> None:
         now = self._clock()
         framed = self._frame(data, 0.0 if self.ttl is None else now + self.ttl)
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             self._keylocks.check_held(key, self.path)
             self._state._put(db, _encode_key(key), framed)
 
@@ -226,7 +226,7 @@ class ShelveStorage(EncodedStorage):
 
     def delete(self, key: str) -> None:
         kb = _encode_key(check_key(key))
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             self._keylocks.check_held(key, self.path)
             if kb in db:
                 self._state._remove(db, [kb])
@@ -240,18 +240,18 @@ class ShelveStorage(EncodedStorage):
                 yield key, data
 
     def keys(self) -> Iterator[str]:
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             return iter([key for key, _ in self._live(db)])
 
     def items(self) -> Iterator[tuple[str, Any]]:
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             found = list(self._live(db))
         return iter([(key, self._raw_loads(data, key)) for key, data in found])
 
     def purge_expired(self) -> int:
         """Delete expired sessions; returns how many."""
         now = self._clock()
-        with self._store() as db:
+        with self._state._mutex, self._store() as db:
             expired = []
             for kb in list(db.keys()):
                 stored = db[kb]
@@ -277,7 +277,7 @@ class ShelveStorage(EncodedStorage):
 class _ShelfState(StoreState):
     """A shelf's state in this process: the open dbm and what keeps it current.
 
-    Every operation runs in ``with state.section() as db``: the state's
+    Every operation runs in ``with state._mutex, state.section() as db``: the state's
     mutex, the shelf's slot in the lock file, and a reopen of the dbm when
     the change counter says another process wrote.
     """
@@ -296,7 +296,7 @@ class _ShelfState(StoreState):
         self._held: Any = None  # the lock file the shelf's slot was taken through
 
     def setup(self) -> None:
-        with self.section():
+        with self._mutex, self.section():
             pass
 
     def teardown(self) -> None:
@@ -463,7 +463,7 @@ class _ShelfState(StoreState):
 
 
 class _StoreSection:
-    """``with state.section() as db``: the shelf locked, current, and changes published."""
+    """``with state._mutex, state.section() as db``: the shelf locked, current, and changes published."""
 
     __slots__ = ("storage",)
 
@@ -471,24 +471,21 @@ class _StoreSection:
         self.storage = storage
 
     def __enter__(self) -> Any:
+        # The caller holds s._mutex, taken by a ``with`` of its own (see
+        # _shard.Shard.__enter__ for why).
         s = self.storage
-        s._mutex.acquire()
+        if s._closed:
+            raise StorageError(f"{s.path} is closed", path=s.path)
+        held = s.locks.lock(_STORE_LOCK, None, "")
         try:
-            if s._closed:
-                raise StorageError(f"{s.path} is closed", path=s.path)
-            held = s.locks.lock(_STORE_LOCK, None, "")
-            try:
-                gen = s._read_gen()
-                if s._db is None or gen != s._gen:
-                    s._reopen()
-                    s._gen = gen
-            except BaseException:
-                s.locks.unlock(held, _STORE_LOCK)
-                raise
-            s._held = held
+            gen = s._read_gen()
+            if s._db is None or gen != s._gen:
+                s._reopen()
+                s._gen = gen
         except BaseException:
-            s._mutex.release()
+            s.locks.unlock(held, _STORE_LOCK)
             raise
+        s._held = held
         return s._db
 
     def __exit__(self, *exc: Any) -> None:
@@ -502,7 +499,4 @@ class _StoreSection:
                 if s.dbm in _FRAGILE:
                     os.pwrite(s.locks.fd, b"\0", _MARK)  # the write is complete
         finally:
-            try:
-                s.locks.unlock(s._held, _STORE_LOCK)
-            finally:
-                s._mutex.release()
+            s.locks.unlock(s._held, _STORE_LOCK)
