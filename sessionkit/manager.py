@@ -6,6 +6,7 @@ import random
 import time
 from typing import Any, Callable, Iterator
 
+from ._fastpath import FastPath
 from ._locks import shared_key_locks
 from .errors import LockTimeout, SessionError
 from .session import _CLOSED, _NEW_EAGER, _NEW_LAZY, _UNLOADED, Session
@@ -79,7 +80,8 @@ class Sessions:
         self._get_key = get_key
         self._plain = get_key is None and not prefix  # a str key is the storage key
 
-        # Locking: the storage's private fast pair, else its lock(), else ours.
+        # Locking: the storage's private fast pair (see _fastpath), else its
+        # lock(), else ours.
         self._acquire: Callable[[str, float | None], None] | None = getattr(storage, "_acquire", None)
         self._release: Callable[[str], None] | None = getattr(storage, "_release", None)
         self._lock_cm: Callable[..., Any] | None = None
@@ -92,13 +94,12 @@ class Sessions:
                 table = shared_key_locks(storage)
                 self._acquire, self._release = table.acquire, table.release
 
-        # The inlined path: (held-keys dict, dict of msgpack bytes, KeyLocks,
-        # its waiters) of a storage that keeps encoded sessions in a dict.
-        self._fast: tuple[Any, ...] | None = getattr(storage, "_fast", None)
+        # The inlined memory path (see _fastpath.FastPath).
+        self._fast: FastPath | None = getattr(storage, "_fast", None)
         if self._fast is not None and self._acquire is None:
             self._fast = None
 
-        # Reading: the storage's encoded form when it offers one.
+        # Reading: the storage's encoded form when it offers one (see _fastpath).
         raw: list[Any] = [getattr(storage, n, None) for n in ("_raw_read", "_raw_write", "_raw_loads", "_raw_dumps")]
         if not all(callable(f) for f in raw):
             raw = [None] * 4  # the storage's own read/write, fingerprints for change detection

@@ -61,6 +61,7 @@ class Session:
     __slots__ = ("key", "_m", "_timeout", "_state", "_data", "_dict", "_snap", "_cm")
 
     key: Any  # the full key (str), or None when the update has no session
+    _snap: Any  # what was stored: bytes, a fingerprint, None, or _UNREAD
 
     def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None, lazy: bool = False) -> None:
         self.key = key
@@ -90,6 +91,7 @@ class Session:
         if fast is not None:
             # Inlined path for built-in msgpack-coded storages locked by a
             # KeyLocks table: two dict operations to lock, one to read.
+            # fast = (held, data, locks, waiting): see _fastpath.FastPath.
             # A fresh insert of our new ident object means the key was free
             # (see _locks.FRESH_IDENTS); anything else takes the full path.
             key = self.key
@@ -122,7 +124,8 @@ class Session:
         state = self._state
         fast = self._m._fast
         if state == _LOADED and exc_type is None and fast is not None:
-            # The hot path: a built-in storage's session that was read.
+            # The hot path: a built-in storage's session that was read
+            # (fast = (held, data, locks, waiting): see _fastpath.FastPath).
             key = self.key
             try:
                 data = self._data

@@ -259,7 +259,7 @@ class OfdLocks:
             self.unlock(f, slot)
             self._replace(f)
 
-    def unlock(self, f: _OfdFile, slot: int) -> None:
+    def unlock(self, f: Any, slot: int) -> None:
         fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
 
     def is_current(self, f: Any) -> bool:

@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import CorruptSessionError, StorageError
 from . import _records as rec

@@ -22,12 +22,10 @@ Rules every adapter keeps:
   ``CorruptSessionError`` and are kept; a failing backend raises
   ``StorageError`` with the original exception chained.
 
-Built-in storages also implement a private fast path used by ``Sessions``:
-``_acquire(key, timeout)`` / ``_release(key)`` (the lock without a context
-manager object) and ``_raw_read(key) -> bytes | None``,
-``_raw_write(key, data)``, ``_raw_loads(data, key)``, ``_raw_dumps(value, key)``
-(the encoded form, so change detection compares bytes instead of copying
-values).  Third-party adapters need none of it.
+Built-in storages also implement a private fast path used by ``Sessions``
+(the lock without a context manager object, and the encoded form, so change
+detection compares bytes instead of copying values); ``sessionkit._fastpath``
+documents it in one place.  Third-party adapters need none of it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec, _fork
+from .._fastpath import FastPath
 from .._locks import KeyLocks
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -45,14 +46,12 @@ class MemoryStorage(EncodedStorage):
         self._release = self._locks.release
         self._raw_loads = _codec.loads
         self._raw_dumps = _codec.dumps
-        # What Sessions inlines when there is no ttl: the held-keys table,
-        # the dict of encoded sessions, the lock table and its waiters.
+        # What Session inlines when there is no ttl (see sessionkit._fastpath).
         locks = self._locks
-        self._fast: tuple[Any, ...] | None
+        self._fast: FastPath | None = None
         if self.ttl is None:
-            self._fast = (locks._held, self._data, locks, locks._waiting)
-        else:
-            self._fast = None
+            # A plain tuple: CPython indexes an exact tuple faster than a subclass.
+            self._fast = tuple(FastPath(locks._held, self._data, locks, locks._waiting))  # type: ignore[assignment]
 
     # Fork hooks (see sessionkit._fork): the child gets a consistent copy.
     def _fork_before(self) -> None:
