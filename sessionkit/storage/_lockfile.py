@@ -161,7 +161,7 @@ def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
         if left <= 0:
             raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
         time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.01)
+        delay = min(delay * 2, 0.002)  # short: a lock freed for an instant is often retaken
         if try_once():
             return
 
