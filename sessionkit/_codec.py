@@ -16,6 +16,10 @@ import msgpack
 from .errors import CorruptSessionError, SerializationError
 
 _unpackb = msgpack.unpackb
+# What msgpack raises for bytes it cannot decode (an unhashable map key is a
+# TypeError).  Nothing broader: an exception a signal handler raises while
+# decoding must propagate as itself, not be reported as a damaged session.
+DECODE_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
 _local = threading.local()
 
 
@@ -46,7 +50,7 @@ def loads(data: bytes, key: str | None = None, path: str | None = None) -> Any:
     """Decode stored bytes; ``CorruptSessionError`` if they are not msgpack."""
     try:
         return _unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except DECODE_ERRORS as exc:
         where = f" in {path}" if path else ""
         raise CorruptSessionError(
             f"stored bytes of session {key!r}{where} cannot be decoded: {exc}",

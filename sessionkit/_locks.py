@@ -8,8 +8,9 @@ on that key's condition until the holder releases it.  A thread that asks
 again for a key it already holds gets a :class:`SessionError` instead of a
 silent deadlock.
 
-After ``os.fork()`` the child's tables start empty (see ``_fork``): keys
-held or awaited by the parent's threads are free in the child's view.
+After ``os.fork()`` (see ``_fork``) keys held or awaited by the parent's
+other threads are free in the child's view; keys the forking thread held
+stay held by it.
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ class KeyLocks(LockContext):
         pass
 
     def _fork_after_child(self) -> None:
+        # Only the forking thread lives on: keys it held stay its own (its
+        # with-blocks still end normally), every other key is free.
+        me = _get_ident()
+        kept = {key: owner for key, owner in self._held.items() if owner == me}
         self._held.clear()
+        self._held.update(kept)
         self._waiting.clear()
         self._mutex = threading.Lock()
 

@@ -167,9 +167,13 @@ def _check_timeout(value: Any, name: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
-    if not value >= 0:  # also refuses NaN
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large: use None to wait for ever") from None
+    if not seconds >= 0:  # also refuses NaN
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    return value
+    return seconds
 
 
 class MultiSession:
@@ -214,11 +218,21 @@ class MultiSession:
         self._entered = True
         handles = [self._parts[name] for name in self._order]
         keyed = []
-        for handle in handles:
+        seen: dict[tuple[int, str], str] = {}
+        for name, handle in zip(self._order, handles):
             if handle.key is None:
                 handle._state = _UNLOADED  # touching it raises SessionKeyError
-            else:
-                keyed.append(handle)
+                continue
+            storage = handle._m.storage
+            store = id(getattr(storage, "_state", storage))  # disk handles share one state
+            other = seen.setdefault((store, handle.key), name)
+            if other != name:
+                self._entered = False
+                raise ValueError(
+                    f"parts {other!r} and {name!r} are the same session ({handle.key!r} in one "
+                    "store): give them different prefixes, or use one part"
+                )
+            keyed.append(handle)
         _lock_all(keyed, self._timeout)
         try:
             for handle in keyed:

@@ -104,7 +104,7 @@ class Session:
                 if raw is not None:
                     try:
                         data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
-                    except Exception:
+                    except _codec.DECODE_ERRORS:
                         data = None  # _load() below reports it as corrupt
                     if data is not None:
                         self._data = data

@@ -14,10 +14,13 @@ shards, the whole shelf).  Two implementations, picked per process by
     backup tool copying the store) drops nothing, and the kernel's
     per-process deadlock detector does not see threads of one process as one
     owner.  A forked child reopens the file, so its locks are its own.  The
-    lock file is also checked against its path after every lock: one that
-    was deleted or replaced is left for a fresh one.  The store's directory
-    is held with a shared ``flock``, which tells age-based cleaners such as
-    ``systemd-tmpfiles`` to leave it alone.
+    store's directory is held with a shared ``flock`` for as long as the
+    store is open, which tells age-based cleaners such as
+    ``systemd-tmpfiles`` to leave it alone, and tells a process whether it
+    is the store's only user.  The lock file is checked against its path
+    after every lock: one that was deleted or replaced is a
+    ``StorageError``, unless this process is the store's only user, which
+    then moves to the new file.
 
 ``StripedLocks`` (everywhere else, and on request)
     ``filelock`` locks on a bounded set of files in ``<lock file>.d``: the
@@ -197,10 +200,10 @@ class OfdLocks:
         self.path = path
         self.directory = directory
         self._mutex = threading.Lock()  # guards replacing the file
+        self._dir_fd = -1
+        self._hold_directory()  # first: a process replacing the lock file must see us
         self.file = _OfdFile(path)
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
-        self._dir_fd = -1
-        self._hold_directory()
 
     @property
     def fd(self) -> int:
@@ -213,7 +216,7 @@ class OfdLocks:
         except OSError:
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a process replaces the lock file
         except OSError:
             os.close(fd)
             return
@@ -234,53 +237,81 @@ class OfdLocks:
         """Lock ``slot`` exclusively; returns the file to pass to :meth:`unlock`.
 
         ``LockTimeout`` after ``timeout`` seconds (``None``: wait for ever).
-        A lock file found deleted or replaced once its byte is locked is
-        retired and the lock is taken again on the file the path names now.
+        A lock file found deleted or replaced once its byte is locked is a
+        ``StorageError``: processes still locking the old file would not
+        exclude those that lock a new one, so this process stops using the
+        store until it is the store's only user again (see :meth:`_replace`).
         """
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             f = self.file
             fd = f.fd
-            if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
-                if deadline is None:
-                    self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
-                else:
-                    _wait_loop(
-                        lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key),
-                        max(0.0, deadline - _monotonic()),
-                        key,
-                    )
+            if fd < 0:
+                raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
             try:
+                if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
+                    if deadline is None:
+                        self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
+                    else:
+                        _wait_loop(
+                            lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key),
+                            max(0.0, deadline - _monotonic()),
+                            key,
+                        )
                 if f.is_current():
                     return f
             except BaseException:
+                # Also after an exception raised asynchronously just as the
+                # lock was granted: unlocking a byte not held is harmless.
                 self.unlock(f, slot)
                 raise
             self.unlock(f, slot)
-            self._replace(f)
+            self._replace(f, key)
 
     def unlock(self, f: Any, slot: int) -> None:
-        fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+        if f.fd >= 0:
+            fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
 
     def is_current(self, f: Any) -> bool:
         """Whether locks taken through ``f`` still exclude the other processes."""
         return f is self.file
 
-    def _replace(self, stale: _OfdFile) -> None:
+    def _replace(self, stale: _OfdFile, key: str) -> None:
+        """The lock file at the path is not ours any more: take the new one
+        only if no other process has the store open, else refuse."""
         with self._mutex:
             if self.file is not stale:
                 return  # another thread did it
-            log.warning(
-                "sessionkit: lock file %s was deleted or replaced while in use; "
-                "switching to the file at that path now",
-                self.path,
-            )
+            if self._dir_fd < 0 or not self._sole_user():
+                raise StorageError(
+                    f"the lock file {self.path} was deleted or replaced while this process used the "
+                    "store, and other processes have it open: they may still lock the old file, so "
+                    "this process refuses to read or write the store until it is the only one "
+                    "(restart every process that uses it)",
+                    key=key or None,
+                    path=self.path,
+                )
             try:
-                fresh = _OfdFile(self.path)
-            except OSError as exc:
-                raise StorageError(f"cannot reopen {self.path}: {exc}", path=self.path) from exc
-            self._retired.append(stale)  # keys held through it are released through it
-            self.file = fresh
+                log.debug("sessionkit: lock file %s was deleted or replaced; no other process "
+                            "uses the store, so this one moves to the file at that path", self.path)
+                try:
+                    fresh = _OfdFile(self.path)
+                except OSError as exc:
+                    raise StorageError(f"cannot reopen {self.path}: {exc}", path=self.path) from exc
+                self._retired.append(stale)  # keys held through it are released through it
+                self.file = fresh
+            finally:
+                fcntl.flock(self._dir_fd, fcntl.LOCK_SH)
+
+    def _sole_user(self) -> bool:
+        """Whether this process alone holds the store's directory (then it holds it exclusively)."""
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            # A failed conversion may have dropped the shared hold: take it again.
+            fcntl.flock(self._dir_fd, fcntl.LOCK_SH)
+            return False
 
     # -- fork and close --------------------------------------------------------
 
@@ -291,14 +322,20 @@ class OfdLocks:
             return  # closed
         inherited = [self.file, *self._retired]
         self._retired = []
+        inherited_dir = self._dir_fd
+        self._dir_fd = -1
+        self._hold_directory()  # a hold of its own: the parent's is shared with it
         try:
             self.file = _OfdFile(self.path)
         except OSError:
             # Keep the inherited file so the error surfaces on use, not in fork().
             log.warning("sessionkit: cannot reopen %s after fork", self.path)
             return
-        for f in inherited:  # closing a shared description's copy drops no lock
+        # Closing a shared description's copy drops none of the parent's locks.
+        for f in inherited:
             os.close(f.fd)
+        if inherited_dir >= 0:
+            os.close(inherited_dir)
 
     def close(self) -> None:
         for f in [self.file, *self._retired]:

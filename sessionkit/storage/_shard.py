@@ -108,6 +108,7 @@ class Shard:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
 
     def _open(self) -> None:
+        self.stale = True  # until _load() below has indexed the whole log
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             size = os.fstat(fd).st_size

@@ -123,6 +123,9 @@ class StoreState:
         for mutex in reversed(self.mutexes()):
             mutex.release()
         self.locks.after_fork_in_child()
+        # Keys the forking thread held belong to the parent: a handle the
+        # child inherited inside a with-block must not write them.
+        self.keys.orphaned = set(self.keys.held)
         self.keys.held.clear()
 
 
@@ -140,6 +143,7 @@ class ProcessKeyLocks(LockContext):
         self.state = state
         self.threads = KeyLocks()
         self.held: dict[str, Any] = {}
+        self.orphaned: set[str] = set()  # in a forked child: keys its parent held
 
     def acquire(self, key: str, timeout: float | None = None) -> None:
         start = time.monotonic() if timeout is not None else 0.0
@@ -150,12 +154,16 @@ class ProcessKeyLocks(LockContext):
         except BaseException:
             self.threads.release(key)
             raise
+        if self.orphaned:
+            self.orphaned.discard(key)
 
     def release(self, key: str) -> None:
         f = self.held.pop(key, None)
         try:
             if f is not None:
                 self.state.locks.unlock(f, key_slot(key))
+            elif self.orphaned:
+                self.orphaned.discard(key)
         finally:
             self.threads.release(key)
 
@@ -166,6 +174,13 @@ class ProcessKeyLocks(LockContext):
         known to be current).  A key not held by this process (a direct
         ``storage.write()``) passes.
         """
+        if self.orphaned and key in self.orphaned:
+            raise StorageError(
+                f"session {key!r} was opened before this process was forked, so the parent "
+                "holds it; the child cannot write it (fork outside with-blocks)",
+                key=key,
+                path=path,
+            )
         f = self.held.get(key)
         if f is not None and not self.state.locks.is_current(f):
             raise StorageError(

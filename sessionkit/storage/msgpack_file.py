@@ -159,7 +159,14 @@ class MsgpackFileStorage(EncodedStorage):
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
         return self._shards[_crc32(_records.encode_key(key)) % self.shards]
 
+    def _every_shard(self) -> list[Shard]:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", path=self.directory)
+        return self._shards
+
     def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
         return self._keylocks.lock(check_key(key), timeout)
 
     # -- the encoded form, used by Sessions ------------------------------------
@@ -202,7 +209,7 @@ class MsgpackFileStorage(EncodedStorage):
 
     def keys(self) -> Iterator[str]:
         found: list[str] = []
-        for shard in self._shards:
+        for shard in self._every_shard():
             with shard.mutex, shard:
                 now = self._clock()
                 found.extend(k for k in shard.index if not shard.expired(k, now))
@@ -210,7 +217,7 @@ class MsgpackFileStorage(EncodedStorage):
 
     def items(self) -> Iterator[tuple[str, Any]]:
         found: list[tuple[str, Any]] = []
-        for shard in self._shards:
+        for shard in self._every_shard():
             with shard.mutex, shard:
                 now = self._clock()
                 for key in list(shard.index):
@@ -222,7 +229,7 @@ class MsgpackFileStorage(EncodedStorage):
     def purge_expired(self) -> int:
         """Reclaim the space of expired sessions, decoding no value; returns their count."""
         purged = 0
-        for shard in self._shards:
+        for shard in self._every_shard():
             with shard.mutex, shard:
                 purged += shard.purge(self._clock())
         return purged

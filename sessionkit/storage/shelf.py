@@ -321,7 +321,10 @@ class _ShelfState(StoreState):
     def _reopen(self) -> None:
         self._close_db()
         if self.dbm == "dbm.dumb":
-            self._check_dumb()
+            try:
+                self._check_dumb()
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.path}.dir: {exc}", path=self.path) from exc
         if self.dbm in _FRAGILE and os.pread(self.locks.fd, 1, _MARK) == b"\x01":
             self._check_crash_mark()
         try:
