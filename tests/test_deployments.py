@@ -338,7 +338,9 @@ def _delete_lock_file(spec: str, times: int, pause: float) -> int:
     return deleted
 
 
-def _run_deletion_race(spec: str, tmp_path: Path, procs: Workers, late_worker: bool) -> None:
+def _run_deletion_race(
+    spec: str, tmp_path: Path, procs: Workers, late_worker: bool, times: int = 3, pause: float = 0.25
+) -> None:
     open_store(spec).close()
     start, after, stop = spawn.Event(), spawn.Event(), spawn.Event()
     results: list[str] = []
@@ -354,10 +356,10 @@ def _run_deletion_race(spec: str, tmp_path: Path, procs: Workers, late_worker: b
     start.set()
     try:
         time.sleep(0.3)
-        deleted = _delete_lock_file(spec, 3, 0.25)
+        deleted = _delete_lock_file(spec, times, pause)
         if late_worker:  # a worker (re)started after the lock file was deleted
             start_worker()
-        deleted += _delete_lock_file(spec, 3, 0.25)
+        deleted += _delete_lock_file(spec, times, pause)
         after.set()
         time.sleep(0.8)
     finally:
@@ -379,6 +381,17 @@ def test_lock_file_deleted_under_two_workers(backend: str, tmp_path: Path, procs
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lock_file_deleted_then_a_worker_starts(backend: str, tmp_path: Path, procs: Workers) -> None:
     _run_deletion_race(spec_of(backend, tmp_path), tmp_path, procs, late_worker=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lock_file_deleted_every_few_milliseconds(backend: str, tmp_path: Path, procs: Workers) -> None:
+    """Dozens of deletions, one shard: every process section contends on one slot."""
+    spec = spec_of(backend, tmp_path)
+    if backend == "msgpack":
+        from sessionkit import MsgpackFileStorage
+
+        MsgpackFileStorage(spec, shards=1).close()
+    _run_deletion_race(spec, tmp_path, procs, late_worker=True, times=40, pause=0.02)
 
 
 # -- 5-7. fork ----------------------------------------------------------------------------
@@ -643,3 +656,35 @@ def test_a_write_under_a_lock_taken_through_a_deleted_lock_file_is_refused(
     finally:
         holder.release()
         storage.close()
+
+
+@needs_fork
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_child_forked_inside_a_with_block_cannot_write_that_session(backend: str, tmp_path: Path) -> None:
+    from sessionkit import StorageError
+
+    spec = spec_of(backend, tmp_path)
+
+    def scenario() -> None:
+        storage = open_store(spec)
+        sessions = Sessions(storage, initial=dict)
+        increment(sessions, "k")
+        with sessions.open("k") as s:
+            s["n"] += 10
+
+            def child() -> int:
+                try:
+                    with sessions.open("other") as t:  # the child's own sessions work
+                        t["n"] = 1
+                    s["n"] += 100
+                    s.__exit__(None, None, None)  # what leaving the with-block does
+                except StorageError:
+                    return 0  # refused: the parent holds "k"
+                return 5
+
+            codes = wait_children([fork_child(child)], 10)
+            assert list(codes.values()) == [0], f"the child wrote a session its parent held: {codes}"
+        storage.close()
+        assert (read_count(spec, "k"), read_count(spec, "other")) == (11, 1)
+
+    run_isolated(scenario, 20)

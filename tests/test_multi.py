@@ -235,3 +235,23 @@ def test_each_part_resolves_its_own_key() -> None:
         m.chat["seen"] = True
     assert users.args("write") == [("1", {"seen": True})]
     assert chats.args("write") == [("c-100", {"seen": True})]
+
+
+def test_two_parts_that_are_one_session_are_a_clear_error(tmp_path: Any) -> None:
+    from sessionkit import MsgpackFileStorage
+
+    storage = MemoryStorage()
+    with pytest.raises(ValueError, match="same session"):
+        with MultiSessions(a=Sessions(storage), b=Sessions(storage)).open("k"):
+            pass
+    first, second = MsgpackFileStorage(tmp_path / "s"), MsgpackFileStorage(tmp_path / "s")
+    try:
+        with pytest.raises(ValueError, match="same session"):
+            with MultiSessions(a=Sessions(first), b=Sessions(second)).open("k"):
+                pass
+        with MultiSessions(a=Sessions(first, prefix="a:"), b=Sessions(second, prefix="b:")).open("k") as m:
+            m.a.data, m.b.data = 1, 2  # different prefixes: two sessions
+        assert (first.read("a:k"), first.read("b:k")) == (1, 2)
+    finally:
+        first.close()
+        second.close()

@@ -19,13 +19,14 @@ import os
 import threading
 from typing import Any
 
-from ..errors import CorruptSessionError, StorageError
+from ..errors import CorruptSessionError, LockTimeout, StorageError
 from . import _records as rec
 
 log = logging.getLogger("sessionkit")
 
 CHUNK = 4 << 20  # bytes read at a time when loading a log
 SLACK = 64 << 10  # dead bytes a shard may carry beyond its live bytes
+SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds (compaction included)
 _LOW = 0xFFFFFFFF
 
 
@@ -76,7 +77,14 @@ class Shard:
         # asynchronously; a Python __exit__ can, at its first instruction).
         # What such an exception can leak here is the shard's slot, and that
         # is taken again and released by this process's next section.
-        self.lock_file = self.locks.lock(self.slot, None, "")
+        try:
+            self.lock_file = self.locks.lock(self.slot, SECTION_WAIT, "")
+        except LockTimeout:
+            raise StorageError(
+                f"{self.path} stayed locked by another process for {SECTION_WAIT:.0f} s; an operation "
+                "takes microseconds, so that process is stuck or was interrupted inside one",
+                path=self.path,
+            ) from None
         try:
             self._sync()
         except BaseException:
