@@ -370,7 +370,12 @@ def _run_deletion_race(
     acked = sum(r["acked"] for r in reports)
     assert deleted >= 1
     assert read_count(spec, "k") == acked, f"refused: {[r['refused'] for r in reports]}"
-    assert sum(r["after"] for r in reports) > 20, f"no progress after the deletions: {reports}"
+    # Processes that had the store open while its lock file was replaced may
+    # refuse it from then on (only a process that is the store's only user
+    # moves to the new file), so progress after the deletions is not
+    # promised; once they are gone, the store works again.
+    assert procs.try_open(spec, "k", 5) == "locked"
+    assert read_count(spec, "k") == acked + 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -688,3 +693,56 @@ def test_a_child_forked_inside_a_with_block_cannot_write_that_session(backend: s
         assert (read_count(spec, "k"), read_count(spec, "other")) == (11, 1)
 
     run_isolated(scenario, 20)
+
+
+@needs_fork
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_grandchild_forked_inside_the_inherited_block_cannot_write_it_either(backend: str, tmp_path: Path) -> None:
+    from sessionkit import StorageError
+
+    spec = spec_of(backend, tmp_path)
+
+    def scenario() -> None:
+        storage = open_store(spec)
+        sessions = Sessions(storage, initial=dict)
+        increment(sessions, "k")
+        with sessions.open("k") as s:
+
+            def grandchild() -> int:
+                s["n"] += 100
+                try:
+                    s.__exit__(None, None, None)
+                except StorageError:
+                    return 0
+                return 5
+
+            def child() -> int:
+                codes = wait_children([fork_child(grandchild)], 10)
+                return 0 if list(codes.values()) == [0] else 6
+
+            codes = wait_children([fork_child(child)], 15)
+            assert list(codes.values()) == [0], codes
+            s["n"] += 1
+        storage.close()
+        assert read_count(spec, "k") == 2
+
+    run_isolated(scenario, 30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_lock_file_replaced_by_one_of_another_method_is_refused(backend: str, tmp_path: Path) -> None:
+    from sessionkit import StorageError
+
+    spec = spec_of(backend, tmp_path)
+    storage = open_store(spec)
+    try:
+        if storage._state.locks.method != "ofd":
+            pytest.skip("the OFD method checks the lock file's identity")
+        sessions = Sessions(storage, initial=dict)
+        increment(sessions, "k")
+        os.unlink(lock_path(spec))
+        Path(lock_path(spec)).write_bytes(bytes(16) + b"sessionkit-lock1" + b"f")  # a filelock store's
+        with pytest.raises(StorageError, match="another locking method"):
+            increment(sessions, "k")
+    finally:
+        storage.close()

@@ -106,13 +106,14 @@ _MAGIC = b"sessionkit-lock1"
 _METHODS = {b"o": "ofd", b"f": "filelock"}
 
 
-def open_lock_file(path: str) -> int:
-    """Open a store's lock file, creating it (``0600``) with this process's method."""
+def open_lock_file(path: str, method: str | None = None) -> int:
+    """Open a store's lock file, creating it (``0600``) with ``method``
+    (default: this process's :func:`locking_method`)."""
     try:
         return os.open(path, os.O_RDWR | O_CLOEXEC)
     except FileNotFoundError:
         pass
-    header = bytes(16) + _MAGIC + locking_method()[0].encode("ascii")
+    header = bytes(16) + _MAGIC + (method or locking_method())[0].encode("ascii")
     # Created whole under a temporary name and linked into place, so no
     # process ever reads a lock file without its method.
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -145,11 +146,15 @@ def recorded_method(path: str) -> str:
     try:
         fd = open_lock_file(path)
         try:
-            head = os.pread(fd, 33, 0) if hasattr(os, "pread") else os.read(fd, 33)
+            return _method_of(fd)
         finally:
             os.close(fd)
     except OSError as exc:
         raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
+
+
+def _method_of(fd: int) -> str:
+    head = os.pread(fd, 33, 0) if hasattr(os, "pread") else os.read(fd, 33)
     if len(head) == 33 and head[16:32] == _MAGIC and head[32:33] in _METHODS:
         return _METHODS[head[32:33]]
     return "ofd"  # made before the method was recorded: classic POSIX locks
@@ -174,10 +179,20 @@ class _OfdFile:
 
     __slots__ = ("path", "fd", "ident")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, create: bool = True) -> None:
         self.path = path
-        self.fd = open_lock_file(path)
-        st = os.fstat(self.fd)
+        self.fd = open_lock_file(path, "ofd") if create else os.open(path, os.O_RDWR | O_CLOEXEC)
+        try:
+            if _method_of(self.fd) != "ofd":  # replaced by a file of another method
+                raise StorageError(
+                    f"{path} now records another locking method than the store was opened with; "
+                    "every process on a store must lock it the same way",
+                    path=path,
+                )
+            st = os.fstat(self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.ident = (st.st_dev, st.st_ino)
 
     def is_current(self) -> bool:
@@ -196,14 +211,39 @@ class OfdLocks:
 
     method = "ofd"
 
-    def __init__(self, path: str, directory: str) -> None:
+    def __init__(self, path: str, directory: str, existing: Callable[[], bool] = lambda: False) -> None:
         self.path = path
         self.directory = directory
         self._mutex = threading.Lock()  # guards replacing the file
         self._dir_fd = -1
-        self._hold_directory()  # first: a process replacing the lock file must see us
-        self.file = _OfdFile(path)
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
+        self._hold_directory()  # first: a process replacing the lock file must see us
+        try:
+            try:
+                self.file = _OfdFile(path, create=False)
+            except FileNotFoundError:
+                self.file = self._create(existing())
+        except BaseException:
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+            raise
+
+    def _create(self, store_exists: bool) -> _OfdFile:
+        """Make the missing lock file.  A store with data may have processes
+        that still lock a deleted one: only its only user may make a new one."""
+        if not store_exists:
+            return _OfdFile(self.path)
+        if self._dir_fd < 0 or not self._sole_user():
+            raise StorageError(
+                f"the lock file {self.path} is missing while other processes have the store open; "
+                "they may still lock the deleted one, so this process does not start a new one "
+                "(restart every process that uses the store)",
+                path=self.path,
+            )
+        try:
+            return _OfdFile(self.path)
+        finally:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_SH)
 
     @property
     def fd(self) -> int:
@@ -408,6 +448,7 @@ class StripedLocks:
         return stripe
 
     def lock(self, slot: int, timeout: float | None, key: str) -> StripedLocks:
+        self._check_identity(key)
         n = self._name(slot)
         deadline = None if timeout is None else _monotonic() + timeout
         with self._cond:
@@ -441,6 +482,23 @@ class StripedLocks:
                 self._cond.notify_all()
         return self
 
+    def _check_identity(self, key: str) -> None:
+        """The main file holds the shelf's change counter: refuse if it was replaced."""
+        try:
+            st, mine = os.stat(self.path), os.fstat(self._fd)
+            same = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+        except FileNotFoundError:
+            same = False
+        except OSError as exc:
+            raise StorageError(f"cannot check {self.path}: {exc}", key=key or None, path=self.path) from exc
+        if not same:
+            raise StorageError(
+                f"the lock file {self.path} was deleted or replaced while this process used the "
+                "store; this process refuses to read or write it (restart every process that uses it)",
+                key=key or None,
+                path=self.path,
+            )
+
     def unlock(self, f: Any, slot: int) -> None:
         with self._cond:
             stripe = self._stripes.get(self._name(slot))
@@ -465,9 +523,23 @@ class StripedLocks:
             self._fd = -1
 
 
-def make_locks(path: str, directory: str) -> OfdLocks | StripedLocks:
-    """The store's cross-process locks, by the method its lock file records."""
-    method = recorded_method(path)
+def make_locks(
+    path: str, directory: str, existing: Callable[[], bool] = lambda: False
+) -> OfdLocks | StripedLocks:
+    """The store's cross-process locks, by the method its lock file records
+    (a new lock file: this process's :func:`locking_method`).  ``existing()``
+    says whether the store holds data (then a missing lock file was deleted)."""
+    try:
+        fd = os.open(path, os.O_RDWR | O_CLOEXEC)
+    except FileNotFoundError:
+        method = locking_method()
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
+    else:
+        try:
+            method = _method_of(fd)
+        finally:
+            os.close(fd)
     if method == "ofd":
         if not _HAVE_OFD:
             raise StorageError(
@@ -476,7 +548,7 @@ def make_locks(path: str, directory: str) -> OfdLocks | StripedLocks:
                 path=path,
             )
         try:
-            return OfdLocks(path, directory)
+            return OfdLocks(path, directory, existing)
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
     return StripedLocks(path, directory)

@@ -57,7 +57,7 @@ class StoreState:
     def __init__(self, ident: tuple[Any, ...], lock_path: str, directory: str) -> None:
         self.ident = ident
         self.users = 0
-        self.locks: OfdLocks | StripedLocks = make_locks(lock_path, directory)
+        self.locks: OfdLocks | StripedLocks = make_locks(lock_path, directory, self.has_data)
         self.keys = ProcessKeyLocks(self)
 
     @classmethod
@@ -92,6 +92,10 @@ class StoreState:
         finally:
             self.locks.close()
 
+    def has_data(self) -> bool:
+        """Whether the store's files exist (then a missing lock file was deleted)."""
+        return False
+
     def setup(self) -> None:
         """Open the store's files (the store's slots may be locked here)."""
 
@@ -123,9 +127,11 @@ class StoreState:
         for mutex in reversed(self.mutexes()):
             mutex.release()
         self.locks.after_fork_in_child()
-        # Keys the forking thread held belong to the parent: a handle the
-        # child inherited inside a with-block must not write them.
-        self.keys.orphaned = set(self.keys.held)
+        # Keys the forking thread holds (its KeyLocks entries, which the
+        # child keeps) belong to the parent: a handle the child inherited
+        # inside a with-block must not write them, nor a grandchild's.
+        me = threading.get_ident()
+        self.keys.orphaned = {key for key, owner in self.keys.threads._held.items() if owner == me}
         self.keys.held.clear()
 
 

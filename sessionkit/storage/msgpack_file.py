@@ -31,11 +31,14 @@ class _MsgpackStore(StoreState):
     """A msgpack store's state in this process: its shards (logs and indexes)."""
 
     def __init__(self, ident: tuple[Any, ...], directory: str, shards: int | None) -> None:
-        super().__init__(ident, os.path.join(directory, LOCK_FILE), directory)
         self.directory = directory
+        super().__init__(ident, os.path.join(directory, LOCK_FILE), directory)
         self.wanted_shards = shards
         self.count = 0
         self.shards: list[Shard] = []
+
+    def has_data(self) -> bool:
+        return os.path.exists(os.path.join(self.directory, FORMAT_FILE))
 
     def setup(self) -> None:
         self.count = self._read_format(self.wanted_shards)

@@ -283,8 +283,8 @@ class _ShelfState(StoreState):
     """
 
     def __init__(self, ident: tuple[Any, ...], path: str, dbm: str) -> None:
-        super().__init__(ident, path + ".lock", os.path.dirname(path))
         self.path = path
+        super().__init__(ident, path + ".lock", os.path.dirname(path))
         self.dbm = dbm
         self._module: Any = importlib.import_module(dbm)
         self._mutex = threading.Lock()
@@ -294,6 +294,9 @@ class _ShelfState(StoreState):
         self._dirty = False  # this section changed the shelf: bump the counter
         self._closed = False
         self._held: Any = None  # the lock file the shelf's slot was taken through
+
+    def has_data(self) -> bool:
+        return bool(self._files())
 
     def setup(self) -> None:
         with self._mutex, self.section():
@@ -346,7 +349,7 @@ class _ShelfState(StoreState):
         return sorted(
             os.path.join(directory, f)
             for f in os.listdir(directory)
-            if f.startswith(name) and f != name + ".lock" and f[len(name):len(name) + 1] in ("", ".")
+            if f.startswith(name) and not f.startswith(name + ".lock") and f[len(name):len(name) + 1] in ("", ".")
         )
 
     def _check_crash_mark(self) -> None:
