@@ -289,7 +289,9 @@ class _ShelfState(StoreState):
         self._module: Any = importlib.import_module(dbm)
         self._mutex = threading.Lock()
         self._db: Any = None
-        self._gen = -1
+        # (lock file, change counter) when this process last looked: a lock
+        # file replaced since counts from zero again, so it forces a reopen
+        self._gen: tuple[Any, int] = (None, -1)
         self._dir_appends = 0
         self._dirty = False  # this section changed the shelf: bump the counter
         self._closed = False
@@ -318,8 +320,9 @@ class _ShelfState(StoreState):
         return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
 
     def _bump_gen(self) -> None:
-        self._gen = self._read_gen() + 1
-        os.pwrite(self.locks.fd, _GEN.pack(self._gen), 0)
+        gen = self._read_gen() + 1
+        os.pwrite(self.locks.fd, _GEN.pack(gen), 0)
+        self._gen = (self.locks.file, gen)
 
     def _reopen(self) -> None:
         self._close_db()
@@ -484,7 +487,7 @@ class _StoreSection:
             raise StorageError(f"{s.path} is closed", path=s.path)
         held = s.locks.lock(_STORE_LOCK, None, "")
         try:
-            gen = s._read_gen()
+            gen = (s.locks.file, s._read_gen())
             if s._db is None or gen != s._gen:
                 s._reopen()
                 s._gen = gen
