@@ -305,26 +305,24 @@ def _lock_all(handles: list[Session], timeout: float | None) -> None:
         time.sleep(pause)
 
 
-def _unlock_all(held: list[Session]) -> None:
-    errors = []
-    for handle in reversed(held):
-        try:
-            handle._unlock()
-        except BaseException as err:  # keep releasing the others
-            errors.append(err)
-    if errors:
-        raise errors[0]
-
-
-def _finish_all(handles: list[Session]) -> None:
+def _each_in_reverse(handles: list[Session], step: Callable[[Session], None]) -> None:
+    """``step`` every handle, last first, even when one fails; then raise the first error."""
     errors = []
     for handle in reversed(handles):
         try:
-            handle._finish()
+            step(handle)
         except BaseException as err:  # keep releasing the others
             errors.append(err)
     if errors:
         raise errors[0]
+
+
+def _unlock_all(held: list[Session]) -> None:
+    _each_in_reverse(held, Session._unlock)
+
+
+def _finish_all(handles: list[Session]) -> None:
+    _each_in_reverse(handles, Session._finish)
 
 
 class MultiSessions:
