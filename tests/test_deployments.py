@@ -746,3 +746,22 @@ def test_a_lock_file_replaced_by_one_of_another_method_is_refused(backend: str, 
             increment(sessions, "k")
     finally:
         storage.close()
+
+
+def test_two_shelves_in_one_directory_do_not_count_as_other_users(tmp_path: Path) -> None:
+    """Only another process makes a replaced lock file a reason to refuse."""
+    from sessionkit import ShelveStorage
+
+    first = ShelveStorage(tmp_path / "shelves" / "one", dbm=SHELVE_DBM)
+    second = ShelveStorage(tmp_path / "shelves" / "two", dbm=SHELVE_DBM)
+    try:
+        if first._state.locks.method != "ofd":
+            pytest.skip("the OFD method checks the lock file's identity")
+        sessions = Sessions(first, initial=dict)
+        increment(sessions, "k")
+        os.unlink(str(tmp_path / "shelves" / "one") + ".lock")
+        increment(sessions, "k")  # this process is the store's only user: it moves on
+        assert first.read("k") == {"n": 2} and second.read("k") is None
+    finally:
+        first.close()
+        second.close()

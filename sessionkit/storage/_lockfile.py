@@ -206,6 +206,82 @@ class _OfdFile:
         return (st.st_dev, st.st_ino) == self.ident
 
 
+class _DirectoryHolds:
+    """One shared ``flock`` per store directory per process.
+
+    Several stores in one directory share it, so a process never counts as
+    another user of its own store when it asks whether it is the only one
+    (see ``OfdLocks._sole_user``).  A forked child takes holds of its own.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._holds: dict[tuple[int, int], list[Any]] = {}  # identity -> [fd, users, path]
+        _fork.register(self)
+
+    def acquire(self, directory: str) -> tuple[int, int] | None:
+        """Hold ``directory``; ``None`` where it cannot be held (then nothing is)."""
+        try:
+            fd = os.open(directory, os.O_RDONLY | O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
+            with self._mutex:
+                hold = self._holds.get(ident)
+                if hold is not None:
+                    hold[1] += 1
+                    os.close(fd)
+                    return ident
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a process replaces a lock file
+                self._holds[ident] = [fd, 1, directory]
+                return ident
+        except OSError:
+            os.close(fd)
+            return None
+
+    def fd(self, ident: tuple[int, int] | None) -> int:
+        hold = None if ident is None else self._holds.get(ident)
+        return -1 if hold is None else int(hold[0])
+
+    def release(self, ident: tuple[int, int] | None) -> None:
+        if ident is None:
+            return
+        with self._mutex:
+            hold = self._holds.get(ident)
+            if hold is None:
+                return
+            hold[1] -= 1
+            if not hold[1]:
+                del self._holds[ident]
+                os.close(hold[0])
+
+    def _fork_before(self) -> None:
+        self._mutex.acquire()
+
+    def _fork_after_parent(self) -> None:
+        self._mutex.release()
+
+    def _fork_after_child(self) -> None:
+        # The parent's holds are shared with the child: take the child's own.
+        # Closing a shared description's copy drops none of the parent's.
+        for hold in self._holds.values():
+            inherited = hold[0]
+            try:
+                fd = os.open(hold[2], os.O_RDONLY | O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                log.warning("sessionkit: cannot hold %s after fork", hold[2])
+                continue
+            hold[0] = fd
+            os.close(inherited)
+        self._mutex.release()
+
+
+_DIRECTORIES = _DirectoryHolds() if _HAVE_OFD else None
+
+
 class OfdLocks:
     """A store's slots as bytes of its lock file, under OFD locks (Linux)."""
 
@@ -215,7 +291,7 @@ class OfdLocks:
         self.path = path
         self.directory = directory
         self._mutex = threading.Lock()  # guards replacing the file
-        self._dir_fd = -1
+        self._dir: tuple[int, int] | None = None
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
         self._hold_directory()  # first: a process replacing the lock file must see us
         try:
@@ -224,8 +300,7 @@ class OfdLocks:
             except FileNotFoundError:
                 self.file = self._create(existing())
         except BaseException:
-            if self._dir_fd >= 0:
-                os.close(self._dir_fd)
+            _DIRECTORIES.release(self._dir)  # type: ignore[union-attr]
             raise
 
     def _create(self, store_exists: bool) -> _OfdFile:
@@ -250,17 +325,13 @@ class OfdLocks:
         """The lock file's descriptor (the shelf keeps a change counter in it)."""
         return self.file.fd
 
+    @property
+    def _dir_fd(self) -> int:
+        """This process's shared hold on the store's directory, or -1."""
+        return _DIRECTORIES.fd(self._dir)  # type: ignore[union-attr]
+
     def _hold_directory(self) -> None:
-        try:
-            fd = os.open(self.directory, os.O_RDONLY | O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a process replaces the lock file
-        except OSError:
-            os.close(fd)
-            return
-        self._dir_fd = fd
+        self._dir = _DIRECTORIES.acquire(self.directory)  # type: ignore[union-attr]
 
     # -- one byte ------------------------------------------------------------
 
@@ -362,9 +433,6 @@ class OfdLocks:
             return  # closed
         inherited = [self.file, *self._retired]
         self._retired = []
-        inherited_dir = self._dir_fd
-        self._dir_fd = -1
-        self._hold_directory()  # a hold of its own: the parent's is shared with it
         try:
             self.file = _OfdFile(self.path)
         except OSError:
@@ -374,8 +442,6 @@ class OfdLocks:
         # Closing a shared description's copy drops none of the parent's locks.
         for f in inherited:
             os.close(f.fd)
-        if inherited_dir >= 0:
-            os.close(inherited_dir)
 
     def close(self) -> None:
         for f in [self.file, *self._retired]:
@@ -383,9 +449,8 @@ class OfdLocks:
                 os.close(f.fd)
                 f.fd = -1
         self._retired = []
-        if self._dir_fd >= 0:
-            os.close(self._dir_fd)
-            self._dir_fd = -1
+        _DIRECTORIES.release(self._dir)  # type: ignore[union-attr]
+        self._dir = None
 
 
 _filelock_imported = False
