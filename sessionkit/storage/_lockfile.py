@@ -75,7 +75,6 @@ _monotonic = time.monotonic
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
 if fcntl is not None and sys.platform.startswith("linux") and struct.calcsize("P") == 8:
-    _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
     _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
     _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
     _HAVE_OFD = True
@@ -139,18 +138,6 @@ def open_lock_file(path: str, method: str | None = None) -> int:
     finally:
         os.unlink(tmp)
     return os.open(path, os.O_RDWR | O_CLOEXEC)
-
-
-def recorded_method(path: str) -> str:
-    """The locking method the store's lock file records, creating the file if needed."""
-    try:
-        fd = open_lock_file(path)
-        try:
-            return _method_of(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
 
 
 def _method_of(fd: int) -> str:
