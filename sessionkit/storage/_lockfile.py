@@ -161,6 +161,17 @@ def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
             return
 
 
+def _still_at(path: str, ident: tuple[int, int]) -> bool:
+    """Whether ``path`` still names the file of (device, inode) ``ident``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"cannot check {path}: {exc}", path=path) from exc
+    return (st.st_dev, st.st_ino) == ident
+
+
 class _OfdFile:
     """One open lock file: its descriptor and the identity it had when opened."""
 
@@ -184,13 +195,7 @@ class _OfdFile:
 
     def is_current(self) -> bool:
         """Whether the path still names this file (not deleted, not replaced)."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot check {self.path}: {exc}", path=self.path) from exc
-        return (st.st_dev, st.st_ino) == self.ident
+        return _still_at(self.path, self.ident)
 
 
 class _DirectoryHolds:
@@ -295,15 +300,23 @@ class OfdLocks:
         that still lock a deleted one: only its only user may make a new one."""
         if not store_exists:
             return _OfdFile(self.path)
+        return self._fresh_file_as_only_user(
+            f"the lock file {self.path} is missing while other processes have the store open; "
+            "they may still lock the deleted one, so this process does not start a new one "
+            "(restart every process that uses the store)",
+            "",
+        )
+
+    def _fresh_file_as_only_user(self, refusal: str, key: str) -> _OfdFile:
+        """Open the lock file now at the path if no other process has the
+        store open (``StorageError(refusal)`` otherwise)."""
         if self._dir_fd < 0 or not self._sole_user():
-            raise StorageError(
-                f"the lock file {self.path} is missing while other processes have the store open; "
-                "they may still lock the deleted one, so this process does not start a new one "
-                "(restart every process that uses the store)",
-                path=self.path,
-            )
+            raise StorageError(refusal, key=key or None, path=self.path)
         try:
-            return _OfdFile(self.path)
+            try:
+                return _OfdFile(self.path)
+            except OSError as exc:
+                raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
         finally:
             fcntl.flock(self._dir_fd, fcntl.LOCK_SH)
 
@@ -380,26 +393,17 @@ class OfdLocks:
         with self._mutex:
             if self.file is not stale:
                 return  # another thread did it
-            if self._dir_fd < 0 or not self._sole_user():
-                raise StorageError(
-                    f"the lock file {self.path} was deleted or replaced while this process used the "
-                    "store, and other processes have it open: they may still lock the old file, so "
-                    "this process refuses to read or write the store until it is the only one "
-                    "(restart every process that uses it)",
-                    key=key or None,
-                    path=self.path,
-                )
-            try:
-                log.debug("sessionkit: lock file %s was deleted or replaced; no other process "
-                            "uses the store, so this one moves to the file at that path", self.path)
-                try:
-                    fresh = _OfdFile(self.path)
-                except OSError as exc:
-                    raise StorageError(f"cannot reopen {self.path}: {exc}", path=self.path) from exc
-                self._retired.append(stale)  # keys held through it are released through it
-                self.file = fresh
-            finally:
-                fcntl.flock(self._dir_fd, fcntl.LOCK_SH)
+            fresh = self._fresh_file_as_only_user(
+                f"the lock file {self.path} was deleted or replaced while this process used the "
+                "store, and other processes have it open: they may still lock the old file, so "
+                "this process refuses to read or write the store until it is the only one "
+                "(restart every process that uses it)",
+                key,
+            )
+            log.debug("sessionkit: lock file %s was deleted or replaced; no other process "
+                      "uses the store, so this one moves to the file at that path", self.path)
+            self._retired.append(stale)  # keys held through it are released through it
+            self.file = fresh
 
     def _sole_user(self) -> bool:
         """Whether this process alone holds the store's directory (then it holds it exclusively)."""
@@ -477,6 +481,8 @@ class StripedLocks:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._fd = open_lock_file(path)
+            st = os.fstat(self._fd)
+            self._ident = (st.st_dev, st.st_ino)
         except OSError as exc:
             raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
         self._cond = threading.Condition(threading.Lock())
@@ -536,14 +542,7 @@ class StripedLocks:
 
     def _check_identity(self, key: str) -> None:
         """The main file holds the shelf's change counter: refuse if it was replaced."""
-        try:
-            st, mine = os.stat(self.path), os.fstat(self._fd)
-            same = (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-        except FileNotFoundError:
-            same = False
-        except OSError as exc:
-            raise StorageError(f"cannot check {self.path}: {exc}", key=key or None, path=self.path) from exc
-        if not same:
+        if not _still_at(self.path, self._ident):
             raise StorageError(
                 f"the lock file {self.path} was deleted or replaced while this process used the "
                 "store; this process refuses to read or write it (restart every process that uses it)",
