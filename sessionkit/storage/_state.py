@@ -140,7 +140,8 @@ class ProcessKeyLocks(LockContext):
 
     The key's thread lock comes first (threads of this process queue in
     memory, and re-entry is refused), then its process lock.  ``held`` maps
-    each key this process holds to the lock file it was taken through: a
+    each key this process holds to the lock file it was taken through and
+    its slot (hashed once, at acquire): a
     write whose key lock was taken through a lock file that has since been
     deleted or replaced is refused (see :meth:`check_held`).
     """
@@ -148,7 +149,7 @@ class ProcessKeyLocks(LockContext):
     def __init__(self, state: StoreState) -> None:
         self.state = state
         self.threads = KeyLocks()
-        self.held: dict[str, Any] = {}
+        self.held: dict[str, tuple[Any, int]] = {}
         self.orphaned: set[str] = set()  # in a forked child: keys its parent held
 
     def acquire(self, key: str, timeout: float | None = None) -> None:
@@ -156,7 +157,8 @@ class ProcessKeyLocks(LockContext):
         self.threads.acquire(key, timeout)
         try:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            self.held[key] = self.state.locks.lock(key_slot(key), left, key)
+            slot = key_slot(key)
+            self.held[key] = (self.state.locks.lock(slot, left, key), slot)
         except BaseException:
             self.threads.release(key)
             raise
@@ -164,10 +166,10 @@ class ProcessKeyLocks(LockContext):
             self.orphaned.discard(key)
 
     def release(self, key: str) -> None:
-        f = self.held.pop(key, None)
+        taken = self.held.pop(key, None)
         try:
-            if f is not None:
-                self.state.locks.unlock(f, key_slot(key))
+            if taken is not None:
+                self.state.locks.unlock(*taken)
             elif self.orphaned:
                 self.orphaned.discard(key)
         finally:
@@ -187,8 +189,8 @@ class ProcessKeyLocks(LockContext):
                 key=key,
                 path=path,
             )
-        f = self.held.get(key)
-        if f is not None and not self.state.locks.is_current(f):
+        taken = self.held.get(key)
+        if taken is not None and not self.state.locks.is_current(taken[0]):
             raise StorageError(
                 f"the lock file of {path} was deleted or replaced while session {key!r} was open, "
                 "so another process may have opened it too; this write was refused",
