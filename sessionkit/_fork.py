@@ -13,9 +13,11 @@ state registers here, and ``os.register_at_fork`` runs, in this order:
     releases them again;
 ``after_in_child``
     releases them too, forgets every key held or awaited by the parent's
-    threads, and reopens what must not be shared with the parent (a lock
-    file's open file description: a lock taken through a shared one would
-    belong to both processes).
+    other threads (keys the forking thread holds stay held, and a disk
+    store refuses the child's writes of them), and reopens what must not be
+    shared with the parent (a lock file's open file description and the
+    directory's ``flock``: a lock taken through a shared one would belong to
+    both processes).
 
 An object registers with :func:`register` and implements ``_fork_before()``,
 ``_fork_after_parent()`` and ``_fork_after_child()``.  Objects are held

@@ -6,7 +6,6 @@ import random
 import time
 from typing import Any, Callable, Iterator
 
-from ._fastpath import FastPath
 from ._locks import shared_key_locks
 from .errors import LockTimeout, SessionError
 from .session import _CLOSED, _NEW_EAGER, _NEW_LAZY, _UNLOADED, Session
@@ -95,7 +94,7 @@ class Sessions:
                 self._acquire, self._release = table.acquire, table.release
 
         # The inlined memory path (see _fastpath.FastPath).
-        self._fast: FastPath | None = getattr(storage, "_fast", None)
+        self._fast: tuple[Any, ...] | None = getattr(storage, "_fast", None)
         if self._fast is not None and self._acquire is None:
             self._fast = None
 

@@ -48,10 +48,10 @@ class MemoryStorage(EncodedStorage):
         self._raw_dumps = _codec.dumps
         # What Session inlines when there is no ttl (see sessionkit._fastpath).
         locks = self._locks
-        self._fast: FastPath | None = None
+        self._fast: tuple[Any, ...] | None = None
         if self.ttl is None:
             # A plain tuple: CPython indexes an exact tuple faster than a subclass.
-            self._fast = tuple(FastPath(locks._held, self._data, locks, locks._waiting))  # type: ignore[assignment]
+            self._fast = tuple(FastPath(locks._held, self._data, locks, locks._waiting))
 
     # Fork hooks (see sessionkit._fork): the child gets a consistent copy.
     def _fork_before(self) -> None:

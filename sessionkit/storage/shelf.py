@@ -151,7 +151,7 @@ class ShelveStorage(EncodedStorage):
     def _store(self) -> _StoreSection:
         if self._closed:
             raise StorageError(f"{self!r} is closed", path=self.path)
-        return _StoreSection(self._state)
+        return self._state.section()
 
     @staticmethod
     def clear_crash_mark(path: str | os.PathLike[str]) -> None:
