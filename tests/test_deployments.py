@@ -31,7 +31,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from sessionkit import LockTimeout, MemoryStorage, Sessions, SessionError
+from sessionkit import (
+    LockTimeout,
+    MemoryStorage,
+    MsgpackFileStorage,
+    Sessions,
+    SessionError,
+    ShelveStorage,
+    StorageError,
+)
 
 from . import workers
 from .conftest import SHELVE_DBM
@@ -393,8 +401,6 @@ def test_lock_file_deleted_every_few_milliseconds(backend: str, tmp_path: Path, 
     """Dozens of deletions, one shard: every process section contends on one slot."""
     spec = spec_of(backend, tmp_path)
     if backend == "msgpack":
-        from sessionkit import MsgpackFileStorage
-
         MsgpackFileStorage(spec, shards=1).close()
     _run_deletion_race(spec, tmp_path, procs, late_worker=True, times=40, pause=0.02)
 
@@ -632,8 +638,6 @@ def test_the_store_directory_is_held_against_tmp_cleaners(backend: str, tmp_path
 def test_a_write_under_a_lock_taken_through_a_deleted_lock_file_is_refused(
     backend: str, tmp_path: Path, procs: Workers
 ) -> None:
-    from sessionkit import StorageError
-
     spec = spec_of(backend, tmp_path)
     storage = open_store(spec)
     if storage._state.locks.method != "ofd":
@@ -666,8 +670,6 @@ def test_a_write_under_a_lock_taken_through_a_deleted_lock_file_is_refused(
 @needs_fork
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_child_forked_inside_a_with_block_cannot_write_that_session(backend: str, tmp_path: Path) -> None:
-    from sessionkit import StorageError
-
     spec = spec_of(backend, tmp_path)
 
     def scenario() -> None:
@@ -698,8 +700,6 @@ def test_a_child_forked_inside_a_with_block_cannot_write_that_session(backend: s
 @needs_fork
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_grandchild_forked_inside_the_inherited_block_cannot_write_it_either(backend: str, tmp_path: Path) -> None:
-    from sessionkit import StorageError
-
     spec = spec_of(backend, tmp_path)
 
     def scenario() -> None:
@@ -731,8 +731,6 @@ def test_a_grandchild_forked_inside_the_inherited_block_cannot_write_it_either(b
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_lock_file_replaced_by_one_of_another_method_is_refused(backend: str, tmp_path: Path) -> None:
-    from sessionkit import StorageError
-
     spec = spec_of(backend, tmp_path)
     storage = open_store(spec)
     try:
@@ -750,8 +748,6 @@ def test_a_lock_file_replaced_by_one_of_another_method_is_refused(backend: str, 
 
 def test_two_shelves_in_one_directory_do_not_count_as_other_users(tmp_path: Path) -> None:
     """Only another process makes a replaced lock file a reason to refuse."""
-    from sessionkit import ShelveStorage
-
     first = ShelveStorage(tmp_path / "shelves" / "one", dbm=SHELVE_DBM)
     second = ShelveStorage(tmp_path / "shelves" / "two", dbm=SHELVE_DBM)
     try:
