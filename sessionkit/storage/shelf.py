@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ast
 import dbm as _dbm
+import errno
 import importlib
 import os
 import pickle
@@ -14,7 +14,8 @@ import zlib
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
-from ..errors import CorruptSessionError, SerializationError, StorageError
+from ..errors import CorruptSessionError, SerializationError, SessionError, StorageError
+from ._dumbdb import DumbDb, recover_compaction
 from ._lockfile import SHARD_BASE, make_locks
 from ._state import StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
@@ -27,11 +28,20 @@ MAGIC = b"\xffSK1"
 _FRAME = struct.Struct("<4sId")
 _PREFERENCE = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
-_GEN = struct.Struct("<Q")  # the change counter, at the start of the lock file
-_MARK = _GEN.size  # then one byte: 1 while a write to a fragile dbm is under way
-# dbms whose files a crash mid-write can damage with nothing to show for it
-# (on Debian, dbm.ndbm is Berkeley DB: keys silently vanish)
-_FRAGILE = {"dbm.ndbm"}
+# The lock file's header (see _ShelfState): the change counter, then the mark.
+_HEAD = struct.Struct("<QB")
+_MARK = 8
+_WRITING = 1  # a write to a fragile dbm is under way, or failed
+_COMPACTING = 2  # dbm.dumb's files are being compacted
+# dbms whose files a crash (or a failed write) mid-write can damage with
+# nothing to show for it: on Debian, dbm.ndbm is Berkeley DB, where keys
+# silently vanish; Python's dbm.gnu reads a key of a database that needs
+# recovery as missing
+_FRAGILE = {"dbm.ndbm", "dbm.gnu"}
+# dbms that stay open when another process writes: dbm.dumb reads the new
+# index lines, SQLite sees other processes' commits itself
+_KEPT_OPEN = {"dbm.dumb", "dbm.sqlite3"}
+_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def available_dbms() -> list[str]:
@@ -212,7 +222,12 @@ class ShelveStorage(EncodedStorage):
 
     def _raw_read(self, key: str) -> bytes | None:
         with self._state._mutex, self._store() as db:
-            stored = db.get(_encode_key(key))
+            try:
+                stored = db.get(_encode_key(key))
+            except SessionError:
+                raise
+            except self._state._errors as exc:
+                raise StorageError(f"cannot read session {key!r} from {self.path}: {exc}", key=key, path=self.path) from exc
             return None if stored is None else self._unframe(key, stored, self._clock())
 
     def _raw_write(self, key: str, data: bytes) -> None:
@@ -278,8 +293,12 @@ class _ShelfState(StoreState):
     """A shelf's state in this process: the open dbm and what keeps it current.
 
     Every operation runs in ``with state._mutex, state.section() as db``: the state's
-    mutex, the shelf's slot in the lock file, and a reopen of the dbm when
-    the change counter says another process wrote.
+    mutex, the shelf's slot in the lock file, and a catch-up with what other
+    processes changed.  The lock file starts with a header: a change counter
+    (bumped before a section's first write), then a mark byte: ``_WRITING``
+    while a fragile dbm is being written (and after a write to it failed),
+    ``_COMPACTING`` while dbm.dumb's files are being compacted.  A mark found
+    on entering a section means a process died (or a write failed) there.
     """
 
     def __init__(self, ident: tuple[Any, ...], path: str, dbm: str) -> None:
@@ -287,13 +306,18 @@ class _ShelfState(StoreState):
         super().__init__(ident, path + ".lock", os.path.dirname(path))
         self.dbm = dbm
         self._module: Any = importlib.import_module(dbm)
+        self._errors: tuple[type[BaseException], ...] = (OSError, self._module.error)
+        if dbm == "dbm.sqlite3":
+            import sqlite3
+
+            self._errors += (sqlite3.Error,)
         self._mutex = threading.Lock()
         self._db: Any = None
         # (lock file, change counter) when this process last looked: a lock
         # file replaced since counts from zero again, so it forces a reopen
         self._gen: tuple[Any, int] = (None, -1)
-        self._dir_appends = 0
-        self._dirty = False  # this section changed the shelf: bump the counter
+        self._dirty = False  # this section bumped the counter
+        self._failed = False  # a write in this section failed
         self._closed = False
         self._held: Any = None  # the lock file the shelf's slot was taken through
 
@@ -315,37 +339,70 @@ class _ShelfState(StoreState):
     def section(self) -> _StoreSection:
         return _StoreSection(self)
 
-    def _read_gen(self) -> int:
-        raw = os.pread(self.locks.fd, _GEN.size, 0)
-        return _GEN.unpack(raw)[0] if len(raw) == _GEN.size else 0
+    # -- the lock file's header ------------------------------------------------------
 
-    def _bump_gen(self) -> None:
-        gen = self._read_gen() + 1
-        os.pwrite(self.locks.fd, _GEN.pack(gen), 0)
-        self._gen = (self.locks.file, gen)
+    def _read_head(self) -> tuple[int, int]:
+        raw = os.pread(self.locks.fd, _HEAD.size, 0)
+        return _HEAD.unpack(raw) if len(raw) == _HEAD.size else (0, 0)
+
+    def _set_mark(self, mark: int) -> None:
+        os.pwrite(self.locks.fd, bytes((mark,)), _MARK)
+
+    def _catch_up(self, gen: int, mark: int) -> None:
+        """Make ``self._db`` current (the shelf's slot is held)."""
+        if mark:
+            self._after_crash(mark)
+        seen = (self.locks.file, gen)
+        if self._db is None:
+            self._reopen()
+        elif seen != self._gen:
+            if seen[0] is not self._gen[0] or self.dbm not in _KEPT_OPEN:
+                self._reopen()
+            elif self.dbm == "dbm.dumb":
+                self._db.refresh()  # only the index lines appended since
+            # dbm.sqlite3 reads other processes' commits by itself
+        self._gen = seen
+
+    def _after_crash(self, mark: int) -> None:
+        if mark == _COMPACTING and self.dbm == "dbm.dumb":
+            self._close_db()
+            try:
+                recover_compaction(self.path)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
+                ) from exc
+            self._set_mark(0)
+        elif mark == _WRITING and self.dbm in _FRAGILE:
+            self._close_db()
+            self._check_crash_mark()
+        else:
+            self._set_mark(0)  # a mark this dbm does not use
 
     def _reopen(self) -> None:
         self._close_db()
-        if self.dbm == "dbm.dumb":
-            try:
-                self._check_dumb()
-            except OSError as exc:
-                raise StorageError(f"cannot read {self.path}.dir: {exc}", path=self.path) from exc
-        if self.dbm in _FRAGILE and os.pread(self.locks.fd, 1, _MARK) == b"\x01":
-            self._check_crash_mark()
         try:
-            if self.dbm == "dbm.gnu":
+            if self.dbm == "dbm.dumb":
+                self._db = DumbDb(self.path)
+            elif self.dbm == "dbm.sqlite3":
+                from ._sqlitedb import SqliteDb  # any thread may use it; dbm.sqlite3's may not
+
+                self._db = SqliteDb(self.path)
+            elif self.dbm == "dbm.gnu":
                 flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
                 self._db = self._module.open(self.path, flags, 0o600)
             else:
                 self._db = self._module.open(self.path, "c", 0o600)
-        except (self._module.error, SyntaxError, ValueError) as exc:  # dbm.dumb parses its index
+        except SessionError:
+            raise
+        except self._errors as exc:
+            if isinstance(exc, OSError) and exc.errno in _ACCESS_ERRNOS:
+                raise StorageError(f"cannot open {self.path} ({self.dbm}): {exc}", path=self.path) from exc
             raise CorruptSessionError(
                 f"{self.path} ({self.dbm}) cannot be opened: {exc}; the files are left as they "
                 f"are: restore them from a backup{self._recovery_hint()}",
                 path=self.path,
             ) from exc
-        self._dir_appends = 0
 
     def _files(self) -> list[str]:
         directory, name = os.path.split(self.path)
@@ -356,14 +413,14 @@ class _ShelfState(StoreState):
         )
 
     def _check_crash_mark(self) -> None:
-        """A process died in the middle of a write to a fragile dbm."""
+        """A process died in the middle of a write to a fragile dbm (or a write to it failed)."""
         files = self._files()
         if not files:  # the damaged files were removed: start afresh
-            os.pwrite(self.locks.fd, b"\0", _MARK)
+            self._set_mark(0)
             return
         raise CorruptSessionError(
-            f"a process died while writing {', '.join(files)} ({self.dbm}), which a crash can damage "
-            "without any sign, so it is not read: check or restore the files, then call "
+            f"a process died (or a write failed) while writing {', '.join(files)} ({self.dbm}), which can "
+            "damage it without any sign, so it is not read: check or restore the files, then call "
             f"ShelveStorage.clear_crash_mark({self.path!r}) (or delete the files to start over)",
             path=self.path,
         )
@@ -371,104 +428,73 @@ class _ShelfState(StoreState):
     def _recovery_hint(self) -> str:
         if self.dbm == "dbm.gnu":
             return " or run `gdbmtool` on it and use its `recover` command"
-        if self.dbm == "dbm.dumb" and os.path.exists(self.path + ".bak"):
-            return f", or copy {self.path}.bak over {self.path}.dir"
         return ""
-
-    def _check_dumb(self) -> None:
-        """Before dbm.dumb reads its index: never let it open a damaged one as empty."""
-        dirfile, datfile, bakfile = self.path + ".dir", self.path + ".dat", self.path + ".bak"
-        if not os.path.exists(dirfile):
-            if os.path.exists(datfile) and os.path.getsize(datfile) > 0:
-                hint = f": copy {bakfile} to {dirfile}" if os.path.exists(bakfile) else ""
-                raise CorruptSessionError(
-                    f"{dirfile} is missing but {datfile} holds data; nothing was changed{hint}",
-                    path=dirfile,
-                )
-            return
-        with open(dirfile, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            # A crash while appending an index line: that write was never
-            # acknowledged.  Drop the partial line (we hold the shelf lock).
-            cut = data.rfind(b"\n") + 1
-            with open(dirfile, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-        tail = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :] if data else b""
-        if tail:
-            try:
-                ast.literal_eval(tail.decode("latin-1").strip())
-            except (SyntaxError, ValueError) as exc:
-                raise CorruptSessionError(
-                    f"the last index line of {dirfile} is damaged ({exc}); nothing was changed",
-                    path=dirfile,
-                ) from exc
 
     def _close_db(self) -> None:
         if self._db is not None:
-            if self.dbm == "dbm.dumb":
-                self._db._modified = False  # the index file is current: nothing to rewrite
-            self._db.close()
-            self._db = None
+            db, self._db = self._db, None
+            try:
+                db.close()
+            except self._errors:
+                pass  # nothing was written since the last successful write
 
-    def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
-        self._start_write()
-        try:
-            if self.dbm != "dbm.dumb":
-                db[kb] = framed
-                return
-            index = db._index
-            old = index.get(kb)
-            db[kb] = framed
-            if old is not None and index[kb] != old:
-                # dbm.dumb only writes its index file on close; append the
-                # moved entry now so other processes (and a crash) see it.
-                db._addkey(kb, index[kb])
-                self._dir_appends += 1
-            db._modified = False
-            if self._dir_appends > len(index) + 1000:
-                self._rewrite_dumb_index(db)
-        except OSError as exc:
-            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
-        except self._module.error as exc:
-            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+    # -- writes ----------------------------------------------------------------------
 
     def _start_write(self) -> None:
-        if self.dbm in _FRAGILE and not self._dirty:
-            os.pwrite(self.locks.fd, b"\x01", _MARK)
-        self._dirty = True
+        """Bump the change counter (and mark a fragile dbm) before the section's first write."""
+        if not self._dirty:
+            gen = self._gen[1] + 1
+            os.pwrite(self.locks.fd, _HEAD.pack(gen, _WRITING if self.dbm in _FRAGILE else 0), 0)
+            self._gen = (self.locks.file, gen)
+            self._dirty = True
 
-    def _rewrite_dumb_index(self, db: Any) -> None:
-        """Write dbm.dumb's index file anew, atomically (its own sync is not)."""
-        dirfile = self.path + ".dir"
-        tmp = dirfile + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
         try:
-            lines = "".join("%r, %r\n" % (k.decode("Latin-1"), v) for k, v in db._index.items())
-            os.write(fd, lines.encode("Latin-1"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dirfile)
-        self._dir_appends = 0
+            self._start_write()
+            db[kb] = framed
+        except SessionError:
+            self._failed = True
+            raise
+        except self._errors as exc:
+            self._failed = True
+            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+        if self.dbm == "dbm.dumb":
+            self._maybe_compact(db)
 
     def _remove(self, db: Any, keys: list[bytes]) -> None:
-        self._start_write()
         try:
-            if self.dbm == "dbm.dumb":
-                for kb in keys:
-                    db._index.pop(kb, None)
-                self._rewrite_dumb_index(db)
-                db._modified = False
-            else:
-                for kb in keys:
-                    try:
-                        del db[kb]
-                    except KeyError:
-                        pass
-        except OSError as exc:
+            self._start_write()
+            for kb in keys:
+                try:
+                    del db[kb]
+                except KeyError:
+                    pass
+        except SessionError:
+            self._failed = True
+            raise
+        except self._errors as exc:
+            self._failed = True
             raise StorageError(f"cannot delete from {self.path}: {exc}", path=self.path) from exc
+        if self.dbm == "dbm.dumb":
+            self._maybe_compact(db)
+
+    def _maybe_compact(self, db: DumbDb) -> None:
+        """Compact dbm.dumb's files once dead bytes outweigh live ones.
+
+        The write that led here is already acknowledged, so a compaction that
+        fails (a full disk) is given up and retried once twice as much is dead.
+        """
+        if not db.wants_compaction():
+            return
+        self._set_mark(_COMPACTING)
+        try:
+            db.compact()
+        except (OSError, SessionError):
+            db.compact_after = 2 * max(db.dead_bytes(), 1)
+            if os.path.exists(self.path + ".dir.committed"):
+                self._close_db()  # committed but not renamed: the next section finishes it
+                return
+        self._set_mark(0)
 
 
 class _StoreSection:
@@ -487,10 +513,10 @@ class _StoreSection:
             raise StorageError(f"{s.path} is closed", path=s.path)
         held = s.locks.lock(_STORE_LOCK, None, "")
         try:
-            gen = (s.locks.file, s._read_gen())
-            if s._db is None or gen != s._gen:
-                s._reopen()
-                s._gen = gen
+            s._catch_up(*s._read_head())
+        except OSError as exc:
+            s.locks.unlock(held, _STORE_LOCK)
+            raise StorageError(f"cannot read {s.path}: {exc}", path=s.path) from exc
         except BaseException:
             s.locks.unlock(held, _STORE_LOCK)
             raise
@@ -500,12 +526,15 @@ class _StoreSection:
     def __exit__(self, *exc: Any) -> None:
         s = self.storage
         try:
-            if s._dirty:  # tell other processes to reopen (even after a failed write)
+            if s._dirty:
                 s._dirty = False
-                s._bump_gen()
                 if s.dbm == "dbm.ndbm":
                     s._close_db()  # ndbm has no sync(): only close() makes writes visible
                 if s.dbm in _FRAGILE:
-                    os.pwrite(s.locks.fd, b"\0", _MARK)  # the write is complete
+                    if s._failed:  # the files may be damaged: keep the mark, read nothing more
+                        s._close_db()
+                    else:
+                        s._set_mark(0)  # the write is complete
+            s._failed = False
         finally:
             s.locks.unlock(s._held, _STORE_LOCK)

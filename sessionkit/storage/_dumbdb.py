@@ -1,0 +1,400 @@
+"""dbm.dumb's two files, written so that no failure or crash loses a value.
+
+The files are the ones Python's ``dbm.dumb`` reads: ``<path>.dat`` holds the
+values, ``<path>.dir`` holds one line per value, ``'key', (offset, size)``,
+and the last line for a key wins.  ``dbm.dumb`` itself rewrites a value in
+place when it fits, and rewrites the whole index with one unchecked write on a
+delete; either can lose sessions on a crash or a full disk.  This module
+writes differently:
+
+* **append only**: a new value goes after the end of ``.dat``, then its index
+  line after the end of ``.dir``; a delete appends the line
+  ``'key', (0, 0)`` (no value is ever empty: see ``ShelveStorage``).  Until the
+  index line is whole on disk, the old value is the live one; a write that
+  fails is cut off again and the caller gets the error;
+* **incremental**: a process that learns another one wrote (the shelf's change
+  counter) reads only the index lines appended since it last looked;
+* **compaction**: when dead bytes outweigh live ones, the live values are
+  copied to ``.dat.compact`` and indexed in ``.dir.compact``, both fsynced;
+  renaming the index to ``.dir.committed`` commits; then both are renamed
+  into place.  ``recover_compaction()`` finishes or undoes one that a crash
+  interrupted (the shelf knows one was under way from a mark in its lock
+  file).
+
+The caller holds the shelf's lock around every call; nothing here locks.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+from typing import Iterator
+
+from ..errors import CorruptSessionError, StorageError
+
+__all__ = ["DumbDb", "recover_compaction"]
+
+_DELETED = (0, 0)
+_MIN_DEAD_BYTES = 64 * 1024
+_MIN_DEAD_LINES = 1000
+_COPY_CHUNK = 1 << 20
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """``pwrite`` all of ``data`` or raise ``OSError`` (a short write is ENOSPC)."""
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, offset)
+        if done <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[done:]
+        offset += done
+
+
+def _truncate(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass  # best effort: what lies past the index's end is never read
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def index_line(kb: bytes, where: tuple[int, int]) -> bytes:
+    """One ``.dir`` line in dbm.dumb's format."""
+    return ("%r, %r\n" % (kb.decode("latin-1"), where)).encode("latin-1")
+
+
+def _parse_key(head: str) -> str:
+    if len(head) >= 2 and head[0] == head[-1] == "'" and "\\" not in head and "'" not in head[1:-1]:
+        return head[1:-1]
+    key = ast.literal_eval(head)
+    if not isinstance(key, str):
+        raise ValueError(f"not a key: {head[:40]!r}")
+    return key
+
+
+def recover_compaction(path: str) -> None:
+    """Finish (after its commit) or undo (before it) a compaction cut short by a crash."""
+    committed = path + ".dir.committed"
+    if os.path.exists(committed):
+        if os.path.exists(path + ".dat.compact"):
+            os.replace(path + ".dat.compact", path + ".dat")
+        os.replace(committed, path + ".dir")
+    else:
+        for leftover in (path + ".dat.compact", path + ".dir.compact"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+    _fsync_dir(os.path.dirname(path))
+
+
+class DumbDb:
+    """A dbm.dumb database kept open, read incrementally and written append-only.
+
+    Keys and values are bytes.  The mapping methods are the ones a shelf
+    uses: ``get``, ``in``, ``keys()``, ``[k] = v``, ``del [k]``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.dirpath = path + ".dir"
+        self.datpath = path + ".dat"
+        self._dir_fd = self._dat_fd = -1
+        self.compact_after = 0  # dead bytes that trigger the next compaction (0: the default rule)
+        self._start()
+
+    def _start(self) -> None:
+        """Open both files and read the whole index."""
+        self._index: dict[bytes, tuple[int, int]] = {}
+        self._live = 0  # bytes of live values in .dat
+        self._lines = 0  # lines in .dir
+        self._dir_end = 0  # bytes of .dir read (whole lines)
+        self._dat_end = 0  # end of the last value any line points at
+        self._dir_ino = 0
+        self.writable = True
+        self._open_files()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- files -----------------------------------------------------------------------
+
+    def _open(self, name: str) -> int:
+        flags = os.O_CLOEXEC | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(name, flags | os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.path.exists(name):
+                raise
+            fd = os.open(name, flags | os.O_RDONLY)  # read-only files: reads still work
+            self.writable = False
+        return fd
+
+    def _open_files(self) -> None:
+        try:
+            if not os.path.exists(self.dirpath) and os.path.exists(self.datpath) and os.path.getsize(self.datpath):
+                bak = self.path + ".bak"
+                hint = f": copy {bak} to {self.dirpath}" if os.path.exists(bak) else ""
+                raise CorruptSessionError(
+                    f"{self.dirpath} is missing but {self.datpath} holds data; nothing was changed{hint}",
+                    path=self.dirpath,
+                )
+            self._dat_fd = self._open(self.datpath)
+            self._dir_fd = self._open(self.dirpath)
+            self._dir_ino = os.fstat(self._dir_fd).st_ino
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot open {self.path} (dbm.dumb): {exc}", path=self.path) from exc
+
+    def close(self) -> None:
+        """Close both files."""
+        for fd in (self._dir_fd, self._dat_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fd = self._dat_fd = -1
+
+    # -- the index -------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Catch up with what other processes wrote: the new lines, or everything after a compaction."""
+        try:
+            st = os.stat(self.dirpath)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.dirpath}: {exc}", path=self.dirpath) from exc
+        if st.st_ino != self._dir_ino:
+            self.close()
+            self._start()
+        elif st.st_size != self._dir_end:
+            self._load()
+
+    def _load(self) -> None:
+        """Read the index from where this process stopped to the end of the file."""
+        start = self._dir_end
+        try:
+            size = os.fstat(self._dir_fd).st_size
+            chunks = []
+            at = start
+            while at < size:
+                chunk = os.pread(self._dir_fd, size - at, at)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                at += len(chunk)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.dirpath}: {exc}", path=self.dirpath) from exc
+        data = b"".join(chunks)
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):
+            # A crash while appending a line (we hold the shelf's lock, so no
+            # writer is at work): that write was never acknowledged.
+            if self.writable:
+                _truncate(self._dir_fd, start + whole)
+            data = data[:whole]
+        index = self._index
+        live = self._live
+        dat_end = self._dat_end
+        number = self._lines
+        for line in data.decode("latin-1").splitlines():
+            number += 1
+            try:
+                head, sep, tail = line.rpartition(", (")
+                if not sep or not tail.endswith(")"):
+                    raise ValueError("not a 'key', (offset, size) line")
+                pos_text, _, siz_text = tail[:-1].partition(", ")
+                where = (int(pos_text), int(siz_text))
+                kb = _parse_key(head).encode("latin-1")
+                if where[0] < 0 or where[1] < 0:
+                    raise ValueError("negative offset or size")
+            except (ValueError, SyntaxError, UnicodeEncodeError) as exc:
+                raise CorruptSessionError(
+                    f"line {number} of {self.dirpath} is damaged ({exc}); nothing was changed: restore "
+                    "the shelf from a backup",
+                    path=self.dirpath,
+                ) from exc
+            old = index.pop(kb, None)
+            if old is not None:
+                live -= old[1]
+            if where[1]:
+                index[kb] = where
+                live += where[1]
+                if where[0] + where[1] > dat_end:
+                    dat_end = where[0] + where[1]
+        self._live = live
+        self._dat_end = dat_end
+        self._lines = number
+        self._dir_end = start + whole
+
+    # -- the mapping -----------------------------------------------------------------
+
+    def __contains__(self, kb: bytes) -> bool:
+        return kb in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def keys(self) -> list[bytes]:
+        return list(self._index)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self._index))
+
+    def get(self, kb: bytes, default: bytes | None = None) -> bytes | None:
+        where = self._index.get(kb)
+        if where is None:
+            return default
+        pos, siz = where
+        try:
+            data = os.pread(self._dat_fd, siz, pos)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.datpath}: {exc}", path=self.datpath) from exc
+        if len(data) != siz:
+            raise CorruptSessionError(
+                f"{self.datpath} ends before the value of key {kb[:60]!r} (offset {pos}, {siz} bytes): the "
+                "file was cut short; restore the shelf from a backup",
+                path=self.datpath,
+            )
+        return data
+
+    def __getitem__(self, kb: bytes) -> bytes:
+        data = self.get(kb)
+        if data is None:
+            raise KeyError(kb)
+        return data
+
+    def _need_writable(self) -> None:
+        if not self.writable:
+            raise OSError(errno.EACCES, f"{self.path}.dir or .dat is read-only here")
+
+    def __setitem__(self, kb: bytes, value: bytes) -> None:
+        if not value:
+            raise ValueError("dbm.dumb values here are never empty")
+        self._need_writable()
+        pos = self._dat_end
+        try:
+            _write_all(self._dat_fd, value, pos)
+        except BaseException:
+            _truncate(self._dat_fd, pos)
+            raise
+        self._append(kb, (pos, len(value)))
+
+    def __delitem__(self, kb: bytes) -> None:
+        if kb not in self._index:
+            raise KeyError(kb)
+        self._need_writable()
+        self._append(kb, _DELETED)
+
+    def _append(self, kb: bytes, where: tuple[int, int]) -> None:
+        line = index_line(kb, where)
+        try:
+            _write_all(self._dir_fd, line, self._dir_end)
+        except BaseException:
+            _truncate(self._dir_fd, self._dir_end)
+            if where[1]:
+                _truncate(self._dat_fd, where[0])
+            raise
+        self._dir_end += len(line)
+        self._lines += 1
+        old = self._index.pop(kb, None)
+        if old is not None:
+            self._live -= old[1]
+        if where[1]:
+            self._index[kb] = where
+            self._live += where[1]
+            self._dat_end = where[0] + where[1]
+
+    # -- compaction ------------------------------------------------------------------
+
+    def dead_bytes(self) -> int:
+        """Bytes of ``.dat`` that no index line points at any more."""
+        return self._dat_end - self._live
+
+    def wants_compaction(self) -> bool:
+        """Dead bytes outweigh live ones (or dead index lines the live ones)."""
+        dead = self._dat_end - self._live
+        if self.compact_after:
+            return dead > self.compact_after
+        if dead > max(self._live, _MIN_DEAD_BYTES):
+            return True
+        return self._lines - len(self._index) > max(len(self._index), _MIN_DEAD_LINES)
+
+    def compact(self) -> None:
+        """Rewrite both files with only the live values (see the module docstring).
+
+        Raises ``OSError`` before the commit with the old files untouched and
+        the temporary ones removed; after the commit, a failure leaves the
+        rest to ``recover_compaction()``.
+        """
+        self._need_writable()
+        tmp_dat, tmp_dir = self.path + ".dat.compact", self.path + ".dir.compact"
+        directory = os.path.dirname(self.path)
+        created = []
+        try:
+            new_index: dict[bytes, tuple[int, int]] = {}
+            fd = os.open(tmp_dat, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            created.append(tmp_dat)
+            try:
+                out = bytearray()
+                at = 0
+                for kb, (pos, siz) in sorted(self._index.items(), key=lambda item: item[1][0]):
+                    data = os.pread(self._dat_fd, siz, pos)
+                    if len(data) != siz:
+                        raise CorruptSessionError(
+                            f"{self.datpath} ends before the value of key {kb[:60]!r}; not compacted",
+                            path=self.datpath,
+                        )
+                    new_index[kb] = (at + len(out), siz)
+                    out += data
+                    if len(out) >= _COPY_CHUNK:
+                        _write_all(fd, bytes(out), at)
+                        at += len(out)
+                        out.clear()
+                _write_all(fd, bytes(out), at)
+                dat_end = at + len(out)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            lines = b"".join(index_line(kb, where) for kb, where in new_index.items())
+            fd = os.open(tmp_dir, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            created.append(tmp_dir)
+            try:
+                _write_all(fd, lines, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp_dir, self.path + ".dir.committed")
+            created.clear()
+        except BaseException:
+            for name in created:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+            raise
+        # committed: from here on a crash is finished by recover_compaction()
+        _fsync_dir(directory)
+        os.replace(tmp_dat, self.datpath)
+        os.replace(self.path + ".dir.committed", self.dirpath)
+        _fsync_dir(directory)
+        try:
+            os.unlink(self.path + ".bak")  # dbm.dumb's backup index no longer matches .dat
+        except FileNotFoundError:
+            pass
+        self.close()
+        self._open_files()
+        self._index = new_index
+        self._live = dat_end
+        self._dat_end = dat_end
+        self._lines = len(new_index)
+        self._dir_end = len(lines)
+        self.compact_after = 0
