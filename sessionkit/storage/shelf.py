@@ -41,6 +41,7 @@ _FRAGILE = {"dbm.ndbm", "dbm.gnu"}
 # dbms that stay open when another process writes: dbm.dumb reads the new
 # index lines, SQLite sees other processes' commits itself
 _KEPT_OPEN = {"dbm.dumb", "dbm.sqlite3"}
+_SQLITE_FILES = ("-wal", "-shm", "-journal")  # beside a dbm.sqlite3 file
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -130,9 +131,12 @@ class ShelveStorage(EncodedStorage):
             raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
         real = os.path.realpath(self.path)
         ident = ("shelve", *store_identity(os.path.dirname(real), os.path.basename(real)))
-        wanted = self._choose(dbm)
-        self._state = state = _ShelfState.attach(ident, lambda: _ShelfState(ident, self.path, wanted))
-        if dbm is not None and state.dbm != wanted:
+        wanted = None if dbm is None else self._named(dbm)
+        # Only a shelf not yet open in this process is probed by dbm.whichdb():
+        # its open-and-close of the file would drop the POSIX locks that
+        # SQLite (dbm.sqlite3) holds on it through the open connection.
+        self._state = state = _ShelfState.attach(ident, lambda: _ShelfState(ident, self.path, wanted or self._found()))
+        if wanted is not None and state.dbm != wanted:
             state.detach()
             raise ValueError(f"{self.path} is already open here with {state.dbm}, not {wanted}")
         self.dbm = state.dbm
@@ -144,13 +148,18 @@ class ShelveStorage(EncodedStorage):
     def __repr__(self) -> str:
         return f"ShelveStorage({self.path!r}, dbm={self.dbm!r}, ttl={self.ttl})"
 
-    def _choose(self, wanted: str | None) -> str:
+    @staticmethod
+    def _named(wanted: str) -> str:
+        """The full name of the dbm module ``wanted``, which this Python must have."""
         have = available_dbms()
-        if wanted is not None:
-            name = wanted if wanted.startswith("dbm.") else "dbm." + wanted
-            if name not in have:
-                raise ValueError(f"dbm {wanted!r} is not available in this Python; it has {', '.join(have)}")
-            return name
+        name = wanted if wanted.startswith("dbm.") else "dbm." + wanted
+        if name not in have:
+            raise ValueError(f"dbm {wanted!r} is not available in this Python; it has {', '.join(have)}")
+        return name
+
+    def _found(self) -> str:
+        """The dbm of the shelf's existing files, else the best this Python has."""
+        have = available_dbms()
         existing = _dbm.whichdb(self.path)
         if existing and existing in have:
             return existing
@@ -336,6 +345,11 @@ class _ShelfState(StoreState):
     def mutexes(self) -> list[Any]:
         return [self._mutex]
 
+    def _fork_after_child(self) -> None:
+        super()._fork_after_child()
+        if self.dbm == "dbm.sqlite3":
+            self._close_db()  # an SQLite connection must not cross a fork: reopen here
+
     def section(self) -> _StoreSection:
         return _StoreSection(self)
 
@@ -396,7 +410,7 @@ class _ShelfState(StoreState):
         except SessionError:
             raise
         except self._errors as exc:
-            if isinstance(exc, OSError) and exc.errno in _ACCESS_ERRNOS:
+            if self._not_damage(exc):
                 raise StorageError(f"cannot open {self.path} ({self.dbm}): {exc}", path=self.path) from exc
             raise CorruptSessionError(
                 f"{self.path} ({self.dbm}) cannot be opened: {exc}; the files are left as they "
@@ -404,12 +418,21 @@ class _ShelfState(StoreState):
                 path=self.path,
             ) from exc
 
+    def _not_damage(self, exc: BaseException) -> bool:
+        """Whether a dbm's error is about access (permissions, a full disk), not damaged files."""
+        if isinstance(exc, OSError) and exc.errno in _ACCESS_ERRNOS:
+            return True
+        # SQLite: cannot open, read-only, I/O error, disk full, busy are
+        # OperationalError; "not a database" and "malformed" are DatabaseError
+        return type(exc).__name__ == "OperationalError"
+
     def _files(self) -> list[str]:
         directory, name = os.path.split(self.path)
         return sorted(
             os.path.join(directory, f)
             for f in os.listdir(directory)
-            if f.startswith(name) and not f.startswith(name + ".lock") and f[len(name):len(name) + 1] in ("", ".")
+            if f.startswith(name) and not f.startswith(name + ".lock")
+            and (f[len(name):len(name) + 1] in ("", ".") or f[len(name):] in _SQLITE_FILES)
         )
 
     def _check_crash_mark(self) -> None:
