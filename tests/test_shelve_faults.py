@@ -83,6 +83,7 @@ def kill_loop(path: str, cycles: int, seed: int) -> dict[str, int]:
         mine, pending = _expected(log)
         acked.update(mine)
         try:
+            listed = set(reader.keys())  # always at least one operation, even with nothing acknowledged
             found = {key: reader.read(key) for key in acked}
         except CorruptSessionError as exc:
             # the documented refusal after a crash inside a fragile dbm's write
@@ -110,6 +111,8 @@ def kill_loop(path: str, cycles: int, seed: int) -> dict[str, int]:
             )
             acked[key] = got_n
             counts["in_flight_seen"] += 1
+        live = {key for key, n in acked.items() if n is not None}
+        assert listed == live or (pending is not None and listed ^ live == {pending[0]}), (listed, live)
     reader.close()
     fresh = make(path)
     assert {key: (None if v is None else v["n"]) for key, v in ((k, fresh.read(k)) for k in acked)} == acked
@@ -318,14 +321,21 @@ def test_full_disk_loses_nothing(tmp_path: Path, operation: str) -> None:
                 break
             if failures >= 3:
                 break
-        assert failures, "the disk never filled"
-        if storage.dbm in shelf._FRAGILE and failures:
+        # dbm.dumb (here) appends every change, so each operation meets the
+        # full disk; gdbm and Berkeley DB rewrite and delete in place or in
+        # freed pages, where succeeding is fine: what succeeded is checked below
+        assert failures or (operation != "new key" and storage.dbm != "dbm.dumb"), "the disk never filled"
+        if storage.dbm == "dbm.ndbm" and failures:
             return  # refused until checked: covered by the refusal above
         # every other session intact, the failed one at its old value; in this
-        # process and in a fresh one
-        for key, value in values.items():
-            assert storage.read(key) == value, key
-        assert sorted(storage.keys()) == sorted(values)
+        # process (dbm.gnu: once there is room to recover) and in a fresh one
+        if storage.dbm not in shelf._FRAGILE or not failures:
+            for key, value in values.items():
+                assert storage.read(key) == value, key
+            assert sorted(storage.keys()) == sorted(values)
+        else:
+            with pytest.raises(StorageError):  # recovery needs room for a copy
+                storage.read(victim)
         storage.close()
         filler.unlink()
         fresh = make(path)

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
 from ..errors import CorruptSessionError, SerializationError, SessionError, StorageError
+from . import _gnudb
 from ._dumbdb import DumbDb, recover_compaction
 from ._lockfile import SHARD_BASE, make_locks
 from ._state import StoreState, store_identity
@@ -33,6 +34,7 @@ _HEAD = struct.Struct("<QB")
 _MARK = 8
 _WRITING = 1  # a write to a fragile dbm is under way, or failed
 _COMPACTING = 2  # dbm.dumb's files are being compacted
+_DAMAGED = 3  # recovery after a crash failed: refuse until clear_crash_mark()
 # dbms whose files a crash (or a failed write) mid-write can damage with
 # nothing to show for it: on Debian, dbm.ndbm is Berkeley DB, where keys
 # silently vanish; Python's dbm.gnu reads a key of a database that needs
@@ -55,6 +57,13 @@ def available_dbms() -> list[str]:
         except ImportError:
             pass
     return found
+
+
+def _intact(stored: bytes) -> bool:
+    """Whether a stored value is whole: its checksum holds (a plain shelve value has none)."""
+    if not stored.startswith(MAGIC):
+        return True
+    return len(stored) >= _FRAME.size and zlib.crc32(stored[8:]) == _FRAME.unpack_from(stored)[1]
 
 
 # Some dbms (ndbm) cannot hold an empty key; 0xff never occurs in UTF-8, so
@@ -181,6 +190,8 @@ class ShelveStorage(EncodedStorage):
             held = locks.lock(_STORE_LOCK, None, "")
             try:
                 os.pwrite(locks.fd, b"\0", _MARK)
+                # the key count of dbm.gnu's record is recounted at the next write
+                os.pwrite(locks.fd, bytes(_gnudb.RECORD.size), _gnudb.RECORD_AT)
             finally:
                 locks.unlock(held, _STORE_LOCK)
         finally:
@@ -208,17 +219,14 @@ class ShelveStorage(EncodedStorage):
         """The pickle inside a stored value, or None if it has expired."""
         if not stored.startswith(MAGIC):
             return stored  # a plain shelve value
-        if len(stored) < _FRAME.size:
-            crc, expiry = -1, 0.0
-        else:
-            _magic, crc, expiry = _FRAME.unpack_from(stored)
-        if zlib.crc32(stored[8:]) != crc:
+        if not _intact(stored):
             raise CorruptSessionError(
                 f"the stored value of session {key!r} in {self.path} ({self.dbm}) fails its checksum "
                 "(a write torn by a crash?); it is left in place: write or delete the key to recover",
                 key=key,
                 path=self.path,
             )
+        expiry = _FRAME.unpack_from(stored)[2]
         if expiry and expiry <= now:
             return None
         return stored[_FRAME.size :]
@@ -327,6 +335,8 @@ class _ShelfState(StoreState):
         self._gen: tuple[Any, int] = (None, -1)
         self._dirty = False  # this section bumped the counter
         self._failed = False  # a write in this section failed
+        self._count = 0  # dbm.gnu: keys in the file, kept in the lock file's record
+        self._written: dict[bytes, bytes | None] = {}  # dbm.ndbm: this section's writes, to verify
         self._closed = False
         self._held: Any = None  # the lock file the shelf's slot was taken through
 
@@ -365,7 +375,7 @@ class _ShelfState(StoreState):
     def _catch_up(self, gen: int, mark: int) -> None:
         """Make ``self._db`` current (the shelf's slot is held)."""
         if mark:
-            self._after_crash(mark)
+            gen = self._after_crash(mark, gen)
         seen = (self.locks.file, gen)
         if self._db is None:
             self._reopen()
@@ -377,7 +387,8 @@ class _ShelfState(StoreState):
             # dbm.sqlite3 reads other processes' commits by itself
         self._gen = seen
 
-    def _after_crash(self, mark: int) -> None:
+    def _after_crash(self, mark: int, gen: int) -> int:
+        """Recover from what the mark says happened (or refuse); returns the change counter."""
         if mark == _COMPACTING and self.dbm == "dbm.dumb":
             self._close_db()
             try:
@@ -387,11 +398,28 @@ class _ShelfState(StoreState):
                     f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
                 ) from exc
             self._set_mark(0)
-        elif mark == _WRITING and self.dbm in _FRAGILE:
+        elif mark == _WRITING and self.dbm == "dbm.gnu":
+            gen = self._recover_gnu(gen)
+        elif mark in (_WRITING, _DAMAGED) and self.dbm in _FRAGILE:
             self._close_db()
             self._check_crash_mark()
         else:
             self._set_mark(0)  # a mark this dbm does not use
+        return gen
+
+    def _recover_gnu(self, gen: int) -> int:
+        """dbm.gnu after a crash inside a write: recover with every value checked, or refuse."""
+        self._close_db()
+        record = _gnudb.Record(os.pread(self.locks.fd, _gnudb.RECORD.size, _gnudb.RECORD_AT))
+        try:
+            count = _gnudb.recover(self.path, self._module, record, _intact)
+        except CorruptSessionError:
+            self._set_mark(_DAMAGED)
+            raise
+        os.pwrite(self.locks.fd, _gnudb.RECORD.pack(count, 0, _gnudb.NONE, _gnudb.VALID), _gnudb.RECORD_AT)
+        gen += 1  # the file was rebuilt: every process reopens it
+        os.pwrite(self.locks.fd, _HEAD.pack(gen, 0), 0)
+        return gen
 
     def _reopen(self) -> None:
         self._close_db()
@@ -403,6 +431,9 @@ class _ShelfState(StoreState):
 
                 self._db = SqliteDb(self.path)
             elif self.dbm == "dbm.gnu":
+                if _gnudb.needs_recovery(self.path):  # damaged outside our marks: same treatment
+                    self._set_mark(_WRITING)
+                    self._gen = (self._gen[0], self._recover_gnu(self._read_head()[0]))
                 flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
                 self._db = self._module.open(self.path, flags, 0o600)
             else:
@@ -463,18 +494,37 @@ class _ShelfState(StoreState):
 
     # -- writes ----------------------------------------------------------------------
 
-    def _start_write(self) -> None:
+    def _start_write(self, db: Any) -> None:
         """Bump the change counter (and mark a fragile dbm) before the section's first write."""
         if not self._dirty:
+            if self.dbm == "dbm.gnu":
+                record = _gnudb.Record(os.pread(self.locks.fd, _gnudb.RECORD.size, _gnudb.RECORD_AT))
+                self._count = record.count if record.valid else len(db)
             gen = self._gen[1] + 1
             os.pwrite(self.locks.fd, _HEAD.pack(gen, _WRITING if self.dbm in _FRAGILE else 0), 0)
             self._gen = (self.locks.file, gen)
             self._dirty = True
 
+    def _note(self, db: Any, kb: bytes, removing: bool) -> int:
+        """dbm.gnu: record the key count and the write about to happen; returns the count's change."""
+        existed = kb in db
+        if removing and not existed:
+            return 0
+        op = _gnudb.DELETE if removing else _gnudb.REPLACE if existed else _gnudb.INSERT
+        os.pwrite(self.locks.fd, _gnudb.RECORD.pack(self._count, _gnudb.key_crc(kb), op, _gnudb.VALID), _gnudb.RECORD_AT)
+        return -1 if removing else 0 if existed else 1
+
     def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
         try:
-            self._start_write()
+            self._start_write(db)
+            if self.dbm == "dbm.gnu":
+                change = self._note(db, kb, False)
+                db[kb] = framed
+                self._count += change
+                return
             db[kb] = framed
+            if self.dbm == "dbm.ndbm":
+                self._written[kb] = framed
         except SessionError:
             self._failed = True
             raise
@@ -486,12 +536,16 @@ class _ShelfState(StoreState):
 
     def _remove(self, db: Any, keys: list[bytes]) -> None:
         try:
-            self._start_write()
+            self._start_write(db)
             for kb in keys:
+                change = self._note(db, kb, True) if self.dbm == "dbm.gnu" else 0
                 try:
                     del db[kb]
                 except KeyError:
                     pass
+                self._count += change
+                if self.dbm == "dbm.ndbm":
+                    self._written[kb] = None
         except SessionError:
             self._failed = True
             raise
@@ -500,6 +554,29 @@ class _ShelfState(StoreState):
             raise StorageError(f"cannot delete from {self.path}: {exc}", path=self.path) from exc
         if self.dbm == "dbm.dumb":
             self._maybe_compact(db)
+
+    def _close_verified(self) -> None:
+        """dbm.ndbm: close to make the writes visible, then read them back.
+
+        ndbm has no sync(), and on Debian it is Berkeley DB, which flushes on
+        close and reports a failed flush (a full disk) only on stderr: the
+        writes would be acknowledged and lost.  So each is read back.
+        """
+        self._close_db()
+        try:
+            self._reopen()
+            lost = [kb for kb, framed in self._written.items() if self._db.get(kb) != framed]
+        except (SessionError, *self._errors) as exc:
+            self._failed = True
+            self._close_db()
+            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+        if lost:
+            self._failed = True
+            self._close_db()
+            raise StorageError(
+                f"cannot write to {self.path}: {len(lost)} write(s) did not reach the file (is the disk full?)",
+                path=self.path,
+            )
 
     def _maybe_compact(self, db: DumbDb) -> None:
         """Compact dbm.dumb's files once dead bytes outweigh live ones.
@@ -551,13 +628,19 @@ class _StoreSection:
         try:
             if s._dirty:
                 s._dirty = False
-                if s.dbm == "dbm.ndbm":
-                    s._close_db()  # ndbm has no sync(): only close() makes writes visible
-                if s.dbm in _FRAGILE:
-                    if s._failed:  # the files may be damaged: keep the mark, read nothing more
-                        s._close_db()
-                    else:
-                        s._set_mark(0)  # the write is complete
-            s._failed = False
+                try:
+                    if s.dbm == "dbm.ndbm" and not s._failed:
+                        s._close_verified()
+                finally:
+                    if s.dbm in _FRAGILE:
+                        if s._failed:  # the files may be damaged: keep the mark, read nothing more
+                            s._close_db()
+                        else:
+                            if s.dbm == "dbm.gnu":
+                                record = _gnudb.RECORD.pack(s._count, 0, _gnudb.NONE, _gnudb.VALID)
+                                os.pwrite(s.locks.fd, record, _gnudb.RECORD_AT)
+                            s._set_mark(0)  # the write is complete
         finally:
+            s._failed = False
+            s._written.clear()
             s.locks.unlock(s._held, _STORE_LOCK)
