@@ -87,26 +87,43 @@ class ShelveStorage(EncodedStorage):
        ShelveStorage at files that anyone else can write.
 
     Any picklable value can be stored (datetimes, sets, your own classes).
-    The database stays open; this process reopens it only after another
-    process changed it (a change counter in the lock file says so), so an
-    operation does not get slower as the shelf grows.  ``dbm`` picks the
-    module (``"dumb"``, ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full
-    ``"dbm.gnu"``); by default an existing file keeps its own and a new one
-    gets the best this Python has.  ``storage.dbm`` says which is in use.
+    The database stays open and catches up with what other processes wrote
+    (a change counter in the lock file says when), so an operation costs
+    about the same with one process or several, and with a thousand
+    sessions or a hundred thousand.  ``dbm`` picks the module (``"dumb"``,
+    ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full ``"dbm.gnu"``); by default
+    an existing file keeps its own and a new one gets the best this Python
+    has.  ``storage.dbm`` says which is in use.
 
-    Each value carries a checksum, so bytes torn by a crash are reported as
-    ``CorruptSessionError`` (with the key and file) and never served.  Crash
-    behaviour per dbm: with ``dbm.dumb`` a crash during a write leaves the
-    key at its old value or the new one, except that a value rewritten in
-    place (same number of 512-byte blocks) can be torn; that is detected and
-    reported, and the recovery is to write or delete the key.  ``dbm.gnu``
-    is as crash-safe as gdbm; damage that stops the file from opening is
-    reported with the path to restore.  ``dbm.ndbm`` (Berkeley DB on Debian)
-    can be damaged by a crash mid-write so that keys silently vanish, so a
-    mark in the lock file brackets every write: after a crash inside one,
-    the shelf refuses to open (``CorruptSessionError``) until the files are
-    checked or restored and ``ShelveStorage.clear_crash_mark(path)`` is
-    called.
+    No acknowledged session is lost, on any dbm, when a process is killed at
+    any moment or the disk is full or read-only: a read returns the last
+    acknowledged value (or the one being written when the process died), or
+    raises ``CorruptSessionError``/``StorageError`` naming the file and what
+    to do.  Each value carries a checksum, so torn bytes are never served.
+    Per dbm:
+
+    * ``dbm.dumb``: its files are written append-only (a new value after the
+      end of ``.dat``, then its index line; a delete is an index line too),
+      so a failed or interrupted write leaves the old value in place.  Other
+      processes read only the index lines appended since they last looked.
+      Dead space is compacted away, crash-safely, once it outweighs the live
+      data.
+    * ``dbm.gnu``: a mark and a note of the key count bracket every write.
+      After a crash inside one, the next process recovers the file (a copy
+      is kept aside as ``<path>.crashed`` meanwhile), checks every value and
+      the key count, and goes on; if anything else than the key being written
+      differs, it refuses to open (``CorruptSessionError``) until the file is
+      restored and ``ShelveStorage.clear_crash_mark(path)`` is called.
+    * ``dbm.ndbm`` (Berkeley DB on Debian): each write is read back after
+      the close that flushes it (Berkeley DB does not report a failed flush).
+      After a crash inside a write, or a failed write, the shelf refuses to
+      open until the files are checked and ``clear_crash_mark`` is called.
+    * ``dbm.sqlite3`` (Python 3.13+): every write is an SQLite transaction;
+      any thread may use the shelf.
+
+    Every failure of the dbm or the file system is a ``StorageError`` (no
+    permission, a full disk, an I/O error) or a ``CorruptSessionError``
+    (damaged files), with the path.
 
     Lock scope: process.  ``lock(key)`` excludes other threads and other
     processes (one byte of ``<path>.lock`` per key); every read and write
@@ -183,7 +200,11 @@ class ShelveStorage(EncodedStorage):
 
     @staticmethod
     def clear_crash_mark(path: str | os.PathLike[str]) -> None:
-        """Declare the shelf at ``path`` checked after a crash mid-write."""
+        """Declare the shelf at ``path`` checked (or restored) after a crash mid-write.
+
+        Call it with no process using the shelf, once the files were checked
+        or restored from a backup; the shelf then opens again.
+        """
         path = os.path.abspath(os.fspath(path))
         locks = make_locks(path + ".lock", os.path.dirname(path))
         try:
