@@ -281,14 +281,27 @@ class ShelveStorage(EncodedStorage):
         kb = _encode_key(check_key(key))
         with self._state._mutex, self._store() as db:
             self._keylocks.check_held(key, self.path)
-            if kb in db:
+            try:
+                present = kb in db
+            except self._state._errors as exc:
+                raise StorageError(f"cannot read {self.path}: {exc}", key=key, path=self.path) from exc
+            if present:
                 self._state._remove(db, [kb])
+
+    def _scan(self, db: Any) -> list[tuple[bytes, bytes]]:
+        """Every stored key and value (the shelf is held)."""
+        try:
+            return [(kb, db[kb]) for kb in list(db.keys())]
+        except SessionError:
+            raise
+        except self._state._errors as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
 
     def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
         now = self._clock()
-        for kb in list(db.keys()):
+        for kb, stored in self._scan(db):
             key = _decode_key(kb)
-            data = self._unframe(key, db[kb], now)
+            data = self._unframe(key, stored, now)
             if data is not None:
                 yield key, data
 
@@ -306,8 +319,7 @@ class ShelveStorage(EncodedStorage):
         now = self._clock()
         with self._state._mutex, self._store() as db:
             expired = []
-            for kb in list(db.keys()):
-                stored = db[kb]
+            for kb, stored in self._scan(db):
                 if stored.startswith(MAGIC) and len(stored) >= _FRAME.size:
                     expiry = _FRAME.unpack_from(stored)[2]
                     if expiry and expiry <= now:
