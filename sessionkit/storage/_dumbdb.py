@@ -13,7 +13,9 @@ writes differently:
   index line is whole on disk, the old value is the live one; a write that
   fails is cut off again and the caller gets the error;
 * **incremental**: a process that learns another one wrote (the shelf's change
-  counter) reads only the index lines appended since it last looked;
+  counter) reads only the index lines appended since it last looked, and
+  reads everything again only after a compaction (the shelf's compaction
+  counter);
 * **compaction**: when dead bytes outweigh live ones, the live values are
   copied to ``.dat.compact`` and indexed in ``.dir.compact``, both fsynced;
   renaming the index to ``.dir.committed`` commits; then both are renamed
@@ -119,7 +121,6 @@ class DumbDb:
         self._lines = 0  # lines in .dir
         self._dir_end = 0  # bytes of .dir read (whole lines)
         self._dat_end = 0  # end of the last value any line points at
-        self._dir_ino = 0
         self.writable = True
         self._open_files()
         try:
@@ -152,7 +153,6 @@ class DumbDb:
                 )
             self._dat_fd = self._open(self.datpath)
             self._dir_fd = self._open(self.dirpath)
-            self._dir_ino = os.fstat(self._dir_fd).st_ino
         except OSError as exc:
             self.close()
             raise StorageError(f"cannot open {self.path} (dbm.dumb): {exc}", path=self.path) from exc
@@ -167,30 +167,28 @@ class DumbDb:
     # -- the index -------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Catch up with what other processes wrote: the new lines, or everything after a compaction."""
-        try:
-            st = os.stat(self.dirpath)
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.dirpath}: {exc}", path=self.dirpath) from exc
-        if st.st_ino != self._dir_ino:
-            self.close()
-            self._start()
-        elif st.st_size != self._dir_end:
-            self._load()
+        """Read the index lines other processes appended since this process last looked."""
+        self._load()
+
+    def reload(self) -> None:
+        """Open both files again and read the whole index (after another process compacted them)."""
+        self.close()
+        self._start()
 
     def _load(self) -> None:
         """Read the index from where this process stopped to the end of the file."""
         start = self._dir_end
         try:
-            size = os.fstat(self._dir_fd).st_size
             chunks = []
             at = start
-            while at < size:
-                chunk = os.pread(self._dir_fd, size - at, at)
-                if not chunk:
-                    break
+            want = 1 << 16
+            while True:
+                chunk = os.pread(self._dir_fd, want, at)
                 chunks.append(chunk)
                 at += len(chunk)
+                if len(chunk) < want:
+                    break  # the end of the file
+                want = 1 << 22
         except OSError as exc:
             raise StorageError(f"cannot read {self.dirpath}: {exc}", path=self.dirpath) from exc
         data = b"".join(chunks)

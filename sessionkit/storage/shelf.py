@@ -32,6 +32,9 @@ _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
 # The lock file's header (see _ShelfState): the change counter, then the mark.
 _HEAD = struct.Struct("<QB")
 _MARK = 8
+_EPOCH = struct.Struct("<I")  # at 12: dbm.dumb's compactions, so other processes reload
+_EPOCH_AT = 12
+_HEADER = struct.Struct("<QBxxxI")  # the three, read at once
 _WRITING = 1  # a write to a fragile dbm is under way, or failed
 _COMPACTING = 2  # dbm.dumb's files are being compacted
 _DAMAGED = 3  # recovery after a crash failed: refuse until clear_crash_mark()
@@ -366,6 +369,7 @@ class _ShelfState(StoreState):
         # (lock file, change counter) when this process last looked: a lock
         # file replaced since counts from zero again, so it forces a reopen
         self._gen: tuple[Any, int] = (None, -1)
+        self._epoch = 0  # dbm.dumb: the compaction counter when this process last read the index
         self._dirty = False  # this section bumped the counter
         self._failed = False  # a write in this section failed
         self._count = 0  # dbm.gnu: keys in the file, kept in the lock file's record
@@ -398,17 +402,22 @@ class _ShelfState(StoreState):
 
     # -- the lock file's header ------------------------------------------------------
 
-    def _read_head(self) -> tuple[int, int]:
-        raw = os.pread(self.locks.fd, _HEAD.size, 0)
-        return _HEAD.unpack(raw) if len(raw) == _HEAD.size else (0, 0)
+    def _read_head(self) -> tuple[int, int, int]:
+        raw = os.pread(self.locks.fd, _HEADER.size, 0)
+        return _HEADER.unpack(raw) if len(raw) == _HEADER.size else (0, 0, 0)
+
+    def _bump_epoch(self) -> None:
+        self._epoch = (self._read_head()[2] + 1) & 0xFFFFFFFF
+        os.pwrite(self.locks.fd, _EPOCH.pack(self._epoch), _EPOCH_AT)
 
     def _set_mark(self, mark: int) -> None:
         os.pwrite(self.locks.fd, bytes((mark,)), _MARK)
 
-    def _catch_up(self, gen: int, mark: int) -> None:
+    def _catch_up(self, gen: int, mark: int, epoch: int) -> None:
         """Make ``self._db`` current (the shelf's slot is held)."""
         if mark:
             gen = self._after_crash(mark, gen)
+            epoch = self._read_head()[2]
         seen = (self.locks.file, gen)
         if self._db is None:
             self._reopen()
@@ -416,9 +425,13 @@ class _ShelfState(StoreState):
             if seen[0] is not self._gen[0] or self.dbm not in _KEPT_OPEN:
                 self._reopen()
             elif self.dbm == "dbm.dumb":
-                self._db.refresh()  # only the index lines appended since
+                if epoch != self._epoch:
+                    self._db.reload()  # another process compacted the files
+                else:
+                    self._db.refresh()  # only the index lines appended since
             # dbm.sqlite3 reads other processes' commits by itself
         self._gen = seen
+        self._epoch = epoch
 
     def _after_crash(self, mark: int, gen: int) -> int:
         """Recover from what the mark says happened (or refuse); returns the change counter."""
@@ -430,6 +443,7 @@ class _ShelfState(StoreState):
                 raise StorageError(
                     f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
                 ) from exc
+            self._bump_epoch()
             self._set_mark(0)
         elif mark == _WRITING and self.dbm == "dbm.gnu":
             gen = self._recover_gnu(gen)
@@ -627,6 +641,8 @@ class _ShelfState(StoreState):
             if os.path.exists(self.path + ".dir.committed"):
                 self._close_db()  # committed but not renamed: the next section finishes it
                 return
+        else:
+            self._bump_epoch()
         self._set_mark(0)
 
 
