@@ -23,8 +23,10 @@ from . import report
 from .cell import SCENARIOS
 from .subjects import BACKENDS, FLOORS, PEERS, available
 
-QUICK = {"ops": 300, "repeat": 3, "seconds": 0.25, "sizes": [1000, 10000]}
-FULL = {"ops": 2000, "repeat": 5, "seconds": 2.0, "sizes": [1000, 10_000, 100_000, 1_000_000]}
+# sizes: N for scenario (e); alternate_sizes: N for scenario (h).  --sizes sets both.
+QUICK = {"ops": 300, "repeat": 3, "seconds": 0.25, "sizes": [1000, 10000], "alternate_sizes": [1000, 10000]}
+FULL = {"ops": 2000, "repeat": 5, "seconds": 2.0, "sizes": [1000, 10_000, 100_000, 1_000_000],
+        "alternate_sizes": [1000, 100_000]}
 
 
 def _names(text: str | None, known: dict[str, Any], what: str) -> list[str]:
@@ -44,7 +46,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backends", help=f"sessionkit backends ({','.join(BACKENDS)}); default all")
     p.add_argument("--peers", help=f"peers and floors ({','.join([*PEERS, *FLOORS])}), or 'none'; default all")
     p.add_argument("--scenarios", help=f"scenarios ({','.join(SCENARIOS)}); default all")
-    p.add_argument("--sizes", help="N for scenario e, comma-separated")
+    p.add_argument("--sizes", help="N for scenarios e and h, comma-separated")
     p.add_argument("--quick", action="store_true", help="fewer operations and sizes: a few minutes")
     p.add_argument("--ops", type=int, help="operations per repetition")
     p.add_argument("--repeat", type=int, help="repetitions per cell")
@@ -65,11 +67,13 @@ def progress(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     base = dict(QUICK if args.quick else FULL)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     settings = {
         "ops": args.ops or base["ops"],
         "repeat": args.repeat or base["repeat"],
         "seconds": args.seconds or base["seconds"],
-        "sizes": [int(s) for s in args.sizes.split(",")] if args.sizes else base["sizes"],
+        "sizes": sizes or base["sizes"],
+        "alternate_sizes": sizes or base["alternate_sizes"],
         "quick": args.quick,
     }
     subjects = _names(args.backends, BACKENDS, "backends") + _names(args.peers, {**PEERS, **FLOORS}, "peers")
@@ -87,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     cells_todo = []
     skipped: list[dict[str, Any]] = []
     for scenario in scenarios:
-        for size in settings["sizes"] if scenario == "e" else [0]:
+        sized = {"e": settings["sizes"], "h": settings["alternate_sizes"]}
+        for size in sized.get(scenario, [0]):
             for name in runnable:
                 cls: Any = ALL[name]
                 why = None
-                if scenario == "d" and not cls.shared_by_processes:
+                if scenario in ("d", "h") and not cls.shared_by_processes:
                     why = "in-process only"
                 elif scenario == "g" and not cls.lazy_capable:
                     why = "has no lazy session"

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import random
 import resource
+import statistics
+import struct
 import sys
 import threading
 import time
@@ -27,10 +30,13 @@ SCENARIOS = {
     "e": "1 thread, random keys after prefilling N sessions",
     "f": "read-only handler",
     "g": "lazy session never touched",
+    "h": "1 process vs 2 processes strictly alternating, random keys after prefilling N sessions",
 }
 THREADS = 8
 PROCESSES = 4
 PREFILL_LIMIT_S = 60.0
+OP_LIMIT_S = 0.05  # (h): slower than this per operation in one process, alternation is not timed
+SYNC_HANDOFFS = 2000  # (h): the fewest hand-offs the no-op pass times (they take microseconds)
 
 
 def disk_bytes(path: str) -> int:
@@ -138,6 +144,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         return {**result, "skipped": "in-process only"}
     if scenario == "g" and not cls.lazy_capable:
         return {**result, "skipped": "has no lazy session"}
+    if scenario == "h":
+        if not cls.shared_by_processes:
+            return {**result, "skipped": "in-process only"}
+        return {**result, **run_alternating(name, workdir, size, ops, repeat, seconds)}
 
     if scenario == "e":
         skip = prefill(name, workdir, size, cls.shared_by_processes)
@@ -232,6 +242,255 @@ def run_processes(name: str, workdir: str, ops: int, seconds: float, repeat: int
     for p in procs:
         p.join(60)
     return times, done, errors, first_error, increments
+
+
+# -- (h) one process, then two strictly alternating ---------------------------------
+#
+# Two spawned workers share one prefilled store; the leader times passes
+# over the same random keys:
+#   solo  first, a warm-up and `repeat` passes by the leader alone, before the
+#         follower has written anything (so no cache of the leader's is stale);
+#   pair  then, each round, the leader does keys 0, 2, 4, ... and the follower
+#         1, 3, 5, ..., handing a token back and forth through two pipes: each
+#         operation starts after the other process's write, so every one of
+#         them finds the store changed by the other process since it last
+#         looked;
+#   sync  right after each pair pass, the same hand-offs around a no-op: what
+#         the token itself costs; its median is subtracted from the pair passes.
+# µs/op for the pair is its wall time over the operations of both workers;
+# each pass also records CPU time (the leader's, plus the follower's in the
+# alternating passes), which other load on the machine disturbs far less.
+
+_GO, _NOOP, _RESET, _CPU, _QUIT = b"i", b"n", b"r", b"t", b"q"
+_OK, _FAILED = b"k", b"e"
+_SECONDS = struct.Struct("<d")
+
+
+def _noop(key: str) -> None:
+    pass
+
+
+def _dbm_of(subject: Subject) -> str | None:
+    return getattr(getattr(subject, "storage", None), "dbm", None)
+
+
+def _handoff(rfd: int, wfd: int, command: bytes) -> bytes:
+    os.write(wfd, command)
+    reply = os.read(rfd, 1)
+    if not reply:
+        raise RuntimeError("the other worker of (h) went away")
+    return reply
+
+
+def _follower_cpu(rfd: int, wfd: int) -> float:
+    """The follower's CPU seconds so far."""
+    os.write(wfd, _CPU)
+    raw = b""
+    while len(raw) < _SECONDS.size:
+        chunk = os.read(rfd, _SECONDS.size - len(raw))
+        if not chunk:
+            raise RuntimeError("the other worker of (h) went away")
+        raw += chunk
+    return float(_SECONDS.unpack(raw)[0])
+
+
+def _alternate_follower(name: str, workdir: str, keys: list[str], rx: Any, tx: Any, results: Any) -> None:
+    rfd, wfd = rx.fileno(), tx.fileno()
+    subject = ALL[name](workdir)
+    subject.prepare([], prefilled=True)
+    first = ""
+    i = 1
+    n = len(keys)
+    while True:
+        command = os.read(rfd, 1)
+        if command in (_QUIT, b""):
+            break
+        reply = _OK
+        if command == _GO:
+            try:
+                subject.increment(keys[i % n])
+            except Exception as exc:  # counted by the leader, shown once
+                reply = _FAILED
+                first = first or f"{type(exc).__name__}: {exc}"[:200]
+            i += 2
+        elif command == _NOOP:
+            _noop(keys[i % n])
+        elif command == _RESET:
+            i = 1
+        elif command == _CPU:
+            reply = _SECONDS.pack(time.process_time())
+        os.write(wfd, reply)
+    subject.close()
+    results.put(("follower", {"first_error": first, "rss_mb": rss_mb()}))
+
+
+def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, seconds: float, rounds: int,
+                      size: int, rx: Any, tx: Any, results: Any) -> None:
+    rfd, wfd = rx.fileno(), tx.fileno()
+    subject = ALL[name](workdir)
+    subject.prepare([], prefilled=True)
+    n = min(len(keys), ops)
+    out: dict[str, Any] = {"solo": [], "pair": [], "sync": [], "solo_cpu": [], "pair_cpu": [], "sync_cpu": [],
+                           "pair_ops": [], "errors": 0, "first_error": "", "increments": 0, "reached": 0,
+                           "dbm": _dbm_of(subject)}
+
+    def failed(exc: Exception) -> None:
+        out["errors"] += 1
+        out["first_error"] = out["first_error"] or f"{type(exc).__name__}: {exc}"[:200]
+
+    def solo() -> tuple[float, float, int]:
+        done = 0
+        cpu = time.process_time()
+        start = time.perf_counter()
+        deadline = start + seconds
+        for i in range(n):
+            try:
+                subject.increment(keys[i])
+                done += 1
+            except Exception as exc:
+                failed(exc)
+            if time.perf_counter() > deadline:
+                i += 1
+                break
+        else:
+            i = n
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+        out["reached"] = max(out["reached"], i)
+        out["increments"] += done
+        return elapsed, cpu, done
+
+    def alternate(fn: Any, command: bytes, n: int) -> tuple[float, float, int]:
+        _handoff(rfd, wfd, _RESET)
+        done = 0
+        i = 0
+        cpu = -_follower_cpu(rfd, wfd) - time.process_time()
+        start = time.perf_counter()
+        deadline = start + seconds
+        while i < n:
+            try:
+                fn(keys[i % len(keys)])
+                done += 1
+            except Exception as exc:
+                failed(exc)
+            if i + 1 < n:
+                if _handoff(rfd, wfd, command) == _OK:
+                    done += 1
+                else:
+                    out["errors"] += 1
+            i += 2
+            if time.perf_counter() > deadline:
+                break
+        elapsed = time.perf_counter() - start
+        cpu += time.process_time() + _follower_cpu(rfd, wfd)  # both workers' CPU time
+        if fn is not _noop:
+            out["reached"] = max(out["reached"], min(i, n))
+            out["increments"] += done
+        return elapsed, cpu, done
+
+    try:
+        for round_ in range(rounds):  # the first round of each kind is the warm-up
+            solo_t, solo_c, solo_n = solo()
+            if round_ == 0 and solo_t / max(solo_n, 1) > OP_LIMIT_S:
+                out["skipped"] = (f"{solo_t / max(solo_n, 1) * 1e3:,.0f} ms per operation in one process "
+                                  f"at N = {size:,}: alternation not timed")
+                break
+            if round_:
+                out["solo"].append(solo_t / max(solo_n, 1) * 1e6)
+                out["solo_cpu"].append(solo_c / max(solo_n, 1) * 1e6)
+        for round_ in range(rounds if "skipped" not in out else 0):
+            pair_t, pair_c, pair_n = alternate(subject.increment, _GO, n)
+            sync_t, sync_c, sync_n = alternate(_noop, _NOOP, max(n, SYNC_HANDOFFS))
+            if round_:
+                out["pair"].append(pair_t / max(pair_n, 1) * 1e6)
+                out["sync"].append(sync_t / max(sync_n, 1) * 1e6)
+                out["pair_cpu"].append(pair_c / max(pair_n, 1) * 1e6)
+                out["sync_cpu"].append(sync_c / max(sync_n, 1) * 1e6)
+                out["pair_ops"].append(pair_n)
+    finally:
+        try:
+            os.write(wfd, _QUIT)
+        except OSError:
+            pass  # the follower is gone already; its exit code says why
+    subject.close()
+    out["rss_mb"] = rss_mb()
+    results.put(("leader", out))
+
+
+def _collect(procs: list[Any], results: Any, want: int, timeout: float) -> dict[str, Any]:
+    got: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(got) < want:
+        try:
+            tag, data = results.get(timeout=0.5)
+            got[tag] = data
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a worker of (h) exited with {dead[0]}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers of (h) timed out") from None
+    return got
+
+
+def run_alternating(name: str, workdir: str, size: int, ops: int, repeat: int, seconds: float) -> dict[str, Any]:
+    """Scenario (h): µs/op of one process, of two strictly alternating, and of the hand-off alone."""
+    skip = prefill(name, workdir, size, out_of_process=True)
+    if skip:
+        return {"skipped": skip}
+    rng = random.Random(7)
+    keys = [f"chat:{rng.randrange(size)}" for _ in range(max(ops, 2))]
+    subject = ALL[name](workdir)
+    initial = subject.read_count(keys[0])  # what prefill left in every session (0, or 1 for some)
+    subject.close()
+    ctx = multiprocessing.get_context("spawn")
+    to_follower_r, to_follower_w = ctx.Pipe(duplex=False)
+    to_leader_r, to_leader_w = ctx.Pipe(duplex=False)
+    results = ctx.Queue()
+    leader = ctx.Process(target=_alternate_leader, args=(
+        name, workdir, keys, ops, seconds, repeat + 1, size, to_leader_r, to_follower_w, results))
+    follower = ctx.Process(target=_alternate_follower, args=(
+        name, workdir, keys, to_follower_r, to_leader_w, results))
+    follower.start()
+    leader.start()
+    for end in (to_follower_r, to_follower_w, to_leader_r, to_leader_w):
+        end.close()  # the workers hold them now: one's exit is the other's EOF
+    try:
+        got = _collect([leader, follower], results, 2, timeout=(repeat + 1) * (3 * seconds + 60) + 120)
+    finally:
+        for p in (leader, follower):
+            p.join(30)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+    lead, follow = got["leader"], got["follower"]
+    out: dict[str, Any] = {"dbm": lead["dbm"]} if lead["dbm"] else {}
+    if "skipped" in lead:
+        return {**out, "skipped": lead["skipped"]}
+    subject = ALL[name](workdir)
+    touched = set(keys[: lead["reached"]])
+    counted = sum(subject.read_count(k) for k in touched) - initial * len(touched)
+    subject.close()
+    handoff = statistics.median(lead["sync"]) if lead["sync"] else 0.0  # short passes: one preemption shows
+    net = [p - handoff for p in lead["pair"]]
+    out.update(
+        reps=len(net),
+        ops_per_rep=lead["pair_ops"],
+        us_per_op=net,  # two processes, the hand-off subtracted
+        solo_us_per_op=lead["solo"],
+        pair_us_per_op=lead["pair"],
+        sync_us_per_op=lead["sync"],
+        # CPU time (both workers' in the alternating passes): steadier than wall time on a busy machine
+        solo_cpu_us_per_op=lead["solo_cpu"],
+        pair_cpu_us_per_op=lead["pair_cpu"],
+        sync_cpu_us_per_op=lead["sync_cpu"],
+        errors=lead["errors"],
+        first_error=lead["first_error"] or follow["first_error"],
+        lost=lead["increments"] - counted,
+        rss_mb=round(max(lead["rss_mb"], follow["rss_mb"]), 1),
+        disk_bytes=disk_bytes(workdir),
+    )
+    return out
 
 
 _PREFILLED: list[Subject] = []

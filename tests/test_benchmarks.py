@@ -17,7 +17,7 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
         [
             sys.executable, "-m", "benchmarks",
             "--backends", "memory,msgpack", "--peers", "floor-dict",
-            "--scenarios", "a,b,d,e,g", "--sizes", "50",
+            "--scenarios", "a,b,d,e,g,h", "--sizes", "50",
             "--ops", "40", "--repeat", "1", "--seconds", "1",
             "--out", str(out), "--workdir", str(tmp_path / "work"),
         ],
@@ -30,7 +30,8 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
     assert "skipped: in-process only" in table  # memory and the dict floor in (d)
     results = json.loads((out / "results.json").read_text())
     timed = [c for c in results["cells"] if "median_us" in c]
-    assert {c["scenario"] for c in timed} == {"a", "b", "d", "e", "g"}
+    assert {c["scenario"] for c in timed} == {"a", "b", "d", "e", "g", "h"}
+    assert "| 2p/1p (raw) |" in table  # (h): one process vs two alternating
     assert all(c["lost"] in (0, None) and c["errors"] == 0 for c in timed)
     assert (out / "results.md").read_text() in table
 
