@@ -38,6 +38,7 @@ from ..errors import CorruptSessionError, StorageError
 __all__ = ["DumbDb", "recover_compaction"]
 
 _DELETED = (0, 0)
+_LIMIT = 1 << 62  # no offset or size in a sound index comes near this
 _MIN_DEAD_BYTES = 64 * 1024
 _MIN_DEAD_LINES = 1000
 _COPY_CHUNK = 1 << 20
@@ -115,12 +116,20 @@ class DumbDb:
         self._start()
 
     def _start(self) -> None:
-        """Open both files and read the whole index."""
+        """Open both files and read the whole index (finishing a compaction a crash cut short)."""
+        if os.path.exists(self.path + ".dir.committed") or os.path.exists(self.path + ".dat.compact"):
+            try:
+                recover_compaction(self.path)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
+                ) from exc
         self._index: dict[bytes, tuple[int, int]] = {}
         self._live = 0  # bytes of live values in .dat
         self._lines = 0  # lines in .dir
         self._dir_end = 0  # bytes of .dir read (whole lines)
-        self._dat_end = 0  # end of the last value any line points at
+        self._dat_size = 0  # .dat's size as last seen: where the next value goes
+        self._inos = (0, 0)  # the inodes of .dir and .dat this process has open
         self.writable = True
         self._open_files()
         try:
@@ -153,6 +162,9 @@ class DumbDb:
                 )
             self._dat_fd = self._open(self.datpath)
             self._dir_fd = self._open(self.dirpath)
+            dat = os.fstat(self._dat_fd)
+            self._inos = (os.fstat(self._dir_fd).st_ino, dat.st_ino)
+            self._dat_size = dat.st_size
         except OSError as exc:
             self.close()
             raise StorageError(f"cannot open {self.path} (dbm.dumb): {exc}", path=self.path) from exc
@@ -168,15 +180,42 @@ class DumbDb:
 
     def refresh(self) -> None:
         """Read the index lines other processes appended since this process last looked."""
-        self._load()
+        if not self._load():
+            try:
+                shrunk = os.fstat(self._dir_fd).st_size < self._dir_end
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.dirpath}: {exc}", path=self.dirpath) from exc
+            if shrunk:  # an older copy was put in its place: read it all
+                self.reload()
+
+    def check_files(self) -> None:
+        """Before a write: make sure the files at the path are the ones open here.
+
+        A write into a file that was deleted or replaced under this process
+        (a backup restored, the directory cleaned) would be acknowledged and
+        lost; a replaced file is read anew instead, a missing one is an error.
+        """
+        try:
+            d, t = os.stat(self.dirpath), os.stat(self.datpath)
+        except FileNotFoundError as exc:
+            raise StorageError(
+                f"{exc.filename} was deleted while this process had the shelf open; nothing was written",
+                path=self.path,
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
+        if (d.st_ino, t.st_ino) != self._inos or d.st_size < self._dir_end:
+            self.reload()
+        else:
+            self._dat_size = t.st_size
 
     def reload(self) -> None:
         """Open both files again and read the whole index (after another process compacted them)."""
         self.close()
         self._start()
 
-    def _load(self) -> None:
-        """Read the index from where this process stopped to the end of the file."""
+    def _load(self) -> bool:
+        """Read the index from where this process stopped to the end of the file; False if nothing was new."""
         start = self._dir_end
         try:
             chunks = []
@@ -199,9 +238,10 @@ class DumbDb:
             if self.writable:
                 _truncate(self._dir_fd, start + whole)
             data = data[:whole]
+        if not data:
+            return False
         index = self._index
         live = self._live
-        dat_end = self._dat_end
         number = self._lines
         for line in data.decode("latin-1").splitlines():
             number += 1
@@ -212,8 +252,8 @@ class DumbDb:
                 pos_text, _, siz_text = tail[:-1].partition(", ")
                 where = (int(pos_text), int(siz_text))
                 kb = _parse_key(head).encode("latin-1")
-                if where[0] < 0 or where[1] < 0:
-                    raise ValueError("negative offset or size")
+                if not (0 <= where[0] < _LIMIT and 0 <= where[1] < _LIMIT):
+                    raise ValueError("offset or size out of range")
             except (ValueError, SyntaxError, UnicodeEncodeError) as exc:
                 raise CorruptSessionError(
                     f"line {number} of {self.dirpath} is damaged ({exc}); nothing was changed: restore "
@@ -226,12 +266,10 @@ class DumbDb:
             if where[1]:
                 index[kb] = where
                 live += where[1]
-                if where[0] + where[1] > dat_end:
-                    dat_end = where[0] + where[1]
         self._live = live
-        self._dat_end = dat_end
         self._lines = number
         self._dir_end = start + whole
+        return True
 
     # -- the mapping -----------------------------------------------------------------
 
@@ -253,6 +291,14 @@ class DumbDb:
             return default
         pos, siz = where
         try:
+            if pos + siz > self._dat_size:  # written by another process since: is it there?
+                self._dat_size = os.fstat(self._dat_fd).st_size
+                if pos + siz > self._dat_size:
+                    raise CorruptSessionError(
+                        f"{self.datpath} ends before the value of key {kb[:60]!r} (offset {pos}, {siz} bytes): "
+                        "the file was cut short; restore the shelf from a backup",
+                        path=self.datpath,
+                    )
             data = os.pread(self._dat_fd, siz, pos)
         except OSError as exc:
             raise StorageError(f"cannot read {self.datpath}: {exc}", path=self.datpath) from exc
@@ -278,7 +324,7 @@ class DumbDb:
         if not value:
             raise ValueError("dbm.dumb values here are never empty")
         self._need_writable()
-        pos = self._dat_end
+        pos = self._dat_size
         try:
             _write_all(self._dat_fd, value, pos)
         except BaseException:
@@ -309,17 +355,17 @@ class DumbDb:
         if where[1]:
             self._index[kb] = where
             self._live += where[1]
-            self._dat_end = where[0] + where[1]
+            self._dat_size = where[0] + where[1]
 
     # -- compaction ------------------------------------------------------------------
 
     def dead_bytes(self) -> int:
         """Bytes of ``.dat`` that no index line points at any more."""
-        return self._dat_end - self._live
+        return self._dat_size - self._live
 
     def wants_compaction(self) -> bool:
         """Dead bytes outweigh live ones (or dead index lines the live ones)."""
-        dead = self._dat_end - self._live
+        dead = self._dat_size - self._live
         if self.compact_after:
             return dead > self.compact_after
         if dead > max(self._live, _MIN_DEAD_BYTES):
@@ -344,8 +390,9 @@ class DumbDb:
             try:
                 out = bytearray()
                 at = 0
+                size = os.fstat(self._dat_fd).st_size
                 for kb, (pos, siz) in sorted(self._index.items(), key=lambda item: item[1][0]):
-                    data = os.pread(self._dat_fd, siz, pos)
+                    data = os.pread(self._dat_fd, siz, pos) if pos + siz <= size else b""
                     if len(data) != siz:
                         raise CorruptSessionError(
                             f"{self.datpath} ends before the value of key {kb[:60]!r}; not compacted",
@@ -392,7 +439,6 @@ class DumbDb:
         self._open_files()
         self._index = new_index
         self._live = dat_end
-        self._dat_end = dat_end
         self._lines = len(new_index)
         self._dir_end = len(lines)
         self.compact_after = 0

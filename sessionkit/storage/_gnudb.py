@@ -32,6 +32,7 @@ being written: it stays, and reading it raises ``CorruptSessionError``.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import struct
@@ -49,6 +50,7 @@ RECORD_AT = 40
 VALID = 0xA5
 NONE, REPLACE, INSERT, DELETE = 0, 1, 2, 3
 
+_NOT_DAMAGE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EMFILE}
 _MAGIC64 = 0x13579ACF  # gdbm's standard format on 64-bit hosts
 _HEADER = struct.Struct("<IiqiiiiQ")  # magic, block_size, dir, dir_size, dir_bits, bucket_size, bucket_elems, next_block
 
@@ -130,8 +132,17 @@ def recover(
                 f.write(struct.pack("<Q", size))
         flags = "w" + ("u" if "u" in module.open_flags else "")
         db = module.open(path, flags, 0o600)
+        directory, name = os.path.split(path)
+        before = set(os.listdir(directory))
         try:
-            db.reorganize()
+            try:
+                db.reorganize()
+            except BaseException:
+                # gdbm's reorganize leaves its half-built copy (<name>.XXXXXX) behind
+                for leftover in set(os.listdir(directory)) - before:
+                    if leftover.startswith(name + "."):
+                        _remove(os.path.join(directory, leftover))
+                raise
             keys = db.keys()
             if len(db) != len(keys):
                 raise _refuse(path, f"it counts {len(db)} keys but lists {len(keys)}", copy)
@@ -141,8 +152,9 @@ def recover(
     except CorruptSessionError:
         raise
     except (OSError, module.error) as exc:
-        if getattr(exc, "errno", None) is not None and not isinstance(exc, module.error):
-            raise StorageError(f"cannot recover {path} after a crash: {exc}", path=path) from exc
+        if getattr(exc, "errno", None) in _NOT_DAMAGE:  # a full disk, no permission: try again later
+            _remove(copy)
+            raise StorageError(f"cannot recover {path} after a crash yet: {exc}", path=path) from exc
         raise _refuse(path, str(exc), copy) from exc
     if not record.valid:
         raise _refuse(path, "the lock file holds no key count to check it against", copy)

@@ -104,8 +104,9 @@ class SqliteDb:
             except sqlite3.OperationalError:
                 pass  # a WAL file another connection has open
             # Every commit is whole before another process reads it, and a
-            # killed process loses nothing it committed; a power cut may lose
-            # the last commits, as with the shelf's other dbms.
+            # killed process loses nothing it committed.  A power cut or an
+            # OS crash may damage the file (SQLite then reports it as
+            # malformed): like the shelf's other dbms, nothing is fsynced.
             cx.execute("PRAGMA synchronous = OFF").close()
             # Reads the schema, so a file that is not SQLite fails here and now.
             cx.execute(_BUILD_TABLE).close()

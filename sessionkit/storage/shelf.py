@@ -47,6 +47,7 @@ _FRAGILE = {"dbm.ndbm", "dbm.gnu"}
 # index lines, SQLite sees other processes' commits itself
 _KEPT_OPEN = {"dbm.dumb", "dbm.sqlite3"}
 _SQLITE_FILES = ("-wal", "-shm", "-journal")  # beside a dbm.sqlite3 file
+_DBM_AT, _DBM_NAME = 56, 16  # the lock file records the shelf's dbm here
 _ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -126,7 +127,13 @@ class ShelveStorage(EncodedStorage):
 
     Every failure of the dbm or the file system is a ``StorageError`` (no
     permission, a full disk, an I/O error) or a ``CorruptSessionError``
-    (damaged files), with the path.
+    (damaged files), with the path.  Nothing is fsynced: a power cut or an
+    operating-system crash can lose recent writes or damage the files (use
+    ``MsgpackFileStorage(durable=True)`` where that matters).  The lock file
+    records the shelf's dbm, so a Python without it fails clearly instead
+    of starting an empty shelf of another dbm beside it.  Restore a backup
+    or delete the files only with every process of the shelf stopped; a
+    write into a file deleted under a running process is refused.
 
     Lock scope: process.  ``lock(key)`` excludes other threads and other
     processes (one byte of ``<path>.lock`` per key); every read and write
@@ -164,7 +171,7 @@ class ShelveStorage(EncodedStorage):
         # Only a shelf not yet open in this process is probed by dbm.whichdb():
         # its open-and-close of the file would drop the POSIX locks that
         # SQLite (dbm.sqlite3) holds on it through the open connection.
-        self._state = state = _ShelfState.attach(ident, lambda: _ShelfState(ident, self.path, wanted or self._found()))
+        self._state = state = _ShelfState.attach(ident, lambda: _ShelfState(ident, self.path, wanted))
         if wanted is not None and state.dbm != wanted:
             state.detach()
             raise ValueError(f"{self.path} is already open here with {state.dbm}, not {wanted}")
@@ -185,16 +192,6 @@ class ShelveStorage(EncodedStorage):
         if name not in have:
             raise ValueError(f"dbm {wanted!r} is not available in this Python; it has {', '.join(have)}")
         return name
-
-    def _found(self) -> str:
-        """The dbm of the shelf's existing files, else the best this Python has."""
-        have = available_dbms()
-        existing = _dbm.whichdb(self.path)
-        if existing and existing in have:
-            return existing
-        if os.path.exists(self.path + ".dat") or os.path.exists(self.path + ".bak"):
-            return "dbm.dumb"  # dbm.dumb's data without its index: let the check report it
-        return have[0]
 
     def _store(self) -> _StoreSection:
         if self._closed:
@@ -268,7 +265,7 @@ class ShelveStorage(EncodedStorage):
             except SessionError:
                 raise
             except self._state._errors as exc:
-                raise StorageError(f"cannot read session {key!r} from {self.path}: {exc}", key=key, path=self.path) from exc
+                raise self._state._failure(exc, f"cannot read session {key!r} from", key) from exc
             return None if stored is None else self._unframe(key, stored, self._clock())
 
     def _raw_write(self, key: str, data: bytes) -> None:
@@ -287,7 +284,7 @@ class ShelveStorage(EncodedStorage):
             try:
                 present = kb in db
             except self._state._errors as exc:
-                raise StorageError(f"cannot read {self.path}: {exc}", key=key, path=self.path) from exc
+                raise self._state._failure(exc, "cannot read", key) from exc
             if present:
                 self._state._remove(db, [kb])
 
@@ -297,13 +294,20 @@ class ShelveStorage(EncodedStorage):
             return [(kb, db[kb]) for kb in list(db.keys())]
         except SessionError:
             raise
-        except self._state._errors as exc:
-            raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
+        except (KeyError, *self._state._errors) as exc:  # KeyError: listed but not there, damage
+            raise self._state._failure(exc, "cannot read") from exc
 
     def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
         now = self._clock()
         for kb, stored in self._scan(db):
-            key = _decode_key(kb)
+            try:
+                key = _decode_key(kb)
+            except UnicodeDecodeError as exc:
+                raise CorruptSessionError(
+                    f"{self.path} holds the key {kb[:60]!r}, which is not UTF-8 (written by another program, "
+                    "or damaged); delete it with that program or restore the shelf",
+                    path=self.path,
+                ) from exc
             data = self._unframe(key, stored, now)
             if data is not None:
                 yield key, data
@@ -354,22 +358,20 @@ class _ShelfState(StoreState):
     on entering a section means a process died (or a write failed) there.
     """
 
-    def __init__(self, ident: tuple[Any, ...], path: str, dbm: str) -> None:
+    def __init__(self, ident: tuple[Any, ...], path: str, wanted: str | None) -> None:
         self.path = path
         super().__init__(ident, path + ".lock", os.path.dirname(path))
-        self.dbm = dbm
-        self._module: Any = importlib.import_module(dbm)
-        self._errors: tuple[type[BaseException], ...] = (OSError, self._module.error)
-        if dbm == "dbm.sqlite3":
-            import sqlite3
-
-            self._errors += (sqlite3.Error,)
+        self._wanted = wanted
+        self.dbm = ""  # decided in setup(), under the shelf's lock
+        self._module: Any = None
+        self._errors: tuple[type[BaseException], ...] = (OSError,)
         self._mutex = threading.Lock()
         self._db: Any = None
         # (lock file, change counter) when this process last looked: a lock
         # file replaced since counts from zero again, so it forces a reopen
         self._gen: tuple[Any, int] = (None, -1)
         self._epoch = 0  # dbm.dumb: the compaction counter when this process last read the index
+        self._ino = 0  # dbm.gnu: the inode of the file opened
         self._dirty = False  # this section bumped the counter
         self._failed = False  # a write in this section failed
         self._count = 0  # dbm.gnu: keys in the file, kept in the lock file's record
@@ -381,8 +383,54 @@ class _ShelfState(StoreState):
         return bool(self._files())
 
     def setup(self) -> None:
+        held = self.locks.lock(_STORE_LOCK, None, "")
+        try:
+            self._use(self._decide())
+        finally:
+            self.locks.unlock(held, _STORE_LOCK)
         with self._mutex, self.section():
             pass
+
+    def _decide(self) -> str:
+        """The shelf's dbm: the one its lock file records, else its files', else the one asked for or the best.
+
+        The lock file records it, so a Python that lacks it fails clearly
+        instead of starting a second, empty shelf of another dbm beside it.
+        """
+        have = available_dbms()
+        raw = os.pread(self.locks.fd, _DBM_NAME, _DBM_AT).rstrip(b"\0")
+        recorded = raw.decode("ascii", "replace")
+        existing = recorded or _dbm.whichdb(self.path)
+        if existing == "" or (existing and not existing.startswith("dbm.")):
+            raise CorruptSessionError(
+                f"{self.path} exists but is not a dbm file this Python knows; nothing was changed", path=self.path
+            )
+        if existing is None and (os.path.exists(self.path + ".dat") or os.path.exists(self.path + ".bak")):
+            existing = "dbm.dumb"  # dbm.dumb's data without its index: DumbDb reports it
+        if existing:
+            if self._wanted is not None and self._wanted != existing:
+                raise ValueError(f"{self.path} is a {existing} shelf, not {self._wanted}")
+            if existing not in have:
+                raise StorageError(
+                    f"{self.path} is a {existing} shelf, and this Python has no {existing} (it has "
+                    f"{', '.join(have)}): open it with a Python that has {existing}",
+                    path=self.path,
+                )
+            chosen = existing
+        else:
+            chosen = self._wanted or have[0]
+        if not recorded:
+            os.pwrite(self.locks.fd, chosen.encode("ascii").ljust(_DBM_NAME, b"\0"), _DBM_AT)
+        return chosen
+
+    def _use(self, dbm: str) -> None:
+        self.dbm = dbm
+        self._module = importlib.import_module(dbm)
+        self._errors = (OSError, self._module.error)
+        if dbm == "dbm.sqlite3":
+            import sqlite3
+
+            self._errors += (sqlite3.Error,)
 
     def teardown(self) -> None:
         with self._mutex:
@@ -483,6 +531,7 @@ class _ShelfState(StoreState):
                     self._gen = (self._gen[0], self._recover_gnu(self._read_head()[0]))
                 flags = "c" + "".join(f for f in "fu" if f in self._module.open_flags)
                 self._db = self._module.open(self.path, flags, 0o600)
+                self._ino = os.stat(self.path).st_ino
             else:
                 self._db = self._module.open(self.path, "c", 0o600)
         except SessionError:
@@ -495,6 +544,16 @@ class _ShelfState(StoreState):
                 f"are: restore them from a backup{self._recovery_hint()}",
                 path=self.path,
             ) from exc
+
+    def _failure(self, exc: BaseException, doing: str, key: str | None = None) -> SessionError:
+        """The SessionError for a dbm's error while reading: damage, or a failure to get at the file."""
+        if isinstance(exc, KeyError) or not self._not_damage(exc) and type(exc).__name__ == "DatabaseError":
+            return CorruptSessionError(
+                f"{doing} {self.path} ({self.dbm}): {exc!r}: the file is damaged; restore it from a backup",
+                key=key,
+                path=self.path,
+            )
+        return StorageError(f"{doing} {self.path}: {exc}", key=key, path=self.path)
 
     def _not_damage(self, exc: BaseException) -> bool:
         """Whether a dbm's error is about access (permissions, a full disk), not damaged files."""
@@ -541,9 +600,16 @@ class _ShelfState(StoreState):
 
     # -- writes ----------------------------------------------------------------------
 
-    def _start_write(self, db: Any) -> None:
-        """Bump the change counter (and mark a fragile dbm) before the section's first write."""
+    def _start_write(self, db: Any) -> Any:
+        """Before the section's first write: check the files, bump the change counter, mark a fragile dbm.
+
+        Returns the dbm to write to (a file replaced under this process is opened anew).
+        """
         if not self._dirty:
+            if self.dbm == "dbm.dumb":
+                db.check_files()
+            elif self.dbm == "dbm.gnu":
+                db = self._check_gnu_file(db)
             if self.dbm == "dbm.gnu":
                 record = _gnudb.Record(os.pread(self.locks.fd, _gnudb.RECORD.size, _gnudb.RECORD_AT))
                 self._count = record.count if record.valid else len(db)
@@ -551,6 +617,21 @@ class _ShelfState(StoreState):
             os.pwrite(self.locks.fd, _HEAD.pack(gen, _WRITING if self.dbm in _FRAGILE else 0), 0)
             self._gen = (self.locks.file, gen)
             self._dirty = True
+        return db
+
+    def _check_gnu_file(self, db: Any) -> Any:
+        """dbm.gnu: a write into a file deleted or replaced under this process would be lost."""
+        try:
+            ino = os.stat(self.path).st_ino
+        except FileNotFoundError as exc:
+            raise StorageError(
+                f"{self.path} was deleted while this process had the shelf open; nothing was written",
+                path=self.path,
+            ) from exc
+        if ino != self._ino:
+            self._reopen()
+            db = self._db
+        return db
 
     def _note(self, db: Any, kb: bytes, removing: bool) -> int:
         """dbm.gnu: record the key count and the write about to happen; returns the count's change."""
@@ -563,7 +644,7 @@ class _ShelfState(StoreState):
 
     def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
         try:
-            self._start_write(db)
+            db = self._start_write(db)
             if self.dbm == "dbm.gnu":
                 change = self._note(db, kb, False)
                 db[kb] = framed
@@ -583,7 +664,7 @@ class _ShelfState(StoreState):
 
     def _remove(self, db: Any, keys: list[bytes]) -> None:
         try:
-            self._start_write(db)
+            db = self._start_write(db)
             for kb in keys:
                 change = self._note(db, kb, True) if self.dbm == "dbm.gnu" else 0
                 try:
