@@ -414,3 +414,130 @@ def test_unreadable_files_are_storage_errors(tmp_path: Path, unreadable: str) ->
     for p in targets:
         os.chmod(p, 0o600)
     assert make(path).read("a") == 1
+
+
+# -- what an adversarial review found ---------------------------------------------------
+
+
+@dumb_only
+@pytest.mark.parametrize("mark", ["lock file deleted", "mark cleared"])
+def test_a_committed_compaction_is_finished_even_without_its_mark(tmp_path: Path, mark: str) -> None:
+    """A crash between the renames, then the mark lost: the new .dat is never read through the old .dir."""
+    path = str(tmp_path / "s")
+    code = f"""
+import os
+from sessionkit import ShelveStorage
+from sessionkit.storage import _dumbdb
+real_replace, calls = os.replace, []
+def replace(a, b):
+    if len(calls) == 2:  # the .dat is in place, the .dir not yet
+        os._exit(9)
+    calls.append(b)
+    real_replace(a, b)
+_dumbdb.os.replace = replace
+s = ShelveStorage({path!r}, dbm="dumb")
+for i in range(200):
+    s.write(f"user{{i:03}}", {{"who": i}})
+while True:
+    s.write("user000", {{"who": 0}})
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
+    assert done.returncode == 9 and os.path.exists(path + ".dir.committed")
+    if mark == "lock file deleted":
+        os.unlink(path + ".lock")
+    else:
+        ShelveStorage.clear_crash_mark(path)
+    storage = ShelveStorage(path)
+    assert [storage.read(f"user{i:03}") for i in range(200)] == [{"who": i} for i in range(200)]
+
+
+@dumb_only
+def test_an_older_index_copied_over_a_running_shelf_is_read_anew(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("a", 1)
+    storage.write("b", 1)
+    backup = Path(path + ".dir").read_bytes()
+    storage.write("a", 2)
+    storage.write("c", 3)
+    Path(path + ".dir").write_bytes(backup)  # cp keeps the inode: "restore" under a running process
+    code = f"from sessionkit import ShelveStorage; ShelveStorage({path!r}).write('d', 4)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    assert storage.read("a") == 1 and storage.read("c") is None and storage.read("d") == 4
+    storage.write("e", 5)
+    fresh = subprocess.run(
+        [sys.executable, "-c", f"from sessionkit import ShelveStorage; print(sorted(ShelveStorage({path!r}).keys()))"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert fresh.stdout.strip() == str(["a", "b", "d", "e"])
+
+
+def test_a_write_into_files_deleted_under_a_running_process_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "shelf" / "sessions")
+    storage = make(path)
+    storage.write("old", 1)
+    if storage.dbm not in ("dbm.dumb", "dbm.gnu"):
+        pytest.skip(f"{storage.dbm} reports this itself")
+    for file in Path(path).parent.iterdir():
+        if file.is_file() and not file.name.startswith("sessions.lock"):
+            file.unlink()
+    with pytest.raises(StorageError, match="deleted"):
+        storage.write("new", 2)
+
+
+@dumb_only
+@pytest.mark.parametrize("line", [b"'k', (0, 1000000000000)\n", b"'k', (10000000000000000000, 5)\n",
+                                  b"'k', (0, 10000000000000000000)\n", b"'k', (1000000000000000, 5)\n"])
+def test_index_lines_pointing_outside_the_data_are_damage(tmp_path: Path, line: bytes) -> None:
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("other", 1)
+    storage.close()
+    with open(path + ".dir", "ab") as f:
+        f.write(line)
+    storage = ShelveStorage(path) if b"10000000000000000000" not in line else None
+    if storage is None:
+        with pytest.raises(CorruptSessionError):
+            ShelveStorage(path)
+        return
+    with pytest.raises(CorruptSessionError):
+        storage.read("k")
+    with pytest.raises(CorruptSessionError):
+        list(storage.items())
+    storage.write("k", "fresh")  # writing the key recovers it, without a sparse terabyte
+    assert storage.read("k") == "fresh" and os.path.getsize(path + ".dat") < 10_000
+
+
+@dumb_only
+def test_a_key_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("fine", 1)
+    storage.close()
+    with open(path + ".dir", "ab") as f:
+        f.write(b"'\xc3(', (0, 5)\n")  # another program's key: not UTF-8
+    with pytest.raises(CorruptSessionError, match="not UTF-8"):
+        list(ShelveStorage(path).keys())
+
+
+GNU_PYTHON = "/usr/bin/python3"
+
+
+def _has_gnu(exe: str) -> bool:
+    if not os.path.exists(exe):
+        return False
+    return subprocess.run([exe, "-c", "import dbm.gnu"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif("dbm.gnu" in shelf.available_dbms() or not _has_gnu(GNU_PYTHON),
+                    reason="needs this Python without dbm.gnu and Debian's python3 with it")
+def test_a_python_without_the_shelfs_dbm_refuses_instead_of_starting_another(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = f"from sessionkit import ShelveStorage; s = ShelveStorage({path!r}); s.write('a', 1); print(s.dbm)"
+    done = subprocess.run([GNU_PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *site])})
+    assert done.stdout.strip() == "dbm.gnu", done.stderr[-1000:]
+    with pytest.raises(StorageError, match="has no dbm.gnu"):
+        ShelveStorage(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.lock"]  # no dumb shelf beside it
