@@ -118,6 +118,30 @@ class SkShelve(_Sessionkit):
         return ShelveStorage(os.path.join(self.workdir, "shelf", "sessions"))
 
 
+class SkShelveGnu(_Sessionkit):
+    """The shelf on dbm.gnu (Debian's python3 with python3-gdbm has it)."""
+
+    name = "sessionkit shelve (dbm.gnu)"
+    requires = ("dbm.gnu",)
+
+    def make_storage(self) -> Any:
+        from sessionkit import ShelveStorage
+
+        return ShelveStorage(os.path.join(self.workdir, "shelf-gnu", "sessions"), dbm="gnu")
+
+
+class SkShelveSqlite(_Sessionkit):
+    """The shelf on dbm.sqlite3 (Python 3.13 and later)."""
+
+    name = "sessionkit shelve (dbm.sqlite3)"
+    requires = ("dbm.sqlite3",)
+
+    def make_storage(self) -> Any:
+        from sessionkit import ShelveStorage
+
+        return ShelveStorage(os.path.join(self.workdir, "shelf-sqlite3", "sessions"), dbm="sqlite3")
+
+
 # -- peers ---------------------------------------------------------------------------
 
 
@@ -387,6 +411,8 @@ BACKENDS: dict[str, Callable[[str], Subject]] = {
     "memory": SkMemory,
     "msgpack": SkMsgpack,
     "shelve": SkShelve,
+    "shelve-gnu": SkShelveGnu,
+    "shelve-sqlite3": SkShelveSqlite,
 }
 PEERS: dict[str, Callable[[str], Subject]] = {
     "diskcache": Diskcache,

@@ -28,6 +28,9 @@ __all__ = ["ShelveStorage"]
 MAGIC = b"\xffSK1"
 _FRAME = struct.Struct("<4sId")
 _PREFERENCE = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
+# A new shelf's dbm unless ``dbm=`` says otherwise: written by _dumbdb, it
+# needs no recovery after a crash and costs the same with several processes.
+_NEW_SHELF = "dbm.dumb"
 _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
 # The lock file's header (see _ShelfState): the change counter, then the mark.
 _HEAD = struct.Struct("<QB")
@@ -95,9 +98,11 @@ class ShelveStorage(EncodedStorage):
     (a change counter in the lock file says when), so an operation costs
     about the same with one process or several, and with a thousand
     sessions or a hundred thousand.  ``dbm`` picks the module (``"dumb"``,
-    ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full ``"dbm.gnu"``); by default
-    an existing file keeps its own and a new one gets the best this Python
-    has.  ``storage.dbm`` says which is in use.
+    ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full ``"dbm.gnu"``); an
+    existing shelf keeps its own, and a new one is ``dbm.dumb`` unless
+    ``dbm`` says otherwise: its files are written by sessionkit itself
+    (below), so it needs no recovery after a crash and several processes
+    cost little more than one.  ``storage.dbm`` says which is in use.
 
     No acknowledged session is lost, on any dbm, when a process is killed at
     any moment or the disk is full or read-only: a read returns the last
@@ -418,7 +423,7 @@ class _ShelfState(StoreState):
                 )
             chosen = existing
         else:
-            chosen = self._wanted or have[0]
+            chosen = self._wanted or _NEW_SHELF
         if not recorded:
             os.pwrite(self.locks.fd, chosen.encode("ascii").ljust(_DBM_NAME, b"\0"), _DBM_AT)
         return chosen
