@@ -259,11 +259,13 @@ def run_processes(name: str, workdir: str, ops: int, seconds: float, repeat: int
 #         the token itself costs; its median is subtracted from the pair passes.
 # µs/op for the pair is its wall time over the operations of both workers;
 # each pass also records CPU time (the leader's, plus the follower's in the
-# alternating passes), which other load on the machine disturbs far less.
+# alternating passes), which other load on the machine disturbs far less,
+# and the time spent inside the operations themselves (both workers'), which
+# needs no hand-off subtracted: the cost per operation the store itself adds.
 
 _GO, _NOOP, _RESET, _CPU, _QUIT = b"i", b"n", b"r", b"t", b"q"
 _OK, _FAILED = b"k", b"e"
-_SECONDS = struct.Struct("<d")
+_SECONDS = struct.Struct("<dd")  # the follower's CPU seconds, and seconds inside its operations
 
 
 def _noop(key: str) -> None:
@@ -282,8 +284,8 @@ def _handoff(rfd: int, wfd: int, command: bytes) -> bytes:
     return reply
 
 
-def _follower_cpu(rfd: int, wfd: int) -> float:
-    """The follower's CPU seconds so far."""
+def _follower_cpu(rfd: int, wfd: int) -> tuple[float, float]:
+    """The follower's CPU seconds so far, and its seconds inside operations."""
     os.write(wfd, _CPU)
     raw = b""
     while len(raw) < _SECONDS.size:
@@ -291,7 +293,8 @@ def _follower_cpu(rfd: int, wfd: int) -> float:
         if not chunk:
             raise RuntimeError("the other worker of (h) went away")
         raw += chunk
-    return float(_SECONDS.unpack(raw)[0])
+    cpu, busy = _SECONDS.unpack(raw)
+    return float(cpu), float(busy)
 
 
 def _alternate_follower(name: str, workdir: str, keys: list[str], rx: Any, tx: Any, results: Any) -> None:
@@ -301,24 +304,27 @@ def _alternate_follower(name: str, workdir: str, keys: list[str], rx: Any, tx: A
     first = ""
     i = 1
     n = len(keys)
+    busy = 0.0
     while True:
         command = os.read(rfd, 1)
         if command in (_QUIT, b""):
             break
         reply = _OK
         if command == _GO:
+            began = time.perf_counter()
             try:
                 subject.increment(keys[i % n])
             except Exception as exc:  # counted by the leader, shown once
                 reply = _FAILED
                 first = first or f"{type(exc).__name__}: {exc}"[:200]
+            busy += time.perf_counter() - began
             i += 2
         elif command == _NOOP:
             _noop(keys[i % n])
         elif command == _RESET:
             i = 1
         elif command == _CPU:
-            reply = _SECONDS.pack(time.process_time())
+            reply = _SECONDS.pack(time.process_time(), busy)
         os.write(wfd, reply)
     subject.close()
     results.put(("follower", {"first_error": first, "rss_mb": rss_mb()}))
@@ -331,6 +337,7 @@ def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, second
     subject.prepare([], prefilled=True)
     n = min(len(keys), ops)
     out: dict[str, Any] = {"solo": [], "pair": [], "sync": [], "solo_cpu": [], "pair_cpu": [], "sync_cpu": [],
+                           "solo_inop": [], "pair_inop": [],
                            "pair_ops": [], "errors": 0, "first_error": "", "increments": 0, "reached": 0,
                            "dbm": _dbm_of(subject)}
 
@@ -338,17 +345,20 @@ def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, second
         out["errors"] += 1
         out["first_error"] = out["first_error"] or f"{type(exc).__name__}: {exc}"[:200]
 
-    def solo() -> tuple[float, float, int]:
+    def solo() -> tuple[float, float, int, float]:
         done = 0
+        busy = 0.0
         cpu = time.process_time()
         start = time.perf_counter()
         deadline = start + seconds
         for i in range(n):
+            began = time.perf_counter()
             try:
                 subject.increment(keys[i])
                 done += 1
             except Exception as exc:
                 failed(exc)
+            busy += time.perf_counter() - began
             if time.perf_counter() > deadline:
                 i += 1
                 break
@@ -358,21 +368,25 @@ def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, second
         cpu = time.process_time() - cpu
         out["reached"] = max(out["reached"], i)
         out["increments"] += done
-        return elapsed, cpu, done
+        return elapsed, cpu, done, busy
 
-    def alternate(fn: Any, command: bytes, n: int) -> tuple[float, float, int]:
+    def alternate(fn: Any, command: bytes, n: int) -> tuple[float, float, int, float]:
         _handoff(rfd, wfd, _RESET)
         done = 0
         i = 0
-        cpu = -_follower_cpu(rfd, wfd) - time.process_time()
+        f_cpu, f_busy = _follower_cpu(rfd, wfd)
+        cpu = -f_cpu - time.process_time()
+        busy = -f_busy
         start = time.perf_counter()
         deadline = start + seconds
         while i < n:
+            began = time.perf_counter()
             try:
                 fn(keys[i % len(keys)])
                 done += 1
             except Exception as exc:
                 failed(exc)
+            busy += time.perf_counter() - began
             if i + 1 < n:
                 if _handoff(rfd, wfd, command) == _OK:
                     done += 1
@@ -382,15 +396,17 @@ def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, second
             if time.perf_counter() > deadline:
                 break
         elapsed = time.perf_counter() - start
-        cpu += time.process_time() + _follower_cpu(rfd, wfd)  # both workers' CPU time
+        f_cpu, f_busy = _follower_cpu(rfd, wfd)
+        cpu += time.process_time() + f_cpu  # both workers' CPU time
+        busy += f_busy  # both workers' time inside operations
         if fn is not _noop:
             out["reached"] = max(out["reached"], min(i, n))
             out["increments"] += done
-        return elapsed, cpu, done
+        return elapsed, cpu, done, busy
 
     try:
         for round_ in range(rounds):  # the first round of each kind is the warm-up
-            solo_t, solo_c, solo_n = solo()
+            solo_t, solo_c, solo_n, solo_b = solo()
             if round_ == 0 and solo_t / max(solo_n, 1) > OP_LIMIT_S:
                 out["skipped"] = (f"{solo_t / max(solo_n, 1) * 1e3:,.0f} ms per operation in one process "
                                   f"at N = {size:,}: alternation not timed")
@@ -398,15 +414,17 @@ def _alternate_leader(name: str, workdir: str, keys: list[str], ops: int, second
             if round_:
                 out["solo"].append(solo_t / max(solo_n, 1) * 1e6)
                 out["solo_cpu"].append(solo_c / max(solo_n, 1) * 1e6)
+                out["solo_inop"].append(solo_b / max(solo_n, 1) * 1e6)
         for round_ in range(rounds if "skipped" not in out else 0):
-            pair_t, pair_c, pair_n = alternate(subject.increment, _GO, n)
-            sync_t, sync_c, sync_n = alternate(_noop, _NOOP, max(n, SYNC_HANDOFFS))
+            pair_t, pair_c, pair_n, pair_b = alternate(subject.increment, _GO, n)
+            sync_t, sync_c, sync_n, _ = alternate(_noop, _NOOP, max(n, SYNC_HANDOFFS))
             if round_:
                 out["pair"].append(pair_t / max(pair_n, 1) * 1e6)
                 out["sync"].append(sync_t / max(sync_n, 1) * 1e6)
                 out["pair_cpu"].append(pair_c / max(pair_n, 1) * 1e6)
                 out["sync_cpu"].append(sync_c / max(sync_n, 1) * 1e6)
                 out["pair_ops"].append(pair_n)
+                out["pair_inop"].append(pair_b / max(pair_n, 1) * 1e6)
     finally:
         try:
             os.write(wfd, _QUIT)
@@ -484,6 +502,8 @@ def run_alternating(name: str, workdir: str, size: int, ops: int, repeat: int, s
         solo_cpu_us_per_op=lead["solo_cpu"],
         pair_cpu_us_per_op=lead["pair_cpu"],
         sync_cpu_us_per_op=lead["sync_cpu"],
+        solo_inop_us_per_op=lead["solo_inop"],
+        pair_inop_us_per_op=lead["pair_inop"],
         errors=lead["errors"],
         first_error=lead["first_error"] or follow["first_error"],
         lost=lead["increments"] - counted,
