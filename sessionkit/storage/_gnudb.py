@@ -43,8 +43,9 @@ from ..errors import CorruptSessionError, StorageError
 
 __all__ = ["RECORD", "RECORD_AT", "Record", "needs_recovery", "recover"]
 
-# In the lock file at RECORD_AT: key count, crc32 of the key being written,
-# the operation (below), and VALID once the count is known.
+# In the lock file at RECORD_AT (the whole layout is in shelf.py): key count,
+# crc32 of the key being written, the operation (below), and VALID once the
+# count is known.
 RECORD = struct.Struct("<QIBB")
 RECORD_AT = 40
 VALID = 0xA5

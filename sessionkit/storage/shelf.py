@@ -32,7 +32,19 @@ _PREFERENCE = ("dbm.sqlite3", "dbm.gnu", "dbm.ndbm", "dbm.dumb")
 # needs no recovery after a crash and costs the same with several processes.
 _NEW_SHELF = "dbm.dumb"
 _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
-# The lock file's header (see _ShelfState): the change counter, then the mark.
+
+# What a shelf keeps in its lock file, ``<path>.lock`` (all of it read and
+# written only with the shelf's slot, _STORE_LOCK, held):
+#
+#   0   u64  change counter: bumped before a section's first write, so other
+#            processes know to catch up (_ShelfState._catch_up)
+#   8   u8   mark: _WRITING, _COMPACTING or _DAMAGED (0: none); a mark found
+#            on entering a section means a process died there
+#   12  u32  dbm.dumb's compaction counter: other processes read its files
+#            anew instead of only the new index lines
+#   16  ...  the lock file's own header (_lockfile: magic and locking method)
+#   40  14B  dbm.gnu's record: the key count and the write in flight (_gnudb)
+#   56  16B  the shelf's dbm, as "dbm.gnu" padded with zero bytes
 _HEAD = struct.Struct("<QB")
 _MARK = 8
 _EPOCH = struct.Struct("<I")  # at 12: dbm.dumb's compactions, so other processes reload
