@@ -311,7 +311,7 @@ class ShelveStorage(EncodedStorage):
             return [(kb, db[kb]) for kb in list(db.keys())]
         except SessionError:
             raise
-        except (KeyError, *self._state._errors) as exc:  # KeyError: listed but not there, damage
+        except (KeyError,) + self._state._errors as exc:  # KeyError: listed but not there, damage
             raise self._state._failure(exc, "cannot read") from exc
 
     def _live(self, db: Any) -> Iterator[tuple[str, bytes]]:
@@ -711,7 +711,7 @@ class _ShelfState(StoreState):
         try:
             self._reopen()
             lost = [kb for kb, framed in self._written.items() if self._db.get(kb) != framed]
-        except (SessionError, *self._errors) as exc:
+        except (SessionError,) + self._errors as exc:
             self._failed = True
             self._close_db()
             raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
