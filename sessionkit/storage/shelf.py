@@ -108,13 +108,14 @@ class ShelveStorage(EncodedStorage):
     Any picklable value can be stored (datetimes, sets, your own classes).
     The database stays open and catches up with what other processes wrote
     (a change counter in the lock file says when), so an operation costs
-    about the same with one process or several, and with a thousand
-    sessions or a hundred thousand.  ``dbm`` picks the module (``"dumb"``,
+    the same with a thousand sessions or a hundred thousand.  ``dbm`` picks the module (``"dumb"``,
     ``"gnu"``, ``"ndbm"``, ``"sqlite3"`` or a full ``"dbm.gnu"``); an
     existing shelf keeps its own, and a new one is ``dbm.dumb`` unless
     ``dbm`` says otherwise: its files are written by sessionkit itself
-    (below), so it needs no recovery after a crash and several processes
-    cost little more than one.  ``storage.dbm`` says which is in use.
+    (below), so it needs no recovery after a crash, and processes that
+    take turns pay only for reading each other's new index lines.
+    (``dbm.gnu`` must reopen its file after another process wrote, and
+    gdbm syncs a file it closes.)  ``storage.dbm`` says which is in use.
 
     No acknowledged session is lost, on any dbm, when a process is killed at
     any moment or the disk is full or read-only: a read returns the last
