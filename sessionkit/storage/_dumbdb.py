@@ -34,6 +34,7 @@ import os
 from typing import Iterator
 
 from ..errors import CorruptSessionError, StorageError
+from ._shard import fsync_dir, write_all
 
 __all__ = ["DumbDb", "recover_compaction"]
 
@@ -44,30 +45,11 @@ _MIN_DEAD_LINES = 1000
 _COPY_CHUNK = 1 << 20
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    """``pwrite`` all of ``data`` or raise ``OSError`` (a short write is ENOSPC)."""
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        if done <= 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        view = view[done:]
-        offset += done
-
-
 def _truncate(fd: int, size: int) -> None:
     try:
         os.ftruncate(fd, size)
     except OSError:
         pass  # best effort: what lies past the index's end is never read
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def index_line(kb: bytes, where: tuple[int, int]) -> bytes:
@@ -87,17 +69,22 @@ def _parse_key(head: str) -> str:
 def recover_compaction(path: str) -> None:
     """Finish (after its commit) or undo (before it) a compaction cut short by a crash."""
     committed = path + ".dir.committed"
-    if os.path.exists(committed):
-        if os.path.exists(path + ".dat.compact"):
-            os.replace(path + ".dat.compact", path + ".dat")
-        os.replace(committed, path + ".dir")
-    else:
-        for leftover in (path + ".dat.compact", path + ".dir.compact"):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-    _fsync_dir(os.path.dirname(path))
+    try:
+        if os.path.exists(committed):
+            if os.path.exists(path + ".dat.compact"):
+                os.replace(path + ".dat.compact", path + ".dat")
+            os.replace(committed, path + ".dir")
+        else:
+            for leftover in (path + ".dat.compact", path + ".dir.compact"):
+                try:
+                    os.unlink(leftover)
+                except FileNotFoundError:
+                    pass
+        fsync_dir(os.path.dirname(path))
+    except OSError as exc:
+        raise StorageError(
+            f"cannot finish the compaction of {path} that a crash interrupted: {exc}", path=path
+        ) from exc
 
 
 class DumbDb:
@@ -118,12 +105,7 @@ class DumbDb:
     def _start(self) -> None:
         """Open both files and read the whole index (finishing a compaction a crash cut short)."""
         if os.path.exists(self.path + ".dir.committed") or os.path.exists(self.path + ".dat.compact"):
-            try:
-                recover_compaction(self.path)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
-                ) from exc
+            recover_compaction(self.path)
         self._index: dict[bytes, tuple[int, int]] = {}
         self._live = 0  # bytes of live values in .dat
         self._lines = 0  # lines in .dir
@@ -326,7 +308,7 @@ class DumbDb:
         self._need_writable()
         pos = self._dat_size
         try:
-            _write_all(self._dat_fd, value, pos)
+            write_all(self._dat_fd, value, pos)
         except BaseException:
             _truncate(self._dat_fd, pos)
             raise
@@ -341,7 +323,7 @@ class DumbDb:
     def _append(self, kb: bytes, where: tuple[int, int]) -> None:
         line = index_line(kb, where)
         try:
-            _write_all(self._dir_fd, line, self._dir_end)
+            write_all(self._dir_fd, line, self._dir_end)
         except BaseException:
             _truncate(self._dir_fd, self._dir_end)
             if where[1]:
@@ -401,10 +383,10 @@ class DumbDb:
                     new_index[kb] = (at + len(out), siz)
                     out += data
                     if len(out) >= _COPY_CHUNK:
-                        _write_all(fd, bytes(out), at)
+                        write_all(fd, bytes(out), at)
                         at += len(out)
                         out.clear()
-                _write_all(fd, bytes(out), at)
+                write_all(fd, bytes(out), at)
                 dat_end = at + len(out)
                 os.fsync(fd)
             finally:
@@ -413,7 +395,7 @@ class DumbDb:
             fd = os.open(tmp_dir, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             created.append(tmp_dir)
             try:
-                _write_all(fd, lines, 0)
+                write_all(fd, lines, 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -427,10 +409,10 @@ class DumbDb:
                     pass
             raise
         # committed: from here on a crash is finished by recover_compaction()
-        _fsync_dir(directory)
+        fsync_dir(directory)
         os.replace(tmp_dat, self.datpath)
         os.replace(self.path + ".dir.committed", self.dirpath)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         try:
             os.unlink(self.path + ".bak")  # dbm.dumb's backup index no longer matches .dat
         except FileNotFoundError:

@@ -503,12 +503,7 @@ class _ShelfState(StoreState):
         """Recover from what the mark says happened (or refuse); returns the change counter."""
         if mark == _COMPACTING and self.dbm == "dbm.dumb":
             self._close_db()
-            try:
-                recover_compaction(self.path)
-            except OSError as exc:
-                raise StorageError(
-                    f"cannot finish the compaction of {self.path} that a crash interrupted: {exc}", path=self.path
-                ) from exc
+            recover_compaction(self.path)
             self._bump_epoch()
             self._set_mark(0)
         elif mark == _WRITING and self.dbm == "dbm.gnu":
