@@ -185,38 +185,44 @@ def test_dumb_deletes_are_appended_and_read_back(tmp_path: Path) -> None:
 COMPACTION_STEPS = ["before-commit", "after-commit", "after-dat", "after-dir"]
 
 
-@dumb_only
-@pytest.mark.parametrize("step", COMPACTION_STEPS)
-def test_dumb_crash_at_each_step_of_a_compaction(tmp_path: Path, step: str) -> None:
-    """A process dies (os._exit, no cleanup) at each step of a compaction; nothing is lost."""
-    path = str(tmp_path / "s")
-    code = f"""
-import os, sys
+def compaction_crasher(path: str, stop: int, keys: int) -> str:
+    """A program that fills a shelf, then rewrites one key until it dies at a compaction's ``stop``-th rename.
+
+    It dies by ``os._exit``: no cleanup runs, as with ``kill -9``.
+    """
+    return f"""
+import os
 from sessionkit import ShelveStorage
 from sessionkit.storage import _dumbdb
-steps = {{"before-commit": 0, "after-commit": 1, "after-dat": 2, "after-dir": 3}}
-stop = steps[{step!r}]
 real_replace, calls = os.replace, []
 def replace(a, b):
-    if len(calls) == stop:
+    if len(calls) == {stop}:
         os._exit(9)
     calls.append(b)
     real_replace(a, b)
 _dumbdb.os.replace = replace
 s = ShelveStorage({path!r}, dbm="dumb")
-for i in range(20):
-    s.write(f"keep{{i}}", {{"i": i}})
+for i in range({keys}):
+    s.write(f"user{{i:03}}", {{"who": i}})
 i = 0
 while True:
     i += 1
     s.write("hot", "x" * (3000 + i % 7))
 """
+
+
+@dumb_only
+@pytest.mark.parametrize("step", COMPACTION_STEPS)
+def test_dumb_crash_at_each_step_of_a_compaction(tmp_path: Path, step: str) -> None:
+    """A process dies (os._exit, no cleanup) at each step of a compaction; nothing is lost."""
+    path = str(tmp_path / "s")
+    code = compaction_crasher(path, COMPACTION_STEPS.index(step), keys=20)
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
     assert done.returncode == 9
     leftovers = {p.name for p in tmp_path.iterdir()}
     assert {"s.dat.compact", "s.dir.committed"} & leftovers or step == "after-dir"
     storage = ShelveStorage(path)
-    assert [storage.read(f"keep{i}") for i in range(20)] == [{"i": i} for i in range(20)]
+    assert [storage.read(f"user{i:03}") for i in range(20)] == [{"who": i} for i in range(20)]
     assert storage.read("hot").startswith("xxx")
     storage.write("after", 1)
     storage.close()
@@ -424,23 +430,7 @@ def test_unreadable_files_are_storage_errors(tmp_path: Path, unreadable: str) ->
 def test_a_committed_compaction_is_finished_even_without_its_mark(tmp_path: Path, mark: str) -> None:
     """A crash between the renames, then the mark lost: the new .dat is never read through the old .dir."""
     path = str(tmp_path / "s")
-    code = f"""
-import os
-from sessionkit import ShelveStorage
-from sessionkit.storage import _dumbdb
-real_replace, calls = os.replace, []
-def replace(a, b):
-    if len(calls) == 2:  # the .dat is in place, the .dir not yet
-        os._exit(9)
-    calls.append(b)
-    real_replace(a, b)
-_dumbdb.os.replace = replace
-s = ShelveStorage({path!r}, dbm="dumb")
-for i in range(200):
-    s.write(f"user{{i:03}}", {{"who": i}})
-while True:
-    s.write("user000", {{"who": 0}})
-"""
+    code = compaction_crasher(path, 2, keys=200)  # dies with the .dat in place, the .dir not yet
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120)
     assert done.returncode == 9 and os.path.exists(path + ".dir.committed")
     if mark == "lock file deleted":
