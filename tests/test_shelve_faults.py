@@ -531,3 +531,89 @@ def test_a_python_without_the_shelfs_dbm_refuses_instead_of_starting_another(tmp
     with pytest.raises(StorageError, match="has no dbm.gnu"):
         ShelveStorage(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s", "s.lock"]  # no dumb shelf beside it
+
+
+# -- what a second review found ----------------------------------------------------------
+
+
+@dumb_only
+def test_files_renamed_over_a_running_shelf_are_read_anew(tmp_path: Path) -> None:
+    """A backup put back by rename (rsync) while processes run: no one reads or writes the old files."""
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    storage.write("k", "v1")
+    backup = {end: Path(path + end).read_bytes() for end in (".dat", ".dir")}
+    storage.write("k", "v-later")
+    for end, data in backup.items():
+        Path(path + end + ".restore").write_bytes(data)
+        os.replace(path + end + ".restore", path + end)
+    code = f"from sessionkit import ShelveStorage; ShelveStorage({path!r}).write('other', 1)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    assert storage.read("k") == "v1" and storage.read("other") == 1  # what is at the path now
+    storage.write("k", "v2")
+    again = subprocess.run(
+        [sys.executable, "-c", f"from sessionkit import ShelveStorage; print(ShelveStorage({path!r}).read('k'))"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert again.stdout.strip() == "v2"
+
+
+@dumb_only
+def test_a_compaction_that_fails_after_its_commit_still_tells_other_processes(tmp_path: Path) -> None:
+    """The directory fsync after the renames fails (EIO): the files changed all the same."""
+    path = str(tmp_path / "s")
+    reader = ShelveStorage(path, dbm="dumb")
+    reader.write("k", "v0")
+    assert reader.read("k") == "v0"
+    code = f"""
+import errno, os
+from sessionkit import ShelveStorage
+from sessionkit.storage import _dumbdb
+real, calls = _dumbdb.fsync_dir, []
+def failing(directory):
+    calls.append(directory)
+    if len(calls) == 2:  # the fsync after the renames
+        raise OSError(errno.EIO, "injected")
+    real(directory)
+_dumbdb.fsync_dir = failing
+s = ShelveStorage({path!r})
+while len(calls) < 2:
+    s.write("pad", "x" * 5000)
+s.write("k", "v2")
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    assert reader.read("k") == "v2"
+
+
+def test_gdbm_temporaries_are_told_from_other_files() -> None:
+    from sessionkit.storage._gnudb import _is_gdbm_temporary
+
+    assert _is_gdbm_temporary("sessions", "sessions.aiaQCa")
+    for other in ("sessions.v2.dir", "sessions.v2", "sessions.crashed", "sessions.lock", "sessions.backup1x"):
+        assert not _is_gdbm_temporary("sessions", other), other
+
+
+def test_a_damaged_dbm_record_in_the_lock_file_names_the_lock_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    make(path).close()
+    with open(path + ".lock", "r+b") as f:
+        f.seek(shelf._DBM_AT)
+        f.write(b"xyz".ljust(shelf._DBM_NAME, b"\0"))
+    with pytest.raises(CorruptSessionError, match=r"s\.lock records the dbm") as info:
+        make(path)
+    assert info.value.path == path + ".lock"
+
+
+def _has_ndbm(exe: str) -> bool:
+    return os.path.exists(exe) and subprocess.run([exe, "-c", "import dbm.ndbm"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif("dbm.ndbm" in shelf.available_dbms() or not _has_ndbm(GNU_PYTHON),
+                    reason="needs this Python without dbm.ndbm and Debian's python3 with it")
+def test_a_berkeley_db_shelf_without_a_lock_file_is_not_taken_for_a_new_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    code = f"import shelve, dbm.ndbm; db = shelve.Shelf(dbm.ndbm.open({path!r}, 'c')); db['alice'] = 1; db.close()"
+    subprocess.run([GNU_PYTHON, "-c", code], check=True, timeout=60)
+    with pytest.raises(StorageError, match="cannot read"):
+        ShelveStorage(path)
+    assert not os.path.exists(path + ".dat")

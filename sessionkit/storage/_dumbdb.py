@@ -100,6 +100,7 @@ class DumbDb:
         self.datpath = path + ".dat"
         self._dir_fd = self._dat_fd = -1
         self.compact_after = 0  # dead bytes that trigger the next compaction (0: the default rule)
+        self.committed = False  # the last compaction got as far as its commit
         self._start()
 
     def _start(self) -> None:
@@ -161,7 +162,18 @@ class DumbDb:
     # -- the index -------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Read the index lines other processes appended since this process last looked."""
+        """Read the index lines other processes appended since this process last looked.
+
+        Files replaced at the path (a compaction this process was not told
+        of, a backup put back) are read anew instead.
+        """
+        try:
+            moved = (os.stat(self.dirpath).st_ino, os.stat(self.datpath).st_ino) != self._inos
+        except OSError:
+            moved = False  # gone: the next write says so (check_files)
+        if moved:
+            self.reload()
+            return
         if not self._load():
             try:
                 shrunk = os.fstat(self._dir_fd).st_size < self._dir_end
@@ -362,6 +374,7 @@ class DumbDb:
         rest to ``recover_compaction()``.
         """
         self._need_writable()
+        self.committed = False
         tmp_dat, tmp_dir = self.path + ".dat.compact", self.path + ".dir.compact"
         directory = os.path.dirname(self.path)
         created = []
@@ -400,6 +413,7 @@ class DumbDb:
             finally:
                 os.close(fd)
             os.replace(tmp_dir, self.path + ".dir.committed")
+            self.committed = True
             created.clear()
         except BaseException:
             for name in created:

@@ -141,7 +141,7 @@ def recover(
             except BaseException:
                 # gdbm's reorganize leaves its half-built copy (<name>.XXXXXX) behind
                 for leftover in set(os.listdir(directory)) - before:
-                    if leftover.startswith(name + "."):
+                    if _is_gdbm_temporary(name, leftover):
                         _remove(os.path.join(directory, leftover))
                 raise
             keys = db.keys()
@@ -176,6 +176,12 @@ def recover(
         raise _refuse(path, f"{len(torn)} stored value(s) fail their checksum", copy)
     _remove(copy)
     return len(keys)
+
+
+def _is_gdbm_temporary(name: str, found: str) -> bool:
+    """gdbm's reorganize builds its copy in ``<name>.XXXXXX`` (mkstemp's pattern)."""
+    suffix = found[len(name) + 1 :]
+    return found.startswith(name + ".") and len(suffix) == 6 and suffix.isalnum()
 
 
 def _remove(name: str) -> None:

@@ -418,7 +418,20 @@ class _ShelfState(StoreState):
         have = available_dbms()
         raw = os.pread(self.locks.fd, _DBM_NAME, _DBM_AT).rstrip(b"\0")
         recorded = raw.decode("ascii", "replace")
+        if recorded and recorded not in _PREFERENCE:
+            raise CorruptSessionError(
+                f"{self.path}.lock records the dbm {raw!r}, which is none sessionkit knows: the lock file is "
+                "damaged; with no process using the shelf, delete the lock file",
+                path=self.path + ".lock",
+            )
         existing = recorded or _dbm.whichdb(self.path)
+        if existing is None and any(os.path.exists(self.path + end) for end in ("", ".db", ".pag")):
+            # whichdb() knows a Berkeley DB file only where dbm.ndbm imports
+            raise StorageError(
+                f"{self.path} has files of a dbm this Python cannot read (it has {', '.join(have)}): open it "
+                "with the Python that made it",
+                path=self.path,
+            )
         if existing == "" or (existing and not existing.startswith("dbm.")):
             raise CorruptSessionError(
                 f"{self.path} exists but is not a dbm file this Python knows; nothing was changed", path=self.path
@@ -732,9 +745,11 @@ class _ShelfState(StoreState):
             db.compact()
         except (OSError, SessionError):
             db.compact_after = 2 * max(db.dead_bytes(), 1)
+            if db.committed:  # the files changed: other processes must read them anew
+                self._bump_epoch()
+                self._close_db()
             if os.path.exists(self.path + ".dir.committed"):
-                self._close_db()  # committed but not renamed: the next section finishes it
-                return
+                return  # committed but not renamed: the next section finishes it
         else:
             self._bump_epoch()
         self._set_mark(0)
