@@ -136,7 +136,8 @@ class DumbDb:
 
     def _open_files(self) -> None:
         try:
-            if not os.path.exists(self.dirpath) and os.path.exists(self.datpath) and os.path.getsize(self.datpath):
+            data_only = os.path.exists(self.datpath) and os.path.getsize(self.datpath) > 0
+            if data_only and not os.path.exists(self.dirpath):
                 bak = self.path + ".bak"
                 hint = f": copy {bak} to {self.dirpath}" if os.path.exists(bak) else ""
                 raise CorruptSessionError(
@@ -289,7 +290,8 @@ class DumbDb:
                 self._dat_size = os.fstat(self._dat_fd).st_size
                 if pos + siz > self._dat_size:
                     raise CorruptSessionError(
-                        f"{self.datpath} ends before the value of key {kb[:60]!r} (offset {pos}, {siz} bytes): "
+                        f"{self.datpath} ends before the value of key {kb[:60]!r} "
+                        f"(offset {pos}, {siz} bytes): "
                         "the file was cut short; restore the shelf from a backup",
                         path=self.datpath,
                     )

@@ -53,7 +53,8 @@ NONE, REPLACE, INSERT, DELETE = 0, 1, 2, 3
 
 _NOT_DAMAGE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EMFILE}
 _MAGIC64 = 0x13579ACF  # gdbm's standard format on 64-bit hosts
-_HEADER = struct.Struct("<IiqiiiiQ")  # magic, block_size, dir, dir_size, dir_bits, bucket_size, bucket_elems, next_block
+# magic, block_size, dir, dir_size, dir_bits, bucket_size, bucket_elems, next_block
+_HEADER = struct.Struct("<IiqiiiiQ")
 
 
 class Record:

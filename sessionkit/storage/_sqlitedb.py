@@ -137,7 +137,8 @@ class SqliteDb:
         if os.getpid() != self._pid:
             raise sqlite3.ProgrammingError(
                 f"SqliteDb({self.path!r}) was opened in process {self._pid}, not in this one "
-                f"({os.getpid()}): an SQLite connection must not cross a fork; close() it and open the file again"
+                f"({os.getpid()}): an SQLite connection must not cross a fork; "
+                "close() it and open the file again"
             )
         return cx
 

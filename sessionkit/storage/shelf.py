@@ -172,7 +172,8 @@ class ShelveStorage(EncodedStorage):
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.ttl = ttl_seconds(ttl)
-        if isinstance(protocol, bool) or not isinstance(protocol, int) or not 0 <= protocol <= pickle.HIGHEST_PROTOCOL:
+        valid = isinstance(protocol, int) and not isinstance(protocol, bool)
+        if not valid or not 0 <= protocol <= pickle.HIGHEST_PROTOCOL:
             raise ValueError(f"protocol must be a pickle protocol from 0 to {pickle.HIGHEST_PROTOCOL}")
         self.protocol = protocol
         self._clock = clock
@@ -249,7 +250,8 @@ class ShelveStorage(EncodedStorage):
             return pickle.loads(data)
         except Exception as exc:
             raise CorruptSessionError(
-                f"the stored pickle of session {key!r} in {self.path} cannot be loaded: {exc}; it is left in place",
+                f"the stored pickle of session {key!r} in {self.path} cannot be loaded: {exc}; "
+                "it is left in place",
                 key=key,
                 path=self.path,
             ) from exc
@@ -410,7 +412,7 @@ class _ShelfState(StoreState):
             pass
 
     def _decide(self) -> str:
-        """The shelf's dbm: the one its lock file records, else its files', else the one asked for or the best.
+        """The shelf's dbm: the one its lock file records, else its files', else ``dbm=``'s, else dbm.dumb.
 
         The lock file records it, so a Python that lacks it fails clearly
         instead of starting a second, empty shelf of another dbm beside it.
@@ -434,7 +436,8 @@ class _ShelfState(StoreState):
             )
         if existing == "" or (existing and not existing.startswith("dbm.")):
             raise CorruptSessionError(
-                f"{self.path} exists but is not a dbm file this Python knows; nothing was changed", path=self.path
+                f"{self.path} exists but is not a dbm file this Python knows; nothing was changed",
+                path=self.path,
             )
         if existing is None and (os.path.exists(self.path + ".dat") or os.path.exists(self.path + ".bak")):
             existing = "dbm.dumb"  # dbm.dumb's data without its index: DumbDb reports it
@@ -665,7 +668,8 @@ class _ShelfState(StoreState):
         if removing and not existed:
             return 0
         op = _gnudb.DELETE if removing else _gnudb.REPLACE if existed else _gnudb.INSERT
-        os.pwrite(self.locks.fd, _gnudb.RECORD.pack(self._count, _gnudb.key_crc(kb), op, _gnudb.VALID), _gnudb.RECORD_AT)
+        record = _gnudb.RECORD.pack(self._count, _gnudb.key_crc(kb), op, _gnudb.VALID)
+        os.pwrite(self.locks.fd, record, _gnudb.RECORD_AT)
         return -1 if removing else 0 if existed else 1
 
     def _put(self, db: Any, kb: bytes, framed: bytes) -> None:
@@ -728,7 +732,8 @@ class _ShelfState(StoreState):
             self._failed = True
             self._close_db()
             raise StorageError(
-                f"cannot write to {self.path}: {len(lost)} write(s) did not reach the file (is the disk full?)",
+                f"cannot write to {self.path}: {len(lost)} write(s) did not reach the file "
+                "(is the disk full?)",
                 path=self.path,
             )
 
