@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import subprocess
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
 
 
 class FakeClock:
@@ -93,3 +99,19 @@ class NoLock:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real, tiny file system at ``where`` (root only; the test is skipped elsewhere)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

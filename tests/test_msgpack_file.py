@@ -27,6 +27,7 @@ from sessionkit import (
 from sessionkit.storage import _records
 
 from . import workers
+from .helpers import tmpfs
 from .helpers import FakeClock
 
 spawn = multiprocessing.get_context("spawn")
@@ -400,17 +401,8 @@ def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None
 
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Any:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not allowed here: {result.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_is_storage_error_and_keeps_the_old_value(tiny_fs: Path) -> None:

@@ -6,7 +6,6 @@ the writer died), or gets a documented ``SessionError``: never a silent loss.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -23,6 +22,7 @@ from sessionkit import CorruptSessionError, StorageError, ShelveStorage
 from sessionkit.storage import shelf
 
 from .conftest import SHELVE_DBM
+from .helpers import tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -250,19 +250,6 @@ def test_dumb_compaction_by_another_process_is_picked_up(tmp_path: Path) -> None
 
 
 # -- a full disk -----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def fill(directory: Path) -> Path:
