@@ -3,7 +3,8 @@
 Both backends accept exactly the same values, so moving a bot from memory to
 disk never changes what a session can hold: ``None``, ``bool``, ``int``
 (64-bit), ``float``, ``str``, ``bytes``, and lists/tuples/dicts of these.
-Tuples come back as lists; dict keys may be ``str``, ``bytes`` or ``int``.
+Tuples come back as lists; dict keys may be ``str``, ``bytes``, ``int`` or
+tuples of these (which come back as tuples).
 """
 
 from __future__ import annotations
@@ -46,10 +47,25 @@ def dumps(value: Any, key: str | None = None) -> bytes:
         ) from exc
 
 
+def _lists(value: Any) -> Any:
+    """Tuples back to lists, except where they are dict keys."""
+    if isinstance(value, tuple):
+        return [_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
 def loads(data: bytes, key: str | None = None, path: str | None = None) -> Any:
     """Decode stored bytes; ``CorruptSessionError`` if they are not msgpack."""
     try:
-        return _unpackb(data, raw=False, strict_map_key=False)
+        try:
+            return _unpackb(data, raw=False, strict_map_key=False)
+        except TypeError:
+            # a tuple as a dict key ({("sku", 7): 2}) is stored as an array,
+            # which cannot be a key once decoded as a list: decode arrays as
+            # tuples, then turn every one that is not a key back into a list
+            return _lists(_unpackb(data, raw=False, strict_map_key=False, use_list=False))
     except DECODE_ERRORS as exc:
         where = f" in {path}" if path else ""
         raise CorruptSessionError(

@@ -75,6 +75,19 @@ def test_tuples(storage: Any, backend: str) -> None:
     assert storage.read("k") == expected
 
 
+def test_tuple_dict_keys_round_trip(storage: Any, backend: str) -> None:
+    """A cart keyed by (sku, size) stays readable after it is stored."""
+    cart = {("sku", 7): 2, ("sku", 9): [1, (2, 3)], "note": {"nested": ("a", "b")}}
+    storage.write("k", cart)
+    if CODING[backend] == "msgpack":  # tuples that are keys stay tuples; the others come back as lists
+        assert storage.read("k") == {("sku", 7): 2, ("sku", 9): [1, [2, 3]], "note": {"nested": ["a", "b"]}}
+    else:
+        assert storage.read("k") == cart
+    with Sessions(storage, initial=dict).open("k") as s:
+        s[("sku", 7)] += 1
+    assert storage.read("k")[("sku", 7)] == 3
+
+
 @pytest.mark.parametrize("index", range(5))
 def test_unstorable_value_is_serialization_error_and_keeps_old(storage: Any, backend: str, index: int) -> None:
     values = UNSTORABLE[CODING[backend]]
