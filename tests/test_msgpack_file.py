@@ -433,3 +433,35 @@ def test_read_only_filesystem_is_storage_error_and_data_survives(tiny_fs: Path) 
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(tiny_fs)], check=True)
     assert MsgpackFileStorage(tiny_fs / "store").read("k") == 1
+
+
+# -- the FORMAT file -------------------------------------------------------------------
+
+
+def test_a_lost_format_file_is_never_recreated_with_another_shard_count(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    storage = MsgpackFileStorage(directory, shards=64)
+    for i in range(100):
+        storage.write(f"user{i}", i)
+    storage.close()
+    (directory / "FORMAT").unlink()
+    with pytest.raises(CorruptSessionError, match="shards=N") as info:
+        MsgpackFileStorage(directory)  # 16 shards would show 20 of the 100 sessions
+    assert info.value.path == str(directory / "FORMAT")
+    assert not (directory / "FORMAT").exists()
+    with pytest.raises(CorruptSessionError):
+        MsgpackFileStorage(directory, shards=16)  # fewer shards than the logs prove
+    again = MsgpackFileStorage(directory, shards=64)  # the owner says how many
+    assert [again.read(f"user{i}") for i in range(100)] == list(range(100))
+
+
+@pytest.mark.parametrize("content", [b"sessionkit msgpack-log 1\nshards 0\n", b"sessionkit msgpack-log 1\n",
+                                     b"sessionkit msgpack-log 1\nshards x\n", b"\xff\xfe\nshards 4\n",
+                                     b"sessionkit msgpack-log 1\nshards \xff\n", b""])
+def test_a_damaged_format_file_is_corrupt_session_error(tmp_path: Path, content: bytes) -> None:
+    directory = tmp_path / "store"
+    MsgpackFileStorage(directory).close()
+    (directory / "FORMAT").write_bytes(content)
+    with pytest.raises(CorruptSessionError) as info:
+        MsgpackFileStorage(directory)
+    assert info.value.path == str(directory / "FORMAT")

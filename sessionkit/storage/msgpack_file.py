@@ -23,6 +23,7 @@ __all__ = ["MsgpackFileStorage"]
 log = logging.getLogger("sessionkit")
 
 FORMAT_FILE = "FORMAT"
+_MAX_SHARDS = 4096  # as MsgpackFileStorage(shards=...) allows
 LOCK_FILE = "sessionkit.lock"
 _crc32 = zlib.crc32
 
@@ -50,10 +51,10 @@ class _MsgpackStore(StoreState):
         held = self.locks.lock(_SHARD_BASE - 1, None, "")
         try:
             try:
-                with open(path, encoding="ascii") as f:
-                    text = f.read()
+                with open(path, "rb") as f:
+                    raw = f.read()
             except FileNotFoundError:
-                count = shards or 16
+                count = self._count_for_new_format(shards)
                 tmp = path + ".tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o600)
                 try:
@@ -68,10 +69,42 @@ class _MsgpackStore(StoreState):
             raise StorageError(f"cannot set up {self.directory}: {exc}", path=self.directory) from exc
         finally:
             self.locks.unlock(held, _SHARD_BASE - 1)
-        lines = text.split("\n")
-        if len(lines) < 2 or lines[0] != "sessionkit msgpack-log 1" or not lines[1].startswith("shards "):
-            raise CorruptSessionError(f"{path} is not a sessionkit store format file", path=path)
-        return int(lines[1].split()[1])
+        lines = raw.split(b"\n")
+        try:
+            if len(lines) < 2 or lines[0] != b"sessionkit msgpack-log 1" or not lines[1].startswith(b"shards "):
+                raise ValueError("not a sessionkit store format file")
+            count = int(lines[1][len(b"shards "):].decode("ascii"))
+            if not 1 <= count <= _MAX_SHARDS:
+                raise ValueError(f"a shard count of {count}")
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise CorruptSessionError(
+                f"{path} is damaged ({exc}); nothing was read or written: restore it from a backup "
+                "(it records the store's shard count)",
+                path=path,
+            ) from exc
+        return count
+
+    def _count_for_new_format(self, shards: int | None) -> int:
+        """The shard count to record when the directory has no FORMAT file.
+
+        A directory that already holds logs lost its FORMAT file: guessing the
+        count would put keys in the wrong shards (sessions would silently
+        vanish), so only an explicit ``shards`` that covers every log is taken.
+        """
+        logs = sorted(
+            int(name[6:-4]) for name in os.listdir(self.directory)
+            if name.startswith("shard-") and name.endswith(".log") and name[6:-4].isdigit()
+        )
+        if logs and (shards is None or shards <= logs[-1]):
+            path = os.path.join(self.directory, FORMAT_FILE)
+            raise CorruptSessionError(
+                f"{path} is missing, but the directory holds shard logs (up to shard-{logs[-1]:03d}.log); "
+                "it records the shard count, so nothing is read or written: restore it from a backup, or "
+                f"open the store once with MsgpackFileStorage(..., shards=N), N its shard count "
+                f"(more than {logs[-1]})",
+                path=path,
+            )
+        return shards or 16
 
     def teardown(self) -> None:
         for shard in self.shards:
