@@ -20,6 +20,7 @@ from sessionkit import (
     CorruptSessionError,
     LockTimeout,
     MsgpackFileStorage,
+    SerializationError,
     SessionError,
     Sessions,
     StorageError,
@@ -465,3 +466,19 @@ def test_a_damaged_format_file_is_corrupt_session_error(tmp_path: Path, content:
     with pytest.raises(CorruptSessionError) as info:
         MsgpackFileStorage(directory)
     assert info.value.path == str(directory / "FORMAT")
+
+
+def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    import mmap
+
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    storage.write("k", "old")
+    log = tmp_path / "store" / "shard-000.log"
+    size = log.stat().st_size
+    huge = mmap.mmap(-1, 1 << 32)  # 4 GiB of address space, no memory touched
+    try:
+        with pytest.raises(SerializationError, match="at most"):
+            storage._raw_write("k", huge)  # type: ignore[arg-type]
+    finally:
+        huge.close()
+    assert log.stat().st_size == size and storage.read("k") == "old"

@@ -19,7 +19,7 @@ import os
 import threading
 from typing import Any
 
-from ..errors import CorruptSessionError, LockTimeout, StorageError
+from ..errors import CorruptSessionError, LockTimeout, SerializationError, StorageError
 from . import _records as rec
 
 log = logging.getLogger("sessionkit")
@@ -262,6 +262,14 @@ class Shard:
 
     def append(self, key: str, value: bytes | None, expiry: float, now: float) -> None:
         """Append a record (``None``: a deletion) and index it."""
+        kb = rec.encode_key(key)
+        size = rec.HEADER_SIZE + len(kb) + (0 if value is None else len(value))
+        if size > _LOW:  # the index keeps a record's length in 32 bits
+            raise SerializationError(
+                f"cannot store session {key!r}: its record would be {size:,} bytes, and a record holds "
+                f"at most {_LOW:,}; the stored value is unchanged",
+                key=key,
+            )
         if self.end > max(2 * self.live + SLACK, self.retry_compact_at) and not self.corrupt:
             try:
                 self.compact(now)
@@ -270,7 +278,7 @@ class Shard:
                 # on its own.  Do not retry before the log has grown again.
                 log.debug("compaction skipped: %s", exc)
                 self.retry_compact_at = self.end + max(SLACK, self.live)
-        data = rec.build(rec.encode_key(key), value or b"", 0 if value is not None else rec.FLAG_DELETE, expiry)
+        data = rec.build(kb, value or b"", 0 if value is not None else rec.FLAG_DELETE, expiry)
         offset = self.end
         try:
             write_all(self.fd, data, offset)
