@@ -19,6 +19,16 @@ BACKENDS = ["memory", "msgpack", "shelve"]
 SHELVE_DBM = os.environ.get("SESSIONKIT_TEST_DBM") or None
 
 
+def make_shelf(path: Any, **options: Any) -> ShelveStorage:
+    """A ShelveStorage at ``path`` on the dbm under test (``dbm=`` overrides it)."""
+    return ShelveStorage(path, dbm=options.pop("dbm", SHELVE_DBM), **options)
+
+
+def shelf_spec(path: str) -> str:
+    """How a worker process opens the same shelf (see ``workers.open_store``)."""
+    return f"shelve:{path}:{SHELVE_DBM or ''}"
+
+
 def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
     """A fresh storage of ``kind``; ``options`` are ``ttl`` and ``clock``."""
     if kind == "memory":

@@ -11,7 +11,6 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +18,7 @@ from sessionkit import CorruptSessionError, SerializationError, Sessions, Shelve
 from sessionkit.storage.shelf import available_dbms
 
 from . import workers
-from .conftest import SHELVE_DBM
+from .conftest import SHELVE_DBM, make_shelf, shelf_spec
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -29,12 +28,8 @@ def path(tmp_path: Path) -> str:
     return str(tmp_path / "shelf" / "sessions")
 
 
-def make(path: str, **options: Any) -> ShelveStorage:
-    return ShelveStorage(path, dbm=options.pop("dbm", SHELVE_DBM), **options)
-
-
-def where(path: str) -> str:
-    return f"shelve:{path}:{SHELVE_DBM or ''}"
+make = make_shelf
+where = shelf_spec
 
 
 class Point:

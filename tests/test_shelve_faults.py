@@ -21,19 +21,15 @@ import pytest
 from sessionkit import CorruptSessionError, StorageError, ShelveStorage
 from sessionkit.storage import shelf
 
-from .conftest import SHELVE_DBM
+from .conftest import SHELVE_DBM, make_shelf, shelf_spec
 from .helpers import tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def make(path: str, **options: Any) -> ShelveStorage:
-    return ShelveStorage(path, dbm=SHELVE_DBM, **options)
-
-
-def where(path: str) -> str:
-    return f"shelve:{path}:{SHELVE_DBM or ''}"
+make = make_shelf
+where = shelf_spec
 
 
 def blob(n: int, size: int) -> dict[str, Any]:
@@ -500,13 +496,12 @@ def test_a_key_that_is_not_utf8_is_reported(tmp_path: Path) -> None:
 GNU_PYTHON = "/usr/bin/python3"
 
 
-def _has_gnu(exe: str) -> bool:
-    if not os.path.exists(exe):
-        return False
-    return subprocess.run([exe, "-c", "import dbm.gnu"], capture_output=True).returncode == 0
+def _python_has(exe: str, module: str) -> bool:
+    """Whether the Python ``exe`` exists and can import ``module``."""
+    return os.path.exists(exe) and subprocess.run([exe, "-c", f"import {module}"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif("dbm.gnu" in shelf.available_dbms() or not _has_gnu(GNU_PYTHON),
+@pytest.mark.skipif("dbm.gnu" in shelf.available_dbms() or not _python_has(GNU_PYTHON, "dbm.gnu"),
                     reason="needs this Python without dbm.gnu and Debian's python3 with it")
 def test_a_python_without_the_shelfs_dbm_refuses_instead_of_starting_another(tmp_path: Path) -> None:
     path = str(tmp_path / "s")
@@ -591,11 +586,7 @@ def test_a_damaged_dbm_record_in_the_lock_file_names_the_lock_file(tmp_path: Pat
     assert info.value.path == path + ".lock"
 
 
-def _has_ndbm(exe: str) -> bool:
-    return os.path.exists(exe) and subprocess.run([exe, "-c", "import dbm.ndbm"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif("dbm.ndbm" in shelf.available_dbms() or not _has_ndbm(GNU_PYTHON),
+@pytest.mark.skipif("dbm.ndbm" in shelf.available_dbms() or not _python_has(GNU_PYTHON, "dbm.ndbm"),
                     reason="needs this Python without dbm.ndbm and Debian's python3 with it")
 def test_a_berkeley_db_shelf_without_a_lock_file_is_not_taken_for_a_new_one(tmp_path: Path) -> None:
     path = str(tmp_path / "s")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ast
 import errno
 import os
-from typing import Iterator
 
 from ..errors import CorruptSessionError, StorageError
 from ._shard import fsync_dir, write_all
@@ -39,6 +38,8 @@ from ._shard import fsync_dir, write_all
 __all__ = ["DumbDb", "recover_compaction"]
 
 _DELETED = (0, 0)
+# errors that mean "not allowed here" (a file can still be opened to read)
+ACCESS_ERRNOS = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
 _LIMIT = 1 << 62  # no offset or size in a sound index comes near this
 _MIN_DEAD_BYTES = 64 * 1024
 _MIN_DEAD_LINES = 1000
@@ -128,7 +129,7 @@ class DumbDb:
         try:
             fd = os.open(name, flags | os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.path.exists(name):
+            if exc.errno not in ACCESS_ERRNOS or not os.path.exists(name):
                 raise
             fd = os.open(name, flags | os.O_RDONLY)  # read-only files: reads still work
             self.writable = False
@@ -169,10 +170,10 @@ class DumbDb:
         of, a backup put back) are read anew instead.
         """
         try:
-            moved = (os.stat(self.dirpath).st_ino, os.stat(self.datpath).st_ino) != self._inos
+            replaced = self._replaced(*self._at_path())
         except OSError:
-            moved = False  # gone: the next write says so (check_files)
-        if moved:
+            replaced = False  # gone: the next write says so (check_files)
+        if replaced:
             self.reload()
             return
         if not self._load():
@@ -183,6 +184,14 @@ class DumbDb:
             if shrunk:  # an older copy was put in its place: read it all
                 self.reload()
 
+    def _at_path(self) -> tuple[os.stat_result, os.stat_result]:
+        """What is at the paths of ``.dir`` and ``.dat`` now."""
+        return os.stat(self.dirpath), os.stat(self.datpath)
+
+    def _replaced(self, d: os.stat_result, t: os.stat_result) -> bool:
+        """Whether the files at the paths are not the ones open here, or ``.dir`` shrank."""
+        return (d.st_ino, t.st_ino) != self._inos or d.st_size < self._dir_end
+
     def check_files(self) -> None:
         """Before a write: make sure the files at the path are the ones open here.
 
@@ -191,7 +200,7 @@ class DumbDb:
         lost; a replaced file is read anew instead, a missing one is an error.
         """
         try:
-            d, t = os.stat(self.dirpath), os.stat(self.datpath)
+            d, t = self._at_path()
         except FileNotFoundError as exc:
             raise StorageError(
                 f"{exc.filename} was deleted while this process had the shelf open; nothing was written",
@@ -199,7 +208,7 @@ class DumbDb:
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot write to {self.path}: {exc}", path=self.path) from exc
-        if (d.st_ino, t.st_ino) != self._inos or d.st_size < self._dir_end:
+        if self._replaced(d, t):
             self.reload()
         else:
             self._dat_size = t.st_size
@@ -271,14 +280,8 @@ class DumbDb:
     def __contains__(self, kb: bytes) -> bool:
         return kb in self._index
 
-    def __len__(self) -> int:
-        return len(self._index)
-
     def keys(self) -> list[bytes]:
         return list(self._index)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(list(self._index))
 
     def get(self, kb: bytes, default: bytes | None = None) -> bytes | None:
         where = self._index.get(kb)
@@ -289,22 +292,20 @@ class DumbDb:
             if pos + siz > self._dat_size:  # written by another process since: is it there?
                 self._dat_size = os.fstat(self._dat_fd).st_size
                 if pos + siz > self._dat_size:
-                    raise CorruptSessionError(
-                        f"{self.datpath} ends before the value of key {kb[:60]!r} "
-                        f"(offset {pos}, {siz} bytes): "
-                        "the file was cut short; restore the shelf from a backup",
-                        path=self.datpath,
-                    )
+                    raise self._cut_short(kb, pos, siz)
             data = os.pread(self._dat_fd, siz, pos)
         except OSError as exc:
             raise StorageError(f"cannot read {self.datpath}: {exc}", path=self.datpath) from exc
         if len(data) != siz:
-            raise CorruptSessionError(
-                f"{self.datpath} ends before the value of key {kb[:60]!r} (offset {pos}, {siz} bytes): the "
-                "file was cut short; restore the shelf from a backup",
-                path=self.datpath,
-            )
+            raise self._cut_short(kb, pos, siz)
         return data
+
+    def _cut_short(self, kb: bytes, pos: int, siz: int) -> CorruptSessionError:
+        return CorruptSessionError(
+            f"{self.datpath} ends before the value of key {kb[:60]!r} (offset {pos}, {siz} bytes): the "
+            "file was cut short; restore the shelf from a backup",
+            path=self.datpath,
+        )
 
     def __getitem__(self, kb: bytes) -> bytes:
         data = self.get(kb)

@@ -49,12 +49,25 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def log_name(number: int) -> str:
+    """The file name of shard ``number``'s log."""
+    return f"shard-{number:03d}.log"
+
+
+def log_number(name: str) -> int | None:
+    """The shard number of a log's file name, or None for any other file."""
+    digits = name[6:-4]
+    if name.startswith("shard-") and name.endswith(".log") and digits.isdigit():
+        return int(digits)
+    return None
+
+
 class Shard:
     """An append-only log of records and the in-memory index over it."""
 
     def __init__(self, directory: str, number: int, locks: Any, slot: int) -> None:
         self.directory = directory
-        self.path = os.path.join(directory, f"shard-{number:03d}.log")
+        self.path = os.path.join(directory, log_name(number))
         self.locks = locks  # the store's cross-process locks (see _lockfile)
         self.slot = slot
         self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard.mutex, shard``

@@ -14,7 +14,7 @@ from ..errors import CorruptSessionError, StorageError
 from . import _records
 from ._lockfile import O_CLOEXEC
 from ._lockfile import SHARD_BASE as _SHARD_BASE
-from ._shard import Shard, fsync_dir
+from ._shard import Shard, fsync_dir, log_name, log_number
 from ._state import StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -23,7 +23,7 @@ __all__ = ["MsgpackFileStorage"]
 log = logging.getLogger("sessionkit")
 
 FORMAT_FILE = "FORMAT"
-_MAX_SHARDS = 4096  # as MsgpackFileStorage(shards=...) allows
+_MAX_SHARDS = 4096  # the most shards a store may have
 LOCK_FILE = "sessionkit.lock"
 _crc32 = zlib.crc32
 
@@ -91,17 +91,15 @@ class _MsgpackStore(StoreState):
         count would put keys in the wrong shards (sessions would silently
         vanish), so only an explicit ``shards`` that covers every log is taken.
         """
-        logs = sorted(
-            int(name[6:-4]) for name in os.listdir(self.directory)
-            if name.startswith("shard-") and name.endswith(".log") and name[6:-4].isdigit()
-        )
-        if logs and (shards is None or shards <= logs[-1]):
+        numbers = (log_number(name) for name in os.listdir(self.directory))
+        last = max((n for n in numbers if n is not None), default=None)
+        if last is not None and (shards is None or shards <= last):
             path = os.path.join(self.directory, FORMAT_FILE)
             raise CorruptSessionError(
-                f"{path} is missing, but the directory holds shard logs (up to shard-{logs[-1]:03d}.log); "
+                f"{path} is missing, but the directory holds shard logs (up to {log_name(last)}); "
                 "it records the shard count, so nothing is read or written: restore it from a backup, or "
                 f"open the store once with MsgpackFileStorage(..., shards=N), N its shard count "
-                f"(more than {logs[-1]})",
+                f"(more than {last})",
                 path=path,
             )
         return shards or 16
@@ -159,8 +157,9 @@ class MsgpackFileStorage(EncodedStorage):
         self.ttl = ttl_seconds(ttl)
         self.durable = bool(durable)
         self._clock = clock
-        if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 4096):
-            raise ValueError("shards must be an int from 1 to 4096")
+        valid = isinstance(shards, int) and not isinstance(shards, bool)
+        if shards is not None and (not valid or not 1 <= shards <= _MAX_SHARDS):
+            raise ValueError(f"shards must be an int from 1 to {_MAX_SHARDS}")
         try:
             self._make_directory()
         except OSError as exc:

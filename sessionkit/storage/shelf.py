@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dbm as _dbm
-import errno
 import importlib
 import os
 import pickle
@@ -16,7 +15,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from ..errors import CorruptSessionError, SerializationError, SessionError, StorageError
 from . import _gnudb
-from ._dumbdb import DumbDb, recover_compaction
+from ._dumbdb import ACCESS_ERRNOS, DumbDb, recover_compaction
 from ._lockfile import SHARD_BASE, make_locks
 from ._state import StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
@@ -63,7 +62,6 @@ _FRAGILE = {"dbm.ndbm", "dbm.gnu"}
 _KEPT_OPEN = {"dbm.dumb", "dbm.sqlite3"}
 _SQLITE_FILES = ("-wal", "-shm", "-journal")  # beside a dbm.sqlite3 file
 _DBM_AT, _DBM_NAME = 56, 16  # the lock file records the shelf's dbm here
-_ACCESS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def available_dbms() -> list[str]:
@@ -371,11 +369,8 @@ class _ShelfState(StoreState):
 
     Every operation runs in ``with state._mutex, state.section() as db``: the state's
     mutex, the shelf's slot in the lock file, and a catch-up with what other
-    processes changed.  The lock file starts with a header: a change counter
-    (bumped before a section's first write), then a mark byte: ``_WRITING``
-    while a fragile dbm is being written (and after a write to it failed),
-    ``_COMPACTING`` while dbm.dumb's files are being compacted.  A mark found
-    on entering a section means a process died (or a write failed) there.
+    processes changed, as the lock file's header says (its layout is at the
+    top of this module).
     """
 
     def __init__(self, ident: tuple[Any, ...], path: str, wanted: str | None) -> None:
@@ -586,7 +581,7 @@ class _ShelfState(StoreState):
 
     def _not_damage(self, exc: BaseException) -> bool:
         """Whether a dbm's error is about access (permissions, a full disk), not damaged files."""
-        if isinstance(exc, OSError) and exc.errno in _ACCESS_ERRNOS:
+        if isinstance(exc, OSError) and exc.errno in ACCESS_ERRNOS:
             return True
         # SQLite: cannot open, read-only, I/O error, disk full, busy are
         # OperationalError; "not a database" and "malformed" are DatabaseError
@@ -639,7 +634,6 @@ class _ShelfState(StoreState):
                 db.check_files()
             elif self.dbm == "dbm.gnu":
                 db = self._check_gnu_file(db)
-            if self.dbm == "dbm.gnu":
                 record = _gnudb.Record(os.pread(self.locks.fd, _gnudb.RECORD.size, _gnudb.RECORD_AT))
                 self._count = record.count if record.valid else len(db)
             gen = self._gen[1] + 1
