@@ -107,6 +107,23 @@ def _fmt_int(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def _unmeasured_row(name: str, cell: dict[str, Any], timed: str, columns: int) -> str | None:
+    """The table row of a cell that was skipped or has no ``timed`` figure, else None."""
+    if cell.get("skipped"):
+        why = f"skipped: {cell['skipped']}"
+    elif timed not in cell:
+        why = f"failed: {cell.get('failure', 'no timing')}"
+    else:
+        return None
+    return f"| {name} | {why} |" + " |" * (columns - 2)
+
+
+def _lost_and_errors(cell: dict[str, Any]) -> tuple[str, str]:
+    lost = "–" if cell.get("lost") is None else _fmt_int(cell["lost"])
+    errors = _fmt_int(cell["errors"]) + (f" ({cell['first_error'][:60]})" if cell["errors"] else "")
+    return lost, errors
+
+
 def markdown(cells: list[dict[str, Any]], env: dict[str, Any], settings: dict[str, Any]) -> str:
     cells = [summarise(c) for c in cells]
     out = ["# sessionkit benchmarks", ""]
@@ -142,15 +159,12 @@ def markdown(cells: list[dict[str, Any]], env: dict[str, Any], settings: dict[st
             base = next((c for c in group if c["subject"] == BASELINE and "ops_s" in c), None)
             ranked = sorted(group, key=lambda c: -c.get("ops_s", -1))
             for c in ranked:
-                if c.get("skipped"):
-                    out.append(f"| {c['name']} | skipped: {c['skipped']} | | | | | | |")
-                    continue
-                if "ops_s" not in c:
-                    out.append(f"| {c['name']} | failed: {c.get('failure', 'no timing')} | | | | | | |")
+                unmeasured = _unmeasured_row(c["name"], c, "ops_s", 8)
+                if unmeasured:
+                    out.append(unmeasured)
                     continue
                 ratio = f"{c['ops_s'] / base['ops_s']:.2f}" if base else "–"
-                lost = "–" if c.get("lost") is None else _fmt_int(c["lost"])
-                errors = _fmt_int(c["errors"]) + (f" ({c['first_error'][:60]})" if c["errors"] else "")
+                lost, errors = _lost_and_errors(c)
                 out.append(
                     f"| {c['name']} | {_fmt_int(c['ops_s'])} | {c['median_us']:.1f} "
                     f"({c['min_us']:.1f}–{c['max_us']:.1f}) | {ratio} | {lost} | {errors} | "
@@ -183,14 +197,11 @@ def alternation_table(group: list[dict[str, Any]]) -> list[str]:
     ranked = sorted(group, key=lambda c: c.get("ratio_2p_1p", float("inf")))
     for c in ranked:
         name = c["name"] + (f" (`{c['dbm']}`)" if c.get("dbm") else "")
-        if c.get("skipped"):
-            out.append(f"| {name} | skipped: {c['skipped']} | | | | | | | | | | | | |")
+        unmeasured = _unmeasured_row(name, c, "solo_median_us", 14)
+        if unmeasured:
+            out.append(unmeasured)
             continue
-        if "solo_median_us" not in c:
-            out.append(f"| {name} | failed: {c.get('failure', 'no timing')} | | | | | | | | | | | | |")
-            continue
-        lost = "–" if c.get("lost") is None else _fmt_int(c["lost"])
-        errors = _fmt_int(c["errors"]) + (f" ({c['first_error'][:60]})" if c["errors"] else "")
+        lost, errors = _lost_and_errors(c)
         out.append(
             f"| {name} | {c['solo_median_us']:.1f} ({c['solo_min_us']:.1f}–{c['solo_max_us']:.1f}) "
             f"| {c['pair_median_us']:.1f} ({c['pair_min_us']:.1f}–{c['pair_max_us']:.1f}) "
