@@ -127,6 +127,61 @@ def test_kill_9_stress_loses_no_acknowledged_value(tmp_path: Path) -> None:
     assert counts["checks"] > 0
 
 
+_TEARING_WRITER = """
+import os, sys
+from sessionkit import ShelveStorage
+path, key, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+storage = ShelveStorage(path, dbm="dbm.gnu")
+state = storage._state
+old = storage.read(key)
+
+class Tearing:
+    # gdbm's handle, killed inside a store that overwrote part of the old value in place
+    def __init__(self, db):
+        self.db = db
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+    def __contains__(self, kb):
+        return kb in self.db
+    def __len__(self):
+        return len(self.db)
+    def __setitem__(self, kb, value):
+        with open(path, "r+b") as f:
+            data = f.read()
+            at = data.find(bytes([1]) * 2000) if old is not None else len(data)
+            f.seek(at + 500)
+            f.write(bytes([2]) * 1000)  # the first bytes of the new value, the rest never written
+        os._exit(9)
+
+with state._mutex, state.section():
+    state._db = Tearing(state._db)
+storage.write(key, {"n": 2, "blob": bytes([2]) * size})
+"""
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["replace", "insert"])
+def test_dbm_gnu_a_store_torn_by_a_crash_keeps_the_acknowledged_value(tmp_path: Path, existing: bool) -> None:
+    """gdbm writes a same-size value over the old one in place; a kill there must not lose the old one."""
+    if "dbm.gnu" not in shelf.available_dbms():
+        pytest.skip("this Python has no dbm.gnu")
+    path = str(tmp_path / "sessions")
+    storage = ShelveStorage(path, dbm="dbm.gnu")
+    if existing:
+        storage.write("k", {"n": 1, "blob": bytes([1]) * 2000})
+    storage.write("other", {"n": 7})
+    done = subprocess.run([sys.executable, "-c", _TEARING_WRITER, path, "k", "2000"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 9, done.stderr[-2000:]
+    want = {"n": 1, "blob": bytes([1]) * 2000} if existing else None
+    assert storage.read("k") == want  # recovered: the old value put back, a torn new key dropped
+    assert storage.read("other") == {"n": 7}
+    assert sorted(storage.keys()) == (["k", "other"] if existing else ["other"])
+    assert not os.path.exists(path + ".crashed")
+    storage.write("k", {"n": 3})
+    storage.close()
+    assert ShelveStorage(path).read("k") == {"n": 3}
+
+
 # -- dbm.dumb: never in place, compaction, crash points -------------------------------
 
 dumb_only = pytest.mark.skipif(

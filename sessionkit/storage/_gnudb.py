@@ -23,11 +23,15 @@ shelf's lock:
    list, so no hidden overlap survives);
 4. every value is checked: each framed value's checksum, and the key count
    against the record, allowing only the in-flight key to have landed or not.
+   gdbm writes a value of the same size over the old one in place, and a
+   smaller one can land in the blocks the old one just freed, so the
+   in-flight key's value may be torn: before each replacing store the old
+   value is saved in the lock file (:data:`UNDO_AT`), and a torn value is put
+   back from there (a torn new key, never acknowledged, is deleted).
 
 If all holds, the copy is removed and the shelf goes on.  Otherwise the
 shelf refuses to open with ``CorruptSessionError`` naming the copy, until
-``ShelveStorage.clear_crash_mark()``.  A value torn in the crash is the key
-being written: it stays, and reading it raises ``CorruptSessionError``.
+``ShelveStorage.clear_crash_mark()``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any, Callable
 
 from ..errors import CorruptSessionError, StorageError
 
-__all__ = ["RECORD", "RECORD_AT", "Record", "needs_recovery", "recover"]
+__all__ = ["RECORD", "RECORD_AT", "Record", "load_undo", "needs_recovery", "recover", "save_undo"]
 
 # In the lock file at RECORD_AT (the whole layout is in shelf.py): key count,
 # crc32 of the key being written, the operation (below), and VALID once the
@@ -50,6 +54,10 @@ RECORD = struct.Struct("<QIBB")
 RECORD_AT = 40
 VALID = 0xA5
 NONE, REPLACE, INSERT, DELETE = 0, 1, 2, 3
+# In the lock file from UNDO_AT: the key and the old value of the store in
+# flight when it replaces one (lengths first), written before the record
+UNDO_AT = 4096
+_UNDO = struct.Struct("<QQ")
 
 _NOT_DAMAGE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EMFILE}
 _MAGIC64 = 0x13579ACF  # gdbm's standard format on 64-bit hosts
@@ -72,6 +80,23 @@ class Record:
 
 def key_crc(kb: bytes) -> int:
     return zlib.crc32(kb)
+
+
+def save_undo(fd: int, kb: bytes, old: bytes) -> None:
+    """Keep the value a store is about to replace, for :func:`recover` (``fd``: the lock file)."""
+    os.pwrite(fd, _UNDO.pack(len(kb), len(old)) + kb + old, UNDO_AT)
+
+
+def load_undo(fd: int) -> tuple[bytes, bytes] | None:
+    """The key and old value saved by the last :func:`save_undo`, if any is whole."""
+    head = os.pread(fd, _UNDO.size, UNDO_AT)
+    if len(head) != _UNDO.size:
+        return None
+    klen, vlen = _UNDO.unpack(head)
+    body = os.pread(fd, klen + vlen, UNDO_AT + _UNDO.size) if klen + vlen < 1 << 40 else b""
+    if len(body) != klen + vlen:
+        return None
+    return body[:klen], body[klen:]
 
 
 def _header(path: str) -> tuple[tuple[Any, ...], int] | None:
@@ -106,11 +131,16 @@ def _refuse(path: str, why: str, copy: str | None) -> CorruptSessionError:
 
 
 def recover(
-    path: str, module: Any, record: Record, check: Callable[[bytes], bool]
+    path: str,
+    module: Any,
+    record: Record,
+    check: Callable[[bytes], bool],
+    undo: tuple[bytes, bytes] | None = None,
 ) -> int:
     """Bring the gdbm file at ``path`` back after a crash; returns the key count.
 
-    ``check(stored)`` says whether a stored value is whole.  Raises
+    ``check(stored)`` says whether a stored value is whole; ``undo`` is what
+    :func:`load_undo` found (the in-flight key's old value).  Raises
     ``CorruptSessionError`` (refuse: the copy is kept) or ``StorageError``
     (the disk would not let it work; nothing was lost, try again later).
     """
@@ -149,6 +179,9 @@ def recover(
             if len(db) != len(keys):
                 raise _refuse(path, f"it counts {len(db)} keys but lists {len(keys)}", copy)
             torn = [kb for kb in keys if not check(db[kb])]
+            if record.valid:
+                torn = _repair(db, torn, record, undo, check)
+                keys = db.keys()
         finally:
             db.close()
     except CorruptSessionError:
@@ -173,10 +206,29 @@ def recover(
         whole = n == count
     if not whole:
         raise _refuse(path, f"{n} keys survived where {count} were expected", copy)
-    if any(key_crc(kb) != record.crc or record.op not in (REPLACE, INSERT) for kb in torn):
+    if torn:
         raise _refuse(path, f"{len(torn)} stored value(s) fail their checksum", copy)
     _remove(copy)
     return len(keys)
+
+
+def _repair(
+    db: Any,
+    torn: list[bytes],
+    record: Record,
+    undo: tuple[bytes, bytes] | None,
+    check: Callable[[bytes], bool],
+) -> list[bytes]:
+    """Undo the in-flight store if it tore its key's value; returns the values still torn."""
+    left = []
+    for kb in torn:
+        if key_crc(kb) == record.crc and record.op == REPLACE and undo and undo[0] == kb and check(undo[1]):
+            db[kb] = undo[1]  # the acknowledged value, as it was before the store
+        elif key_crc(kb) == record.crc and record.op == INSERT:
+            del db[kb]  # a new key whose first value never landed whole
+        else:
+            left.append(kb)
+    return left
 
 
 def _is_gdbm_temporary(name: str, found: str) -> bool:

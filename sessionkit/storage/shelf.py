@@ -44,6 +44,7 @@ _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
 #   16  ...  the lock file's own header (_lockfile: magic and locking method)
 #   40  14B  dbm.gnu's record: the key count and the write in flight (_gnudb)
 #   56  16B  the shelf's dbm, as "dbm.gnu" padded with zero bytes
+#   4096 ... dbm.gnu's undo: the old value of the store in flight (_gnudb)
 _HEAD = struct.Struct("<QB")
 _MARK = 8
 _EPOCH = struct.Struct("<I")  # at 12: dbm.dumb's compactions, so other processes reload
@@ -531,7 +532,7 @@ class _ShelfState(StoreState):
         self._close_db()
         record = _gnudb.Record(os.pread(self.locks.fd, _gnudb.RECORD.size, _gnudb.RECORD_AT))
         try:
-            count = _gnudb.recover(self.path, self._module, record, _intact)
+            count = _gnudb.recover(self.path, self._module, record, _intact, _gnudb.load_undo(self.locks.fd))
         except CorruptSessionError:
             self._set_mark(_DAMAGED)
             raise
@@ -658,10 +659,13 @@ class _ShelfState(StoreState):
 
     def _note(self, db: Any, kb: bytes, removing: bool) -> int:
         """dbm.gnu: record the key count and the write about to happen; returns the count's change."""
-        existed = kb in db
+        old = db.get(kb)
+        existed = old is not None
         if removing and not existed:
             return 0
         op = _gnudb.DELETE if removing else _gnudb.REPLACE if existed else _gnudb.INSERT
+        if op == _gnudb.REPLACE:
+            _gnudb.save_undo(self.locks.fd, kb, old)  # gdbm may tear it in place
         record = _gnudb.RECORD.pack(self._count, _gnudb.key_crc(kb), op, _gnudb.VALID)
         os.pwrite(self.locks.fd, record, _gnudb.RECORD_AT)
         return -1 if removing else 0 if existed else 1
