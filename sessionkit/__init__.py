@@ -23,6 +23,7 @@ from .session import Session
 from .storage.base import StorageAdapter
 from .storage.memory import MemoryStorage
 from .storage.msgpack_file import MsgpackFileStorage
+from .storage.redis_store import LockLost, RedisStorage
 from .storage.shelf import ShelveStorage
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "MemoryStorage",
     "MsgpackFileStorage",
     "ShelveStorage",
+    "RedisStorage",
     "enhance_storage",
     "SessionError",
     "SessionKeyError",
@@ -42,4 +44,5 @@ __all__ = [
     "SerializationError",
     "CorruptSessionError",
     "StorageError",
+    "LockLost",
 ]

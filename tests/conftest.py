@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
 from typing import Any, Callable, Iterator
 
 import pytest
 
-import os
+from sessionkit import MemoryStorage, MsgpackFileStorage, RedisStorage, ShelveStorage
 
-from sessionkit import MemoryStorage, MsgpackFileStorage, ShelveStorage
-
+from . import redis_servers
 from .helpers import FakeClock
 
-BACKENDS = ["memory", "msgpack", "shelve"]
+_prefixes = itertools.count()
+
+BACKENDS = ["memory", "msgpack", "shelve", "redis", "redis-cluster"]
+# Backends whose expiry runs on the server's clock, which a FakeClock cannot move
+REAL_CLOCK = {"redis", "redis-cluster"}
 # The dbm module the shelve backend runs on (tests/test_other_pythons.py
 # reruns the shelve tests under another Python with dbm.gnu).
 SHELVE_DBM = os.environ.get("SESSIONKIT_TEST_DBM") or None
@@ -30,7 +35,16 @@ def shelf_spec(path: str) -> str:
 
 
 def make_storage(kind: str, tmp_path: Any, **options: Any) -> Any:
-    """A fresh storage of ``kind``; ``options`` are ``ttl`` and ``clock``."""
+    """A fresh storage of ``kind``; ``options`` are ``ttl`` and ``clock``.
+
+    A Redis backend needs ``server=`` (a ``redis_servers`` server or cluster);
+    each storage gets a prefix of its own, so tests never see each other's keys.
+    """
+    if kind in REAL_CLOCK:
+        options.pop("clock", None)
+        server = options.pop("server")
+        client = server.client() if kind == "redis-cluster" else redis_client(server)
+        return RedisStorage(client, prefix=f"t{next(_prefixes)}:", **options)
     if kind == "memory":
         return MemoryStorage(**options)
     if kind == "msgpack":
@@ -45,12 +59,39 @@ def backend(request: Any) -> str:
     return str(request.param)
 
 
+def redis_client(server: Any, **options: Any) -> Any:
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=server.port, **options)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[Any]:
+    """A redis-server on a free loopback port, persistence off, for the whole run."""
+    server = redis_servers.RedisServer(redis_servers.temporary_directory("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A 3-master Redis Cluster on loopback, for the whole run."""
+    cluster = redis_servers.RedisCluster(redis_servers.temporary_directory("cluster"))
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def storage_factory(backend: str, tmp_path: Any) -> Iterator[Callable[..., Any]]:
+def storage_factory(backend: str, tmp_path: Any, request: Any) -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
+    extra: dict[str, Any] = {}
+    if backend == "redis":
+        extra["server"] = request.getfixturevalue("redis_server")
+    elif backend == "redis-cluster":
+        extra["server"] = request.getfixturevalue("redis_cluster")
 
     def factory(**options: Any) -> Any:
-        store = make_storage(backend, tmp_path, **options)
+        store = make_storage(backend, tmp_path, **extra, **options)
         made.append(store)
         return store
 

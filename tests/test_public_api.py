@@ -11,6 +11,7 @@ import sessionkit
 
 API = {
     "Sessions", "Session", "MultiSessions", "StorageAdapter", "MemoryStorage", "MsgpackFileStorage", "ShelveStorage",
+    "RedisStorage",
     "enhance_storage", "SessionError", "SessionKeyError", "LockTimeout",
     "SerializationError", "CorruptSessionError", "StorageError",
 }

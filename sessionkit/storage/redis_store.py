@@ -1,0 +1,573 @@
+"""RedisStorage: sessions in a Redis server or Redis Cluster, with fenced writes.
+
+How a locked read-modify-write runs (two round trips when nobody waits):
+
+1. **lock and read** (:data:`_ACQUIRE`, one script): the lock key is set to
+   a random token with an expiry unless another token holds it; the value
+   comes back in the same reply.  A busy lock answers with its time to live
+   and counts the caller as a waiter.
+2. **write and release** (:data:`_COMMIT`, one script): only if the lock
+   still holds this token, the value is written (or deleted) and the lock is
+   released; otherwise nothing is written and :class:`LockLost` is raised.
+   A block that changed nothing releases with the same script.
+
+A waiter does not poll: it blocks on the session's wake-up list (``BLPOP``)
+and the releasing script pushes to it when the waiter count says someone
+waits.  The lock's expiry is the safety net: a holder that died frees the
+key after ``lock_expiry`` seconds; a live holder's locks are renewed by a
+keep-alive thread every third of that, so a slow block keeps its lock.
+
+A release leaves ``r:<token>`` in the lock key for a while instead of
+deleting it (any caller may take such a lock), so a commit retried after a
+lost reply recognises that it already landed.
+
+The helper keys (lock, wake-up list, waiter count) hash to the data key's
+cluster slot; ``_redis_keys`` says how.  redis-py is imported when the first
+``RedisStorage`` is made, not by ``import sessionkit``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Callable, ContextManager, Iterator
+
+from .. import _codec
+from .._locks import LockContext
+from ..errors import CorruptSessionError, LockTimeout, SerializationError, SessionError, StorageError
+from ._redis_keys import helper_keys, is_helper
+from .base import EncodedStorage, check_key, ttl_seconds
+
+__all__ = ["RedisStorage", "LockLost"]
+
+
+class LockLost(SessionError):
+    """A session's Redis lock expired or was taken while its block ran.
+
+    Nothing was written: the value another holder may have written since is
+    kept.  It happens when the lock's keep-alive could not reach the server
+    for ``lock_expiry`` seconds, after a failover, or when someone deleted
+    the lock key.
+    """
+
+
+# KEYS: data, lock, wake, wait.  ARGV: token, expiry ms, "1" if the caller
+# waited before (its place in the waiter count is given back).
+# -> {1, value or false} (locked) or {0, the lock's pttl} (busy: counted as a waiter)
+_ACQUIRE = """
+if ARGV[3] == '1' then
+  if redis.call('decr', KEYS[4]) <= 0 then redis.call('del', KEYS[4]) end
+end
+local held = redis.call('get', KEYS[2])
+if held == false or held == ARGV[1] or string.sub(held, 1, 2) == 'r:' then
+  redis.call('set', KEYS[2], ARGV[1], 'px', ARGV[2])
+  return {1, redis.call('get', KEYS[1])}
+end
+redis.call('incr', KEYS[4])
+redis.call('pexpire', KEYS[4], 2 * tonumber(ARGV[2]))
+return {0, redis.call('pttl', KEYS[2])}
+"""
+
+# KEYS: data, lock, wake, wait.  ARGV: token, op ("set", "del" or "-"),
+# value, ttl ms ("0": none), "1" to release, how long a released lock's
+# marker stays (ms), expiry ms.
+# -> 1 done, 2 done by an earlier try of this same call, 0 the lock is not ours
+_COMMIT = """
+local held = redis.call('get', KEYS[2])
+if held ~= ARGV[1] then
+  if held == 'r:' .. ARGV[1] then return 2 end
+  return 0
+end
+if ARGV[2] == 'set' then
+  if ARGV[4] == '0' then
+    redis.call('set', KEYS[1], ARGV[3])
+  else
+    redis.call('set', KEYS[1], ARGV[3], 'px', ARGV[4])
+  end
+elseif ARGV[2] == 'del' then
+  redis.call('del', KEYS[1])
+end
+if ARGV[5] == '1' then
+  redis.call('set', KEYS[2], 'r:' .. ARGV[1], 'px', ARGV[6])
+  local waiting = tonumber(redis.call('get', KEYS[4]) or '0')
+  if waiting > 0 then
+    redis.call('rpush', KEYS[3], '1')
+    redis.call('pexpire', KEYS[3], ARGV[7])
+  end
+else
+  redis.call('pexpire', KEYS[2], ARGV[7])
+end
+return 1
+"""
+
+# KEYS: lock.  ARGV: token, expiry ms.  -> 1 renewed, 0 not ours any more
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: wait.  A waiter that gives up takes itself out of the count.
+_GIVE_UP = """
+if redis.call('decr', KEYS[1]) <= 0 then redis.call('del', KEYS[1]) end
+return 1
+"""
+
+_MARKER_MS = 10_000  # how long a released lock remembers its last token
+_TOKEN_BYTES = 16
+
+
+class _Hold:
+    """One lock this process holds: its token and what came with it."""
+
+    __slots__ = ("storage", "data_key", "keys", "token", "thread", "pid", "value", "fresh", "fused", "renewed")
+
+    def __init__(self, storage: RedisStorage, data_key: bytes, keys: list[bytes], token: str, fused: bool) -> None:
+        self.storage = storage
+        self.data_key = data_key
+        self.keys = keys
+        self.token = token
+        self.thread = threading.get_ident()
+        self.pid = os.getpid()
+        self.value: Any = None
+        self.fresh = False  # value holds what the lock script read, not yet handed out
+        self.fused = fused  # taken by Sessions: the commit releases it
+        self.renewed = time.monotonic()
+
+
+# Every lock this process holds through any RedisStorage, by (server, data
+# key): a thread that asks again for a key it holds is refused, and the
+# keep-alive thread renews them.  After a fork the child sees the parent's
+# holds (their pid differs) and may neither write nor release them.
+_holds: dict[tuple[Any, bytes], _Hold] = {}
+_keeper_mutex = threading.Lock()
+_keeper: list[Any] = [None, 0]  # the keep-alive thread and the pid it runs in
+
+
+def _keep_alive() -> None:
+    """Renew every lock of this process a third of its expiry after the last renewal."""
+    pid = os.getpid()
+    while True:
+        now = time.monotonic()
+        pause = 1.0
+        for hold in list(_holds.values()):
+            if hold.pid != pid:
+                continue
+            period = hold.storage.lock_expiry / 3
+            due = hold.renewed + period
+            if due <= now:
+                hold.renewed = now
+                hold.storage._renew(hold)
+                due = now + period
+            pause = min(pause, due - now)
+        time.sleep(max(pause, 0.005))
+
+
+def _start_keeper() -> None:
+    pid = os.getpid()
+    if _keeper[1] == pid:
+        return
+    with _keeper_mutex:
+        if _keeper[1] != pid:
+            thread = threading.Thread(target=_keep_alive, name="sessionkit-redis-keepalive", daemon=True)
+            thread.start()
+            _keeper[:] = [thread, pid]
+
+
+class _Locks(LockContext):
+    """``RedisStorage.lock()``: the context manager over the storage's acquire/release."""
+
+    __slots__ = ("storage",)
+
+    def __init__(self, storage: RedisStorage) -> None:
+        self.storage = storage
+
+    def acquire(self, key: str, timeout: float | None = None) -> None:
+        self.storage._take(key, timeout, fused=False)
+
+    def release(self, key: str) -> None:
+        self.storage._release(key)
+
+
+class RedisStorage(EncodedStorage):
+    """Sessions in Redis or a Redis Cluster, shared by every process on every machine.
+
+    ::
+
+        storage = RedisStorage(url="redis://localhost:6379/0", prefix="bot:")
+        sessions = Sessions(storage, initial=dict)
+
+    ``client``: a ready ``redis.Redis`` or ``redis.cluster.RedisCluster``
+    (made with ``decode_responses=False``, the default); or ``url``: a
+    ``redis://`` / ``rediss://`` / ``unix://`` URL, with ``cluster=True`` for a
+    cluster.  ``prefix``: prepended to every key; the data key *is*
+    ``prefix + key``, so other tools see natural keys.  ``ttl``: seconds (or a
+    ``timedelta``) after the last write, enforced by Redis itself (set with
+    the write, in one step).  ``codec``: ``"msgpack"`` (the values
+    ``MsgpackFileStorage`` accepts) or ``"json"`` (JSON text: what grammY's
+    Redis adapter reads and writes; dict keys must be ``str``).
+    ``lock_expiry``: seconds a lock outlives a holder that died; a live
+    holder's locks are renewed in the background, so a slow block keeps its
+    lock however long it runs.
+
+    Lock scope: cluster.  ``lock(key)`` excludes every process on every
+    machine that uses the same keys.  Writes are fenced: a session whose lock
+    was lost while its block ran (expired, deleted, a failover) is not
+    written, and ``LockLost`` is raised.  A locked read-modify-write costs
+    two round trips; a waiter is woken by the releasing call, not by
+    polling.  Connection errors, timeouts and a restarted server become
+    ``StorageError`` (the cause chained); each write is one atomic step, so
+    nothing is half-written.
+
+    Keys listed by ``keys()`` come from ``SCAN`` (on every primary of a
+    cluster), never ``KEYS``.  Besides the data keys, each locked session
+    leaves short-lived helper keys of the form ``{tag}\\0sk-lock\\0<key>``;
+    listings skip them.
+    """
+
+    def __init__(
+        self,
+        client: Any = None,
+        *,
+        url: str | None = None,
+        cluster: bool = False,
+        prefix: str = "",
+        ttl: float | timedelta | None = None,
+        codec: str = "msgpack",
+        lock_expiry: float = 10.0,
+    ) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("RedisStorage needs redis-py: pip install 'sessionkit[redis]'") from exc
+        if (client is None) == (url is None):
+            raise ValueError("give RedisStorage either a client or a url=")
+        if url is not None:
+            if not isinstance(url, str):
+                raise TypeError(f"url must be a str, not {type(url).__name__}")
+            from redis.cluster import RedisCluster
+
+            client = RedisCluster.from_url(url) if cluster else redis.Redis.from_url(url)
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        if codec not in ("msgpack", "json"):
+            raise ValueError(f"codec must be 'msgpack' or 'json', not {codec!r}")
+        if isinstance(lock_expiry, bool) or not isinstance(lock_expiry, (int, float)) or not lock_expiry >= 0.05:
+            raise ValueError(f"lock_expiry must be at least 0.05 seconds, got {lock_expiry!r}")
+        self.client = client
+        self.prefix = prefix
+        self.ttl = ttl_seconds(ttl)
+        self.codec = codec
+        self.lock_expiry = float(lock_expiry)
+        self._expiry_ms = str(max(int(self.lock_expiry * 1000), 50))
+        self._ttl_ms = "0" if self.ttl is None else str(max(int(math.ceil(self.ttl * 1000)), 1))
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+        self._timeout_error = redis.TimeoutError
+        kwargs = _connection_kwargs(client)
+        if kwargs.get("decode_responses"):
+            raise ValueError("RedisStorage needs a client made with decode_responses=False (the default)")
+        # a blocking wait must end before the client's own socket timeout
+        socket_timeout = kwargs.get("socket_timeout")
+        self._longest_wait = 5.0 if not socket_timeout else max(min(5.0, socket_timeout * 0.8), 0.01)
+        self._server = _server_identity(client, kwargs)
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._commit_script = client.register_script(_COMMIT)
+        self._renew_script = client.register_script(_RENEW)
+        self._give_up_script = client.register_script(_GIVE_UP)
+        self._locks = _Locks(self)
+        if codec == "json":
+            self._raw_dumps = _json_dumps
+            self._raw_loads = _json_loads
+        else:
+            self._raw_dumps = _codec.dumps
+            self._raw_loads = _codec.loads
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self.client!r}, prefix={self.prefix!r}, ttl={self.ttl}, codec={self.codec!r})"
+
+    # -- keys and errors -----------------------------------------------------
+
+    def _name(self, key: str) -> bytes:
+        return (self.prefix + key).encode("utf-8", "surrogatepass")
+
+    def _failed(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
+        return StorageError(f"cannot {doing} session {key!r} in Redis: {exc!r}", key=key)
+
+    def _call(self, doing: str, key: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StorageError("this RedisStorage is closed", key=key)
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise self._failed(exc, doing, key) from exc
+
+    # -- the private fast path used by Sessions (see sessionkit._fastpath) ---------
+
+    def _acquire(self, key: str, timeout: float | None = None) -> None:
+        self._take(key, timeout, fused=True)
+
+    def _take(self, key: str, timeout: float | None, fused: bool) -> None:
+        key = check_key(key)
+        name = self._name(key)
+        slot = (self._server, name)
+        me = threading.get_ident()
+        pid = os.getpid()
+        held = _holds.get(slot)
+        if held is not None and held.thread == me and held.pid == pid:
+            raise SessionError(
+                f"session {key!r} is already open in this thread; opening it again would deadlock", key=key
+            )
+        keys = [name, *(k.encode("utf-8", "surrogatepass") for k in helper_keys(name.decode("utf-8", "surrogatepass")))]
+        token = os.urandom(_TOKEN_BYTES).hex()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waited = "0"
+        while True:
+            reply = self._call("lock", key, self._acquire_script, keys=keys, args=[token, self._expiry_ms, waited])
+            payload = reply[1] if len(reply) > 1 else None  # Redis cuts a Lua array at its first nil
+            if reply[0] == 1:
+                break
+            waited = "1"
+            wait = self.lock_expiry if payload is None or payload < 0 else payload / 1000 + 0.002
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._give_up(keys, key)
+                    raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
+                wait = min(wait, left)
+            wait = max(min(wait, self._longest_wait), 0.001)
+            try:
+                self.client.blpop([keys[2]], timeout=wait)
+            except self._timeout_error:
+                pass  # the socket timed out first: look again
+            except self._errors as exc:
+                self._give_up(keys, key)
+                raise self._failed(exc, "lock", key) from exc
+            except BaseException:
+                self._give_up(keys, key)
+                raise
+        hold = _Hold(self, name, keys, token, fused)
+        hold.value = payload
+        hold.fresh = True
+        _holds[slot] = hold
+        _start_keeper()
+
+    def _give_up(self, keys: list[bytes], key: str) -> None:
+        try:
+            self._give_up_script(keys=[keys[3]], args=[])
+        except self._errors:
+            pass  # the count expires on its own
+
+    def _mine(self, key: str) -> _Hold | None:
+        """This thread's hold on ``key``, if it has one (in this process)."""
+        hold = _holds.get((self._server, self._name(key)))
+        if hold is None or hold.thread != threading.get_ident():
+            return None
+        if hold.pid != os.getpid():
+            raise StorageError(
+                f"session {key!r} is held by the parent of this forked process; the child may not write it",
+                key=key,
+            )
+        return hold
+
+    def _release(self, key: str) -> None:
+        key = check_key(key)
+        slot = (self._server, self._name(key))
+        hold = _holds.get(slot)
+        if hold is None or hold.thread != threading.get_ident():
+            return  # released by the commit already
+        del _holds[slot]  # first: a failure below leaves the lock to expire, never renewed
+        if hold.pid != os.getpid():
+            return  # the parent's: it releases it itself
+        self._commit(hold, key, "-", b"", release=True, check=False)
+
+    def _renew(self, hold: _Hold) -> None:
+        try:
+            self._renew_script(keys=[hold.keys[1]], args=[hold.token, self._expiry_ms])
+        except self._errors:
+            pass  # tried again a third of the expiry later; the commit checks the token anyway
+
+    def _commit(self, hold: _Hold, key: str, op: str, data: bytes, release: bool, check: bool = True) -> None:
+        done = self._call(
+            "write" if op != "-" else "unlock",
+            key,
+            self._commit_script,
+            keys=hold.keys,
+            args=[hold.token, op, data, self._ttl_ms, "1" if release else "0", _MARKER_MS, self._expiry_ms],
+        )
+        if not done and check:
+            raise LockLost(
+                f"the lock of session {key!r} was lost while its block ran (it expired, or another "
+                "client deleted or took it); nothing was written",
+                key=key,
+            )
+
+    def _raw_read(self, key: str) -> bytes | None:
+        hold = _holds.get((self._server, self._name(key)))
+        if hold is not None and hold.fresh and hold.thread == threading.get_ident() and hold.pid == os.getpid():
+            hold.fresh = False  # read by the lock script a moment ago, the lock held since
+            value = hold.value
+            hold.value = None
+            return value  # type: ignore[no-any-return]
+        return self._call("read", key, self.client.get, self._name(key))  # type: ignore[no-any-return]
+
+    def _raw_write(self, key: str, raw: bytes) -> None:
+        hold = self._mine(key)
+        if hold is None:
+            self._plain_write(key, raw)
+            return
+        if hold.fused:  # Sessions: write and release in one step
+            del _holds[(self._server, hold.data_key)]
+        self._commit(hold, key, "set", raw, release=hold.fused)
+
+    def _plain_write(self, key: str, raw: bytes) -> None:
+        if self.ttl is None:
+            self._call("write", key, self.client.set, self._name(key), raw)
+        else:
+            self._call("write", key, self.client.set, self._name(key), raw, px=int(self._ttl_ms))
+
+    # -- the StorageAdapter contract -----------------------------------------
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` (fenced, and released with it, when this thread holds its lock)."""
+        key = check_key(key)
+        hold = self._mine(key)
+        if hold is None:
+            self._call("delete", key, self.client.delete, self._name(key))
+            return
+        if hold.fused:
+            del _holds[(self._server, hold.data_key)]
+        self._commit(hold, key, "del", b"", release=hold.fused)
+
+    def has(self, key: str) -> bool:
+        """Whether Redis holds a value for ``key``."""
+        key = check_key(key)
+        return bool(self._call("read", key, self.client.exists, self._name(key)))
+
+    def _scan(self) -> Iterator[bytes]:
+        pattern = _glob_escape(self.prefix.encode("utf-8", "surrogatepass")) + b"*"
+        try:
+            for name in self.client.scan_iter(match=pattern, count=1000):
+                yield name
+        except self._errors as exc:
+            raise self._failed(exc, "list", None) from exc
+
+    def _live_names(self) -> list[bytes]:
+        names = []
+        seen = set()
+        for name in self._scan():
+            if name in seen:
+                continue  # SCAN may return a key twice
+            seen.add(name)
+            text = name.decode("utf-8", "surrogatepass")
+            if is_helper(text) or not text.startswith(self.prefix):
+                continue
+            names.append(name)
+        return names
+
+    def keys(self) -> Iterator[str]:
+        """Every session key under the prefix (from ``SCAN``; helper keys skipped)."""
+        cut = len(self.prefix)
+        return iter([name.decode("utf-8", "surrogatepass")[cut:] for name in self._live_names()])
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` for every session under the prefix."""
+        cut = len(self.prefix)
+        found = []
+        for name in self._live_names():
+            key = name.decode("utf-8", "surrogatepass")[cut:]
+            raw = self._call("read", key, self.client.get, name)
+            if raw is not None:  # expired or deleted since the scan
+                found.append((key, self._raw_loads(raw, key)))
+        return iter(found)
+
+    def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        """Hold ``key``'s lock across the cluster; ``LockTimeout`` after ``timeout`` seconds."""
+        return self._locks.lock(check_key(key), timeout)
+
+    def close(self) -> None:
+        """Stop using the client (a client given by the caller is left open)."""
+        self._closed = True
+
+
+def _connection_kwargs(client: Any) -> dict[str, Any]:
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        return dict(getattr(pool, "connection_kwargs", {}))
+    nodes = client.get_nodes() if hasattr(client, "get_nodes") else []
+    for node in nodes:
+        conn = getattr(node, "redis_connection", None)
+        if conn is not None:
+            return dict(conn.connection_pool.connection_kwargs)
+    return {}
+
+
+def _server_identity(client: Any, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Who the server is, so storages over one server share this process's holds."""
+    if hasattr(client, "get_nodes"):
+        return ("cluster", tuple(sorted(node.name for node in client.get_nodes())))
+    return ("redis", kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db", 0))
+
+
+def _glob_escape(text: bytes) -> bytes:
+    out = bytearray()
+    for byte in text:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
+# -- the JSON codec --------------------------------------------------------------
+
+_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _check_json(value: Any, key: str | None) -> None:
+    """Refuse what JSON would silently change (non-str dict keys) or cannot hold."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return
+    if kind is float:
+        if not math.isfinite(value):
+            raise SerializationError(f"cannot store session {key!r} as JSON: {value!r} is not a JSON number", key=key)
+        return
+    if kind is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise SerializationError(
+                    f"cannot store session {key!r} as JSON: dict key {k!r} is not a str "
+                    "(JSON would turn it into one)",
+                    key=key,
+                )
+            _check_json(v, key)
+        return
+    if kind is list or kind is tuple:
+        for v in value:
+            _check_json(v, key)
+        return
+    raise SerializationError(
+        f"cannot store session {key!r} as JSON: {kind.__name__} is not JSON "
+        "(sessions hold None, bool, int, float, str, and lists and dicts of these)",
+        key=key,
+    )
+
+
+def _json_dumps(value: Any, key: str | None = None) -> bytes:
+    try:
+        _check_json(value, key)
+        return _json_encoder.encode(value).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(f"cannot store session {key!r} as JSON: {exc}", key=key) from exc
+
+
+def _json_loads(data: bytes, key: str | None = None) -> Any:
+    try:
+        return json.loads(data.decode("utf-8", "surrogatepass"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptSessionError(f"stored JSON of session {key!r} cannot be decoded: {exc}", key=key) from exc
