@@ -34,7 +34,7 @@ SHELVE_TESTS = [
     "tests/test_deployments.py",
     "tests/test_shelve_faults.py",
 ]
-SELECT = "shelve or not (memory or msgpack)"
+SELECT = "shelve or not (memory or msgpack or redis)"
 # SqliteDb's own tests need dbm.sqlite3 (Python 3.13+), which this project's Python may lack
 SQLITE_TESTS = ["tests/test_sqlitedb.py"]
 TIMEOUT = 600  # one rerun takes 20 s to 90 s (dbm.ndbm)
