@@ -10,7 +10,14 @@ from sessionkit import MsgpackFileStorage, Sessions, ShelveStorage
 
 
 def open_store(where: str) -> Any:
-    """``shelve:<path>[:<dbm>]`` opens a ShelveStorage, anything else a msgpack directory."""
+    """``shelve:<path>[:<dbm>]`` opens a ShelveStorage, ``redis:<url>|<prefix>`` or
+    ``redis-cluster:<url>|<prefix>`` a RedisStorage, anything else a msgpack directory."""
+    if where.startswith(("redis:", "redis-cluster:")):
+        from sessionkit import RedisStorage
+
+        kind, rest = where.split(":", 1)
+        url, prefix = rest.rsplit("|", 1)
+        return RedisStorage(url=url, cluster=kind == "redis-cluster", prefix=prefix, lock_expiry=2.0)
     if where.startswith("shelve:"):
         _, path, dbm = (where.split(":", 2) + [""])[:3]
         return ShelveStorage(path, dbm=dbm or None)
@@ -26,6 +33,28 @@ def increment(directory: str, key: str, times: int, start: Any = None) -> None:
     for _ in range(times):
         with sessions.open(key) as s:
             s["n"] = s.get("n", 0) + 1
+    storage.close()
+
+
+def increment_threads(where: str, key: str, times: int, threads: int, start: Any = None) -> None:
+    """``threads`` threads of this process each increment ``key`` ``times`` times."""
+    import threading
+
+    if start is not None:
+        start.wait()
+    storage = open_store(where)
+    sessions = Sessions(storage, initial=dict)
+
+    def work() -> None:
+        for _ in range(times):
+            with sessions.open(key) as s:
+                s["n"] = s.get("n", 0) + 1
+
+    running = [threading.Thread(target=work) for _ in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
     storage.close()
 
 

@@ -147,6 +147,11 @@ class _Hold:
 _holds: dict[tuple[Any, bytes], _Hold] = {}
 _keeper_mutex = threading.Lock()
 _keeper: list[Any] = [None, 0]  # the keep-alive thread and the pid it runs in
+# The keep-alive thread never sleeps longer than a third of the shortest
+# lock_expiry of any storage made, so a hold taken while it sleeps is
+# renewed within two thirds of its expiry.
+_period = [1.0]
+_nudge = threading.Event()  # wakes the keep-alive thread when _period shrinks
 
 
 def _keep_alive() -> None:
@@ -154,7 +159,7 @@ def _keep_alive() -> None:
     pid = os.getpid()
     while True:
         now = time.monotonic()
-        pause = 1.0
+        pause = _period[0]
         for hold in list(_holds.values()):
             if hold.pid != pid:
                 continue
@@ -165,7 +170,8 @@ def _keep_alive() -> None:
                 hold.storage._renew(hold)
                 due = now + period
             pause = min(pause, due - now)
-        time.sleep(max(pause, 0.005))
+        if _nudge.wait(max(pause, 0.005)):
+            _nudge.clear()
 
 
 def _start_keeper() -> None:
@@ -265,6 +271,9 @@ class RedisStorage(EncodedStorage):
         self.codec = codec
         self.lock_expiry = float(lock_expiry)
         self._expiry_ms = str(max(int(self.lock_expiry * 1000), 50))
+        if self.lock_expiry / 3 < _period[0]:
+            _period[0] = self.lock_expiry / 3
+            _nudge.set()
         self._ttl_ms = "0" if self.ttl is None else str(max(int(math.ceil(self.ttl * 1000)), 1))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         self._timeout_error = redis.TimeoutError
