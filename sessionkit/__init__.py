@@ -12,6 +12,7 @@
 from .enhance import enhance_storage
 from .errors import (
     CorruptSessionError,
+    LockLost,
     LockTimeout,
     SerializationError,
     SessionError,
@@ -23,7 +24,7 @@ from .session import Session
 from .storage.base import StorageAdapter
 from .storage.memory import MemoryStorage
 from .storage.msgpack_file import MsgpackFileStorage
-from .storage.redis_store import LockLost, RedisStorage
+from .storage.redis_store import RedisStorage
 from .storage.shelf import ShelveStorage
 
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ that already catches ``TimeoutError`` or ``TypeError`` keeps working::
           ├── LockTimeout          (TimeoutError) the per-key lock was not acquired in time
           ├── SerializationError   (TypeError)    the backend cannot store this value
           ├── CorruptSessionError  (ValueError)   stored bytes cannot be decoded
-          └── StorageError         (OSError)      the backend itself failed
+          ├── StorageError         (OSError)      the backend itself failed
+          └── LockLost                            a server lock was lost mid-block: nothing written
 
 Every error carries the session key it is about in ``.key`` (``None`` when it
 is not about one key) and, where a file is involved, its ``.path``.  Errors
@@ -29,6 +30,7 @@ __all__ = [
     "SerializationError",
     "CorruptSessionError",
     "StorageError",
+    "LockLost",
 ]
 
 
@@ -72,4 +74,15 @@ class StorageError(SessionError, OSError):
 
     The original exception is chained as ``__cause__``; nothing was
     half-written.
+    """
+
+
+class LockLost(SessionError):
+    """A session's server-side lock was lost while its block ran; nothing was written.
+
+    ``RedisStorage`` fences every write with the lock's token: when the lock
+    expired (its keep-alive could not reach the server for ``lock_expiry``
+    seconds), was deleted, or was taken by another client (a failover), the
+    write is refused and the value another holder may have written since is
+    kept.
     """

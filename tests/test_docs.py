@@ -23,8 +23,10 @@ def python_blocks(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("number", range(len(python_blocks(README))))
-def test_readme_example_runs(number: int, tmp_path: Any, monkeypatch: Any) -> None:
+def test_readme_example_runs(number: int, tmp_path: Any, monkeypatch: Any, request: Any) -> None:
     monkeypatch.chdir(tmp_path)
+    if "REDIS_URL" in python_blocks(README)[number]:  # a real server, started by the tests
+        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_server").url)
     exec(compile(python_blocks(README)[number], f"README.rst block {number}", "exec"), {})
 
 

@@ -9,6 +9,7 @@ import pytest
 import sessionkit.errors as errors
 from sessionkit import (
     CorruptSessionError,
+    LockLost,
     LockTimeout,
     SerializationError,
     SessionError,
@@ -35,7 +36,9 @@ def test_each_error_is_a_session_error_and_its_builtin(cls: type, builtin: type)
     assert cls.__name__ in errors.__doc__  # the tree is drawn in the module docstring
 
 
-@pytest.mark.parametrize("cls", [SessionError, SessionKeyError, LockTimeout, SerializationError, CorruptSessionError, StorageError])
+@pytest.mark.parametrize(
+    "cls", [SessionError, SessionKeyError, LockTimeout, SerializationError, CorruptSessionError, StorageError, LockLost]
+)
 def test_errors_pickle_with_their_context(cls: type) -> None:
     try:
         try:

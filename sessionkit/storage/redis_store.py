@@ -38,21 +38,11 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec
 from .._locks import LockContext
-from ..errors import CorruptSessionError, LockTimeout, SerializationError, SessionError, StorageError
+from ..errors import CorruptSessionError, LockLost, LockTimeout, SerializationError, SessionError, StorageError
 from ._redis_keys import helper_keys, is_helper
 from .base import EncodedStorage, check_key, ttl_seconds
 
-__all__ = ["RedisStorage", "LockLost"]
-
-
-class LockLost(SessionError):
-    """A session's Redis lock expired or was taken while its block ran.
-
-    Nothing was written: the value another holder may have written since is
-    kept.  It happens when the lock's keep-alive could not reach the server
-    for ``lock_expiry`` seconds, after a failover, or when someone deleted
-    the lock key.
-    """
+__all__ = ["RedisStorage"]
 
 
 # KEYS: data, lock, wake, wait.  ARGV: token, expiry ms, "1" if the caller
