@@ -33,18 +33,61 @@ def dumps(value: Any, key: str | None = None) -> bytes:
     """Encode ``value``; ``SerializationError`` if msgpack cannot hold it."""
     # A Packer per thread is three times faster than msgpack.packb, which
     # builds a new Packer on every call; a Packer resets itself after errors.
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _new_packer()
     try:
-        try:
-            packer = _local.packer
-        except AttributeError:
-            packer = _new_packer()
         return packer.pack(value)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
+        where = find_unstorable(value, _msgpack_leaf)
         raise SerializationError(
-            f"cannot store session {key!r}: {exc} (sessions hold None, bool, int, "
+            f"cannot store session {key!r}: {where or exc} (sessions hold None, bool, int, "
             "float, str, bytes, and lists and dicts of these)",
             key=key,
         ) from exc
+
+
+def _msgpack_leaf(value: Any) -> str | None:
+    """Why msgpack cannot hold ``value`` itself (not its items), or None."""
+    kind = type(value)
+    if value is None or isinstance(value, (float, str, bytes, list, tuple, dict)):
+        return None
+    if isinstance(value, int):
+        return None if -(2**63) <= value < 2**64 else "is an int out of msgpack's 64-bit range"
+    return f"is a {kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}{kind.__qualname__}"
+
+
+def find_unstorable(value: Any, leaf: Any, limit: int = 100_000) -> str | None:
+    """The path of the first part of ``value`` that ``leaf`` refuses, as
+    ``["stats"]["seen"] is a datetime.datetime``; None if none is found.
+
+    ``leaf(part)`` says why one part (not its items) cannot be stored, or
+    None.  Dict keys are checked too.  Only called once encoding has failed.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    seen = 0
+    while stack and seen < limit:
+        path, part = stack.pop()
+        seen += 1
+        why = leaf(part)
+        if why is not None:
+            return f"{path or 'the value'} {why}"
+        if isinstance(part, dict):
+            items = list(part.items())
+            for k, v in reversed(items):
+                why_key = leaf(k)
+                if why_key is None and isinstance(k, tuple):
+                    inner = find_unstorable(k, leaf, limit)
+                    why_key = None if inner is None else f"whose {inner}"
+                elif why_key is not None:
+                    why_key = f"that {why_key}"
+                if why_key is not None:
+                    return f"{path or 'the value'} has a key {k!r} {why_key}"
+                stack.append((f"{path}[{k!r}]", v))
+        elif isinstance(part, (list, tuple)):
+            for i in range(len(part) - 1, -1, -1):
+                stack.append((f"{path}[{i}]", part[i]))
+    return None
 
 
 def _lists(value: Any) -> Any:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import pickle
+import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 import sessionkit.errors as errors
 from sessionkit import (
+    MemoryStorage,
+    MsgpackFileStorage,
     CorruptSessionError,
     LockLost,
     LockTimeout,
@@ -53,3 +59,47 @@ def test_errors_pickle_with_their_context(cls: type) -> None:
 
 def test_session_key_error_message_is_not_quoted() -> None:
     assert str(SessionKeyError("no key")) == "no key"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or e in found:
+            continue
+        found.append(e)
+        todo += [e.__cause__, e.__context__]
+    return found
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        ({"stats": {"seen": datetime.datetime(2024, 1, 1)}}, "['stats']['seen'] is a datetime.datetime"),
+        ({"a": [1, 2, {3}]}, "['a'][2] is a set"),
+        ({"n": 2**64}, "['n'] is an int out of msgpack's 64-bit range"),
+        ({(1, datetime.date(2020, 1, 1)): 1}, "has a key (1, datetime.date(2020, 1, 1)) whose [1] is a datetime.date"),
+    ],
+)
+def test_a_serialization_error_names_the_field(value: Any, where: str) -> None:
+    errors: list[BaseException] = []
+
+    def first_write_in_a_new_thread() -> None:  # the thread's first encoding builds its packer
+        try:
+            MemoryStorage().write("42", value)
+        except SerializationError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=first_write_in_a_new_thread)
+    t.start()
+    t.join()
+    (exc,) = errors
+    assert f"session '42': " in str(exc) and where in str(exc), str(exc)
+    assert not any(isinstance(e, AttributeError) for e in _chain(exc))
+
+
+def test_a_file_where_a_msgpack_store_directory_should_be(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(StorageError, match="is a file, not a directory"):
+        MsgpackFileStorage(tmp_path / "a_file")

@@ -160,6 +160,12 @@ class MsgpackFileStorage(EncodedStorage):
         valid = isinstance(shards, int) and not isinstance(shards, bool)
         if shards is not None and (not valid or not 1 <= shards <= _MAX_SHARDS):
             raise ValueError(f"shards must be an int from 1 to {_MAX_SHARDS}")
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise StorageError(
+                f"cannot open {self.directory}: it is a file, not a directory (MsgpackFileStorage "
+                "keeps its sessions in a directory of its own)",
+                path=self.directory,
+            )
         try:
             self._make_directory()
         except OSError as exc:

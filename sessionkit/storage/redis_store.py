@@ -37,6 +37,7 @@ from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec
+from .._codec import find_unstorable
 from .._locks import LockContext
 from ..errors import CorruptSessionError, LockLost, LockTimeout, SerializationError, SessionError, StorageError
 from ._redis_keys import helper_keys, is_helper
@@ -527,39 +528,36 @@ def _glob_escape(text: bytes) -> bytes:
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def _json_leaf(value: Any) -> str | None:
+    """Why JSON cannot hold ``value`` itself (not its items) unchanged, or None."""
+    if value is None or isinstance(value, (str, bool, int, list, tuple)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"is {value!r}, which JSON cannot hold"
+    if isinstance(value, dict):
+        bad = next((k for k in value if not isinstance(k, str)), _NO_KEY)
+        return None if bad is _NO_KEY else f"has the key {bad!r}, which JSON would turn into a str"
+    kind = type(value)
+    return f"is a {kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}{kind.__qualname__}"
+
+
+_NO_KEY = object()
+
+
 def _check_json(value: Any, key: str | None) -> None:
     """Refuse what JSON would silently change (non-str dict keys) or cannot hold."""
-    kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
-        return
-    if kind is float:
-        if not math.isfinite(value):
-            raise SerializationError(f"cannot store session {key!r} as JSON: {value!r} is not a JSON number", key=key)
-        return
-    if kind is dict:
-        for k, v in value.items():
-            if type(k) is not str:
-                raise SerializationError(
-                    f"cannot store session {key!r} as JSON: dict key {k!r} is not a str "
-                    "(JSON would turn it into one)",
-                    key=key,
-                )
-            _check_json(v, key)
-        return
-    if kind is list or kind is tuple:
-        for v in value:
-            _check_json(v, key)
-        return
-    raise SerializationError(
-        f"cannot store session {key!r} as JSON: {kind.__name__} is not JSON "
-        "(sessions hold None, bool, int, float, str, and lists and dicts of these)",
-        key=key,
-    )
+    where = find_unstorable(value, _json_leaf)
+    if where is not None:
+        raise SerializationError(
+            f"cannot store session {key!r} as JSON: {where} (sessions hold None, bool, int, "
+            "float, str, and lists and dicts of these)",
+            key=key,
+        )
 
 
 def _json_dumps(value: Any, key: str | None = None) -> bytes:
+    _check_json(value, key)
     try:
-        _check_json(value, key)
         return _json_encoder.encode(value).encode("utf-8", "surrogatepass")
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"cannot store session {key!r} as JSON: {exc}", key=key) from exc
