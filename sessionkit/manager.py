@@ -51,6 +51,7 @@ class Sessions:
         lock_timeout: float | None = None,
         write_unchanged: bool = False,
     ) -> None:
+        """Set up the manager; the parameters are described in the class docstring."""
         if storage is None:
             from .storage.memory import MemoryStorage
 

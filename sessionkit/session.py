@@ -64,6 +64,7 @@ class Session:
     _snap: Any  # what was stored: bytes, a fingerprint, None, or _UNREAD
 
     def __init__(self, manager: Sessions, key: str | None, timeout: float | None = None, lazy: bool = False) -> None:
+        """A handle for ``key`` (made by ``Sessions.open()``; not meant to be built directly)."""
         self.key = key
         self._m = manager
         self._timeout = timeout  # None: the manager's lock_timeout
@@ -371,25 +372,32 @@ class Session:
         return iter(self._map())
 
     def get(self, name: Any, default: Any = None) -> Any:
+        """``s.data.get(name, default)``: a field of a dict session."""
         d = self._dict
         if d is not None:
             return d.get(name, default)
         return self._map().get(name, default)
 
     def setdefault(self, name: Any, default: Any = None) -> Any:
+        """``s.data.setdefault(name, default)``: set a field if missing; returns its value."""
         return self._map().setdefault(name, default)
 
     def pop(self, name: Any, *default: Any) -> Any:
+        """``s.data.pop(name[, default])``: remove a field and return its value."""
         return self._map().pop(name, *default)
 
     def update(self, *args: Any, **kwargs: Any) -> None:
+        """``s.data.update(...)``: set several fields of a dict session."""
         self._map().update(*args, **kwargs)
 
     def keys(self) -> Any:
+        """The field names of a dict session."""
         return self._map().keys()
 
     def values(self) -> Any:
+        """The field values of a dict session."""
         return self._map().values()
 
     def items(self) -> Any:
+        """``(name, value)`` pairs of a dict session."""
         return self._map().items()

@@ -76,22 +76,26 @@ class EncodedStorage:
     _raw_dumps: Any
 
     def read(self, key: str) -> Any | None:
+        """The value stored under ``key``, or ``None`` when there is none."""
         raw = self._raw_read(check_key(key))
         return None if raw is None else self._raw_loads(raw, key)
 
     def write(self, key: str, value: Any) -> None:
+        """Store ``value`` (never ``None``) under ``key``; ``SerializationError`` if it cannot be stored."""
         key = check_key(key)
         if value is None:
             raise ValueError("None is never stored; use delete() to remove a session")
         self._raw_write(key, self._raw_dumps(value, key))
 
     def has(self, key: str) -> bool:
+        """Whether a live value is stored under ``key``."""
         return self._raw_read(check_key(key)) is not None
 
     def items(self) -> Iterator[tuple[str, Any]]:
         raise NotImplementedError
 
     def values(self) -> Iterator[Any]:
+        """Every live session's value."""
         return iter([value for _, value in self.items()])
 
 

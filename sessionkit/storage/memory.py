@@ -34,6 +34,7 @@ class MemoryStorage(EncodedStorage):
         ttl: float | timedelta | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``ttl``: seconds (or a ``timedelta``) a session lives after its last write; ``clock``: the time source."""
         self.ttl = ttl_seconds(ttl)
         self._clock = clock
         self._data: dict[str, bytes] = {}
@@ -111,15 +112,18 @@ class MemoryStorage(EncodedStorage):
     # -- the StorageAdapter contract ----------------------------------------
 
     def delete(self, key: str) -> None:
+        """Remove ``key``; deleting an absent key is not an error."""
         key = check_key(key)
         with self._mutex:
             self._data.pop(key, None)
             self._expires.pop(key, None)
 
     def keys(self) -> Iterator[str]:
+        """The keys of every live session."""
         return iter([k for k, _ in self._live()])
 
     def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` for every live session."""
         return iter([(k, _codec.loads(raw, k)) for k, raw in self._live()])
 
     def _live(self) -> list[tuple[str, bytes]]:
@@ -132,6 +136,7 @@ class MemoryStorage(EncodedStorage):
             return [(k, raw) for k, raw in self._data.items() if expires.get(k, now) > now]
 
     def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        """Hold ``key`` exclusively in this process (``LockTimeout`` after ``timeout`` seconds)."""
         return self._locks.lock(check_key(key), timeout)
 
     def close(self) -> None:

@@ -153,6 +153,7 @@ class MsgpackFileStorage(EncodedStorage):
         shards: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """Open (or create) the store in ``directory``; the parameters are described in the class docstring."""
         self.directory = os.path.abspath(os.fspath(directory))
         self.ttl = ttl_seconds(ttl)
         self.durable = bool(durable)
@@ -206,6 +207,7 @@ class MsgpackFileStorage(EncodedStorage):
         return self._shards
 
     def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        """Hold ``key`` exclusively across threads and processes (``LockTimeout`` after ``timeout`` seconds)."""
         if self._closed:
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
         return self._keylocks.lock(check_key(key), timeout)
@@ -240,6 +242,7 @@ class MsgpackFileStorage(EncodedStorage):
     # -- the StorageAdapter contract ----------------------------------------------
 
     def delete(self, key: str) -> None:
+        """Remove ``key``; deleting an absent key is not an error."""
         key = check_key(key)
         now = self._clock()
         shard = self._shard(key)
@@ -249,6 +252,7 @@ class MsgpackFileStorage(EncodedStorage):
                 shard.append(key, None, 0.0, now)
 
     def keys(self) -> Iterator[str]:
+        """The keys of every live session in the store."""
         found: list[str] = []
         for shard in self._every_shard():
             with shard.mutex, shard:
@@ -257,6 +261,7 @@ class MsgpackFileStorage(EncodedStorage):
         return iter(found)
 
     def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` for every live session in the store."""
         found: list[tuple[str, Any]] = []
         for shard in self._every_shard():
             with shard.mutex, shard:

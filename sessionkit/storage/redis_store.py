@@ -238,6 +238,7 @@ class RedisStorage(EncodedStorage):
         codec: str = "msgpack",
         lock_expiry: float = 10.0,
     ) -> None:
+        """Connect (lazily) to Redis; the parameters are described in the class docstring."""
         try:
             import redis
         except ImportError as exc:  # pragma: no cover - depends on the environment

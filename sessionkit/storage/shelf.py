@@ -169,6 +169,7 @@ class ShelveStorage(EncodedStorage):
         clock: Callable[[], float] = time.time,
         protocol: int = pickle.HIGHEST_PROTOCOL,
     ) -> None:
+        """Open (or create) the shelf at ``path``; the parameters are described in the class docstring."""
         self.path = os.path.abspath(os.fspath(path))
         self.ttl = ttl_seconds(ttl)
         valid = isinstance(protocol, int) and not isinstance(protocol, bool)
@@ -297,6 +298,7 @@ class ShelveStorage(EncodedStorage):
     # -- the StorageAdapter contract ------------------------------------------------
 
     def delete(self, key: str) -> None:
+        """Remove ``key``; deleting an absent key is not an error."""
         kb = _encode_key(check_key(key))
         with self._state._mutex, self._store() as db:
             self._keylocks.check_held(key, self.path)
@@ -332,10 +334,12 @@ class ShelveStorage(EncodedStorage):
                 yield key, data
 
     def keys(self) -> Iterator[str]:
+        """The keys of every live session on the shelf."""
         with self._state._mutex, self._store() as db:
             return iter([key for key, _ in self._live(db)])
 
     def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` for every live session on the shelf."""
         with self._state._mutex, self._store() as db:
             found = list(self._live(db))
         return iter([(key, self._raw_loads(data, key)) for key, data in found])
@@ -355,6 +359,7 @@ class ShelveStorage(EncodedStorage):
             return len(expired)
 
     def lock(self, key: str, timeout: float | None = None) -> ContextManager[None]:
+        """Hold ``key`` exclusively across threads and processes (``LockTimeout`` after ``timeout`` seconds)."""
         return self._keylocks.lock(check_key(key), timeout)
 
     def close(self) -> None:
