@@ -15,7 +15,15 @@ The encoded form (``session.Session._load``/``_plan``/``_write``, ``is_new``)
     ``_raw_read(key) -> bytes | None``, ``_raw_write(key, data)``,
     ``_raw_loads(data, key)``, ``_raw_dumps(value, key)``: change detection
     compares the bytes read with the bytes about to be written, instead of
-    copying the value.  All four or none.
+    copying the value.  All four or none.  Optionally, with them,
+    ``_raw_delete(key)``: the delete a session's clean exit makes (Redis
+    fuses it with the release); without it ``Sessions`` calls ``delete``.
+
+Write-back then release (``session.Session.__exit__``, ``_flush``/``_finish``)
+    A session's ``_raw_write``/``_raw_delete`` is always followed by
+    ``_release`` of the same key in the same thread.  A storage may release
+    the lock in the write itself (``RedisStorage``: one round trip instead
+    of two); its ``_release`` must then do nothing for that key.
 
 The inlined memory path (``session.Session.__enter__``/``__exit__``)
     ``storage._fast``: ``tuple(FastPath(...))``, or ``None``.  ``Sessions``

@@ -107,6 +107,10 @@ class Sessions:
         self._raw_write: Any = raw[1]
         self._raw_loads: Any = raw[2]
         self._raw_dumps: Any = raw[3]
+        # Deleting: the storage's session delete when it has one (see _fastpath).
+        self._delete: Any = getattr(storage, "_raw_delete", None) if raw[0] is not None else None
+        if self._delete is None:
+            self._delete = storage.delete
 
     def __repr__(self) -> str:
         return f"Sessions({self.storage!r}, prefix={self.prefix!r}, lazy={self.lazy})"

@@ -261,7 +261,7 @@ class Session:
         if op == "raw":
             m._raw_write(self.key, payload)
         elif op == "delete":
-            m.storage.delete(self.key)
+            m._delete(self.key)
         else:
             m.storage.write(self.key, payload)
 

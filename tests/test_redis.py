@@ -32,6 +32,7 @@ from sessionkit import (
     StorageError,
     enhance_storage,
 )
+from sessionkit.storage import redis_store
 from sessionkit.storage._redis_keys import helper_keys, slot_of
 
 from . import redis_servers, workers
@@ -313,7 +314,8 @@ def test_listings_skip_helper_keys_of_held_sessions(where: tuple[str, Any]) -> N
     held.wait()
     try:
         names = [k.decode() for k in client_for(kind, server).scan_iter(match=storage.prefix + "*")]
-        assert any("sk-lock" in n for n in [k.decode(errors="replace") for k in client_for(kind, server).keys("*")])
+        everything = [k.decode(errors="replace") for k in client_for(kind, server).scan_iter(match="*")]
+        assert any("sk-lock" in n for n in everything)  # the held session's lock key is there
         assert sorted(storage.keys()) == ["a", "b*[x]?"]
         assert dict(storage.items()) == {"a": 1, "b*[x]?": 2}
         assert sorted(names) == sorted(storage.prefix + k for k in ("a", "b*[x]?"))
@@ -498,3 +500,129 @@ def test_bad_arguments_are_clear() -> None:
         RedisStorage(redis.Redis(decode_responses=True))
     with pytest.raises(ValueError, match="lock_expiry"):
         RedisStorage(redis.Redis(), lock_expiry=0)
+
+
+# -- found by attacking it ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("other_commits_first", [True, False])
+def test_a_lost_lock_taken_by_another_thread_of_this_process_still_refuses_the_write(
+    redis_server: Any, other_commits_first: bool
+) -> None:
+    storage = fresh("redis", redis_server)
+    sessions = Sessions(storage, initial=dict)
+    lock_key = helper_keys(storage.prefix + "k")[0]
+    taken = threading.Event()
+    finish = threading.Event()
+
+    def other_thread() -> None:
+        with sessions.open("k", timeout=5) as s:
+            s["by"] = "other"
+            taken.set()
+            if not other_commits_first:
+                finish.wait(10)
+
+    with pytest.raises(LockLost):
+        with sessions.open("k") as s:
+            s["by"] = "first"
+            redis_client(redis_server).delete(lock_key)  # the lock is lost...
+            t = threading.Thread(target=other_thread)
+            t.start()
+            assert taken.wait(10)  # ...and another thread of this process took it
+            if other_commits_first:
+                t.join()
+    finish.set()
+    t.join()
+    assert storage.read("k") == {"by": "other"}
+
+
+def test_a_commit_sent_again_after_a_lost_reply_is_recognised_as_landed(redis_server: Any) -> None:
+    """redis-py resends a command whose reply was lost: the commit must not then report a lost lock."""
+    storage = fresh("redis", redis_server)
+    storage._acquire("k")
+    hold = next(h for (server, name, _), h in list(redis_store._holds.items())
+                if server == storage._server and name == storage._name("k"))
+    args = [hold.token, "set", storage._raw_dumps({"n": 1}), "0", "1", storage._expiry_ms]
+    redis_store._holds.pop((storage._server, storage._name("k"), threading.get_ident()))
+    assert storage._commit_script(keys=hold.keys, args=args) == 1  # landed; its reply "lost"
+    with storage.lock("k", timeout=5):  # a waiter takes the lock at once
+        assert storage._commit_script(keys=hold.keys, args=args) == 2  # the resent commit: already done
+    assert storage.read("k") == {"n": 1}
+
+
+def test_a_write_or_delete_inside_a_session_block_keeps_the_block_locked(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server)
+    sessions = Sessions(storage, initial=dict)
+    outcome: list[str] = []
+
+    def contender() -> None:
+        try:
+            with sessions.open("k", timeout=0.3):
+                outcome.append("entered")
+        except LockTimeout:
+            outcome.append("timeout")
+
+    with sessions.open("k") as s:
+        storage.write("k", {"direct": 1})
+        assert storage.read("k") == {"direct": 1}
+        storage.delete("k")
+        assert storage.read("k") is None
+        t = threading.Thread(target=contender)
+        t.start()
+        t.join()
+        s["n"] = 1
+    assert outcome == ["timeout"]
+    assert storage.read("k") == {"n": 1}
+
+
+def test_reads_under_lock_see_the_writes_made_under_it(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server)
+    storage.write("k", {"v": 1})
+    with storage.lock("k"):
+        assert storage.read("k") == {"v": 1}
+        storage.write("k", {"v": 2})
+        assert storage.read("k") == {"v": 2}
+        storage.delete("k")
+        assert storage.read("k") is None
+    with storage.lock("k"):
+        storage.write("k", {"v": 3})
+        assert storage.read("k") == {"v": 3}  # a write before the first read too
+
+
+def test_a_session_key_that_names_a_lock_key_is_refused(redis_server: Any) -> None:
+    from sessionkit import SessionKeyError
+
+    storage = RedisStorage(redis_client(redis_server))
+    lock_key = helper_keys("42")[0]
+    with pytest.raises(SessionKeyError, match="reserved"):
+        with Sessions(storage, initial=dict).open(lock_key) as s:
+            s["n"] = 1
+    with pytest.raises(SessionKeyError):
+        storage.write(lock_key, 1)
+    assert redis_client(redis_server).get(lock_key) is None
+
+
+def test_a_hung_server_does_not_stop_the_renewals_on_another(redis_server: Any, tmp_path: Path) -> None:
+    other = redis_servers.RedisServer(tmp_path / "other")
+    try:
+        hung = RedisStorage(redis_client(other, socket_timeout=30), prefix="h:", lock_expiry=0.3)
+        healthy = fresh("redis", redis_server, lock_expiry=1.5)
+        with hung.lock("k"):
+            os.kill(other.proc.pid, signal.SIGSTOP)  # renewing this lock now blocks
+            try:
+                with Sessions(healthy, initial=dict).open("k") as s:
+                    time.sleep(4.0)  # longer than the healthy server's expiry
+                    s["n"] = 1
+            finally:
+                os.kill(other.proc.pid, signal.SIGCONT)
+        assert healthy.read("k") == {"n": 1}
+    finally:
+        other.stop()
+
+
+def test_json_refuses_a_lone_surrogate_and_an_infinite_expiry_is_refused(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server, codec="json")
+    with pytest.raises(SerializationError, match="surrogate"):
+        storage.write("k", {"s": "\ud800"})
+    with pytest.raises(ValueError, match="lock_expiry"):
+        RedisStorage(redis_client(redis_server), lock_expiry=float("inf"))

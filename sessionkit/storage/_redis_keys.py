@@ -4,7 +4,8 @@ A Redis Cluster runs a script only when all its keys hash to one slot.  The
 slot of a key is CRC16 of its *hash tag* (the text between the first ``{``
 and the next ``}``, when that is not empty) or of the whole key.  The data
 key is the session key itself (``prefix + key``), so the helper keys of a
-session (its lock, its wake-up list, its waiter count) are built as
+session (its lock, its wake-up list, its waiter count, its commit
+receipts) are built as
 ``{T}`` + a marker + the data key, with a tag ``T`` of the same slot:
 
 * the data key's own hash tag, when it has one;
@@ -28,7 +29,7 @@ __all__ = ["helper_keys", "is_helper", "slot_of", "MARKS"]
 
 SLOTS = 16384
 # The three helper keys of a session, by their marker
-MARKS = ("\x00sk-lock\x00", "\x00sk-wake\x00", "\x00sk-wait\x00")
+MARKS = ("\x00sk-lock\x00", "\x00sk-wake\x00", "\x00sk-wait\x00", "\x00sk-done\x00")
 _table: list[str] = []
 _table_mutex = threading.Lock()
 
@@ -72,13 +73,13 @@ def _short_tag(slot: int) -> str:
     return _table[slot]
 
 
-def helper_keys(data_key: str) -> tuple[str, str, str]:
-    """The lock, wake-up list and waiter count keys of ``data_key``."""
+def helper_keys(data_key: str) -> tuple[str, ...]:
+    """The lock, wake-up list, waiter count and commit receipts keys of ``data_key``."""
     tag = _tag(data_key)
     if tag is None:
         tag = data_key if data_key and "}" not in data_key else _short_tag(slot_of(data_key))
     head = "{" + tag + "}"
-    return (head + MARKS[0] + data_key, head + MARKS[1] + data_key, head + MARKS[2] + data_key)
+    return tuple(head + mark + data_key for mark in MARKS)
 
 
 def is_helper(key: str) -> bool:

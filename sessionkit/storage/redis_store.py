@@ -17,11 +17,18 @@ waits.  The lock's expiry is the safety net: a holder that died frees the
 key after ``lock_expiry`` seconds; a live holder's locks are renewed by a
 keep-alive thread every third of that, so a slow block keeps its lock.
 
-A release leaves ``r:<token>`` in the lock key for a while instead of
-deleting it (any caller may take such a lock), so a commit retried after a
-lost reply recognises that it already landed.
+A releasing commit also pushes its token on the session's short list of
+commit receipts (the last four, kept a minute), so a commit that redis-py
+retries after a lost reply recognises that it already landed instead of
+reporting a lost lock.
 
-The helper keys (lock, wake-up list, waiter count) hash to the data key's
+Holds are per thread: each thread's lock on a key is its own record, so a
+thread whose lock was lost and taken by another thread of the same process
+still commits through its own token and gets ``LockLost``.  Each server
+has its own keep-alive thread, so a server that hangs delays only the
+renewals of its own locks.
+
+The helper keys (lock, wake-up list, waiter count, receipts) hash to the data key's
 cluster slot; ``_redis_keys`` says how.  redis-py is imported when the first
 ``RedisStorage`` is made, not by ``import sessionkit``.
 """
@@ -36,10 +43,18 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
-from .. import _codec
+from .. import _codec, _fork
 from .._codec import find_unstorable
 from .._locks import LockContext
-from ..errors import CorruptSessionError, LockLost, LockTimeout, SerializationError, SessionError, StorageError
+from ..errors import (
+    CorruptSessionError,
+    LockLost,
+    LockTimeout,
+    SerializationError,
+    SessionError,
+    SessionKeyError,
+    StorageError,
+)
 from ._redis_keys import helper_keys, is_helper
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -48,13 +63,13 @@ __all__ = ["RedisStorage"]
 
 # KEYS: data, lock, wake, wait.  ARGV: token, expiry ms, "1" if the caller
 # waited before (its place in the waiter count is given back).
-# -> {1, value or false} (locked) or {0, the lock's pttl} (busy: counted as a waiter)
+# -> {1, value or nil} (locked) or {0, the lock's pttl} (busy: counted as a waiter)
 _ACQUIRE = """
 if ARGV[3] == '1' then
   if redis.call('decr', KEYS[4]) <= 0 then redis.call('del', KEYS[4]) end
 end
 local held = redis.call('get', KEYS[2])
-if held == false or held == ARGV[1] or string.sub(held, 1, 2) == 'r:' then
+if held == false or held == ARGV[1] then
   redis.call('set', KEYS[2], ARGV[1], 'px', ARGV[2])
   return {1, redis.call('get', KEYS[1])}
 end
@@ -63,14 +78,12 @@ redis.call('pexpire', KEYS[4], 2 * tonumber(ARGV[2]))
 return {0, redis.call('pttl', KEYS[2])}
 """
 
-# KEYS: data, lock, wake, wait.  ARGV: token, op ("set", "del" or "-"),
-# value, ttl ms ("0": none), "1" to release, how long a released lock's
-# marker stays (ms), expiry ms.
+# KEYS: data, lock, wake, wait, receipts.  ARGV: token, op ("set", "del" or
+# "-"), value, ttl ms ("0": none), "1" to release, expiry ms.
 # -> 1 done, 2 done by an earlier try of this same call, 0 the lock is not ours
 _COMMIT = """
-local held = redis.call('get', KEYS[2])
-if held ~= ARGV[1] then
-  if held == 'r:' .. ARGV[1] then return 2 end
+if redis.call('get', KEYS[2]) ~= ARGV[1] then
+  if redis.call('lpos', KEYS[5], ARGV[1]) then return 2 end
   return 0
 end
 if ARGV[2] == 'set' then
@@ -83,14 +96,17 @@ elseif ARGV[2] == 'del' then
   redis.call('del', KEYS[1])
 end
 if ARGV[5] == '1' then
-  redis.call('set', KEYS[2], 'r:' .. ARGV[1], 'px', ARGV[6])
+  redis.call('del', KEYS[2])
+  redis.call('lpush', KEYS[5], ARGV[1])
+  redis.call('ltrim', KEYS[5], 0, 3)
+  redis.call('pexpire', KEYS[5], 60000)
   local waiting = tonumber(redis.call('get', KEYS[4]) or '0')
   if waiting > 0 then
     redis.call('rpush', KEYS[3], '1')
-    redis.call('pexpire', KEYS[3], ARGV[7])
+    redis.call('pexpire', KEYS[3], ARGV[6])
   end
 else
-  redis.call('pexpire', KEYS[2], ARGV[7])
+  redis.call('pexpire', KEYS[2], ARGV[6])
 end
 return 1
 """
@@ -109,71 +125,84 @@ if redis.call('decr', KEYS[1]) <= 0 then redis.call('del', KEYS[1]) end
 return 1
 """
 
-_MARKER_MS = 10_000  # how long a released lock remembers its last token
 _TOKEN_BYTES = 16
+_LONGEST_EXPIRY = 1e6  # seconds; Redis takes expiries in milliseconds
 
 
 class _Hold:
-    """One lock this process holds: its token and what came with it."""
+    """One thread's lock on one session: its token and what came with it."""
 
-    __slots__ = ("storage", "data_key", "keys", "token", "thread", "pid", "value", "fresh", "fused", "renewed")
+    __slots__ = ("storage", "data_key", "keys", "token", "pid", "value", "fresh", "fused", "renewed")
 
     def __init__(self, storage: RedisStorage, data_key: bytes, keys: list[bytes], token: str, fused: bool) -> None:
         self.storage = storage
         self.data_key = data_key
         self.keys = keys
         self.token = token
-        self.thread = threading.get_ident()
         self.pid = os.getpid()
         self.value: Any = None
         self.fresh = False  # value holds what the lock script read, not yet handed out
-        self.fused = fused  # taken by Sessions: the commit releases it
+        self.fused = fused  # taken by Sessions: its commit releases the lock
         self.renewed = time.monotonic()
 
 
 # Every lock this process holds through any RedisStorage, by (server, data
-# key): a thread that asks again for a key it holds is refused, and the
-# keep-alive thread renews them.  After a fork the child sees the parent's
-# holds (their pid differs) and may neither write nor release them.
-_holds: dict[tuple[Any, bytes], _Hold] = {}
+# key, thread): a thread that asks again for a key it holds is refused, and
+# the keep-alive threads renew them.  After a fork the child sees the
+# parent's holds (their pid differs) and may neither write nor release them.
+_holds: dict[tuple[Any, bytes, int], _Hold] = {}
 _keeper_mutex = threading.Lock()
-_keeper: list[Any] = [None, 0]  # the keep-alive thread and the pid it runs in
-# The keep-alive thread never sleeps longer than a third of the shortest
-# lock_expiry of any storage made, so a hold taken while it sleeps is
-# renewed within two thirds of its expiry.
-_period = [1.0]
-_nudge = threading.Event()  # wakes the keep-alive thread when _period shrinks
+_fork.register_mutex(_keeper_mutex)
 
 
-def _keep_alive() -> None:
-    """Renew every lock of this process a third of its expiry after the last renewal."""
-    pid = os.getpid()
-    while True:
-        now = time.monotonic()
-        pause = _period[0]
-        for hold in list(_holds.values()):
-            if hold.pid != pid:
-                continue
-            period = hold.storage.lock_expiry / 3
-            due = hold.renewed + period
-            if due <= now:
-                hold.renewed = now
-                hold.storage._renew(hold)
-                due = now + period
-            pause = min(pause, due - now)
-        if _nudge.wait(max(pause, 0.005)):
-            _nudge.clear()
+class _Keeper:
+    """The keep-alive thread of one server: renews its locks every third of their expiry.
+
+    It never sleeps longer than a third of the shortest ``lock_expiry`` of a
+    storage on its server, so a lock taken while it sleeps is renewed within
+    two thirds of its expiry.
+    """
+
+    def __init__(self, server: tuple[Any, ...]) -> None:
+        self.server = server
+        self.pid = os.getpid()
+        self.period = 1.0
+        self.nudge = threading.Event()
+        threading.Thread(target=self.run, name="sessionkit-redis-keepalive", daemon=True).start()
+
+    def run(self) -> None:
+        while True:
+            now = time.monotonic()
+            pause = self.period
+            for slot, hold in list(_holds.items()):
+                if slot[0] != self.server or hold.pid != self.pid:
+                    continue
+                period = hold.storage.lock_expiry / 3
+                due = hold.renewed + period
+                if due <= now:
+                    hold.renewed = now
+                    hold.storage._renew(hold)
+                    now = time.monotonic()
+                    due = now + period
+                pause = min(pause, due - now)
+            if self.nudge.wait(max(pause, 0.005)):
+                self.nudge.clear()
 
 
-def _start_keeper() -> None:
-    pid = os.getpid()
-    if _keeper[1] == pid:
-        return
-    with _keeper_mutex:
-        if _keeper[1] != pid:
-            thread = threading.Thread(target=_keep_alive, name="sessionkit-redis-keepalive", daemon=True)
-            thread.start()
-            _keeper[:] = [thread, pid]
+_keepers: dict[tuple[Any, ...], _Keeper] = {}
+
+
+def _keep_alive(server: tuple[Any, ...], expiry: float) -> None:
+    """Make sure this process renews the locks it holds on ``server``."""
+    keeper = _keepers.get(server)
+    if keeper is None or keeper.pid != os.getpid():
+        with _keeper_mutex:
+            keeper = _keepers.get(server)
+            if keeper is None or keeper.pid != os.getpid():
+                keeper = _keepers[server] = _Keeper(server)
+    if expiry / 3 < keeper.period:
+        keeper.period = expiry / 3
+        keeper.nudge.set()
 
 
 class _Locks(LockContext):
@@ -255,17 +284,18 @@ class RedisStorage(EncodedStorage):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         if codec not in ("msgpack", "json"):
             raise ValueError(f"codec must be 'msgpack' or 'json', not {codec!r}")
-        if isinstance(lock_expiry, bool) or not isinstance(lock_expiry, (int, float)) or not lock_expiry >= 0.05:
-            raise ValueError(f"lock_expiry must be at least 0.05 seconds, got {lock_expiry!r}")
+        if (
+            isinstance(lock_expiry, bool)
+            or not isinstance(lock_expiry, (int, float))
+            or not 0.05 <= lock_expiry <= _LONGEST_EXPIRY
+        ):
+            raise ValueError(f"lock_expiry must be from 0.05 to {_LONGEST_EXPIRY:.0f} seconds, got {lock_expiry!r}")
         self.client = client
         self.prefix = prefix
         self.ttl = ttl_seconds(ttl)
         self.codec = codec
         self.lock_expiry = float(lock_expiry)
         self._expiry_ms = str(max(int(self.lock_expiry * 1000), 50))
-        if self.lock_expiry / 3 < _period[0]:
-            _period[0] = self.lock_expiry / 3
-            _nudge.set()
         self._ttl_ms = "0" if self.ttl is None else str(max(int(math.ceil(self.ttl * 1000)), 1))
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         self._timeout_error = redis.TimeoutError
@@ -295,7 +325,13 @@ class RedisStorage(EncodedStorage):
     # -- keys and errors -----------------------------------------------------
 
     def _name(self, key: str) -> bytes:
-        return (self.prefix + key).encode("utf-8", "surrogatepass")
+        name = self.prefix + key
+        if "\x00sk-" in name and is_helper(name):
+            raise SessionKeyError(
+                f"session key {key!r} is reserved: with prefix {self.prefix!r} it names a lock key of sessionkit's",
+                key=key,
+            )
+        return name.encode("utf-8", "surrogatepass")
 
     def _failed(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
         return StorageError(f"cannot {doing} session {key!r} in Redis: {exc!r}", key=key)
@@ -308,7 +344,7 @@ class RedisStorage(EncodedStorage):
         except self._errors as exc:
             raise self._failed(exc, doing, key) from exc
 
-    # -- the private fast path used by Sessions (see sessionkit._fastpath) ---------
+    # -- locking, and the private fast path used by Sessions (see sessionkit._fastpath) --
 
     def _acquire(self, key: str, timeout: float | None = None) -> None:
         self._take(key, timeout, fused=True)
@@ -316,11 +352,9 @@ class RedisStorage(EncodedStorage):
     def _take(self, key: str, timeout: float | None, fused: bool) -> None:
         key = check_key(key)
         name = self._name(key)
-        slot = (self._server, name)
-        me = threading.get_ident()
-        pid = os.getpid()
+        slot = (self._server, name, threading.get_ident())
         held = _holds.get(slot)
-        if held is not None and held.thread == me and held.pid == pid:
+        if held is not None and held.pid == os.getpid():
             raise SessionError(
                 f"session {key!r} is already open in this thread; opening it again would deadlock", key=key
             )
@@ -329,7 +363,7 @@ class RedisStorage(EncodedStorage):
         deadline = None if timeout is None else time.monotonic() + timeout
         waited = "0"
         while True:
-            reply = self._call("lock", key, self._acquire_script, keys=keys, args=[token, self._expiry_ms, waited])
+            reply = self._call("lock", key, self._acquire_script, keys=keys[:4], args=[token, self._expiry_ms, waited])
             payload = reply[1] if len(reply) > 1 else None  # Redis cuts a Lua array at its first nil
             if reply[0] == 1:
                 break
@@ -356,7 +390,7 @@ class RedisStorage(EncodedStorage):
         hold.value = payload
         hold.fresh = True
         _holds[slot] = hold
-        _start_keeper()
+        _keep_alive(self._server, self.lock_expiry)
 
     def _give_up(self, keys: list[bytes], key: str) -> None:
         try:
@@ -364,12 +398,10 @@ class RedisStorage(EncodedStorage):
         except self._errors:
             pass  # the count expires on its own
 
-    def _mine(self, key: str) -> _Hold | None:
-        """This thread's hold on ``key``, if it has one (in this process)."""
-        hold = _holds.get((self._server, self._name(key)))
-        if hold is None or hold.thread != threading.get_ident():
-            return None
-        if hold.pid != os.getpid():
+    def _mine(self, name: bytes, key: str) -> _Hold | None:
+        """This thread's hold on ``name``, if it has one (in this process)."""
+        hold = _holds.get((self._server, name, threading.get_ident()))
+        if hold is not None and hold.pid != os.getpid():
             raise StorageError(
                 f"session {key!r} is held by the parent of this forked process; the child may not write it",
                 key=key,
@@ -377,14 +409,10 @@ class RedisStorage(EncodedStorage):
         return hold
 
     def _release(self, key: str) -> None:
-        key = check_key(key)
-        slot = (self._server, self._name(key))
-        hold = _holds.get(slot)
-        if hold is None or hold.thread != threading.get_ident():
-            return  # released by the commit already
-        del _holds[slot]  # first: a failure below leaves the lock to expire, never renewed
-        if hold.pid != os.getpid():
-            return  # the parent's: it releases it itself
+        hold = _holds.pop((self._server, self._name(check_key(key)), threading.get_ident()), None)
+        # popped first: a failure below leaves the lock to expire, never renewed
+        if hold is None or hold.pid != os.getpid():
+            return  # released by the commit already, or the parent's (it releases it itself)
         self._commit(hold, key, "-", b"", release=True, check=False)
 
     def _renew(self, hold: _Hold) -> None:
@@ -394,12 +422,15 @@ class RedisStorage(EncodedStorage):
             pass  # tried again a third of the expiry later; the commit checks the token anyway
 
     def _commit(self, hold: _Hold, key: str, op: str, data: bytes, release: bool, check: bool = True) -> None:
+        """Write (or delete) under the hold, fenced by its token; release it too if asked."""
+        hold.fresh = False
+        hold.value = None
         done = self._call(
             "write" if op != "-" else "unlock",
             key,
             self._commit_script,
             keys=hold.keys,
-            args=[hold.token, op, data, self._ttl_ms, "1" if release else "0", _MARKER_MS, self._expiry_ms],
+            args=[hold.token, op, data, self._ttl_ms, "1" if release else "0", self._expiry_ms],
         )
         if not done and check:
             raise LockLost(
@@ -409,41 +440,51 @@ class RedisStorage(EncodedStorage):
             )
 
     def _raw_read(self, key: str) -> bytes | None:
-        hold = _holds.get((self._server, self._name(key)))
-        if hold is not None and hold.fresh and hold.thread == threading.get_ident() and hold.pid == os.getpid():
+        name = self._name(key)
+        hold = _holds.get((self._server, name, threading.get_ident()))
+        if hold is not None and hold.fresh and hold.pid == os.getpid():
             hold.fresh = False  # read by the lock script a moment ago, the lock held since
             value = hold.value
             hold.value = None
             return value  # type: ignore[no-any-return]
-        return self._call("read", key, self.client.get, self._name(key))  # type: ignore[no-any-return]
+        return self._call("read", key, self.client.get, name)  # type: ignore[no-any-return]
 
     def _raw_write(self, key: str, raw: bytes) -> None:
-        hold = self._mine(key)
-        if hold is None:
-            self._plain_write(key, raw)
-            return
-        if hold.fused:  # Sessions: write and release in one step
-            del _holds[(self._server, hold.data_key)]
-        self._commit(hold, key, "set", raw, release=hold.fused)
+        """The write-back of a session (``Sessions`` only): write and release in one step."""
+        self._write(key, raw, "set", session=True)
 
-    def _plain_write(self, key: str, raw: bytes) -> None:
-        if self.ttl is None:
-            self._call("write", key, self.client.set, self._name(key), raw)
-        else:
-            self._call("write", key, self.client.set, self._name(key), raw, px=int(self._ttl_ms))
+    def _raw_delete(self, key: str) -> None:
+        """The delete of a session (``Sessions`` only): delete and release in one step."""
+        self._write(check_key(key), b"", "del", session=True)
+
+    def _write(self, key: str, raw: bytes, op: str, session: bool = False) -> None:
+        name = self._name(key)
+        hold = self._mine(name, key)
+        if hold is None:
+            if op == "del":
+                self._call("delete", key, self.client.delete, name)
+            elif self.ttl is None:
+                self._call("write", key, self.client.set, name, raw)
+            else:
+                self._call("write", key, self.client.set, name, raw, px=int(self._ttl_ms))
+            return
+        release = session and hold.fused
+        if release:  # the session's block ends with this write
+            del _holds[(self._server, name, threading.get_ident())]
+        self._commit(hold, key, op, raw, release=release)
 
     # -- the StorageAdapter contract -----------------------------------------
 
-    def delete(self, key: str) -> None:
-        """Delete ``key`` (fenced, and released with it, when this thread holds its lock)."""
+    def write(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` (fenced by this thread's lock on it, when it holds one)."""
         key = check_key(key)
-        hold = self._mine(key)
-        if hold is None:
-            self._call("delete", key, self.client.delete, self._name(key))
-            return
-        if hold.fused:
-            del _holds[(self._server, hold.data_key)]
-        self._commit(hold, key, "del", b"", release=hold.fused)
+        if value is None:
+            raise ValueError("None is never stored; use delete() to remove a session")
+        self._write(key, self._raw_dumps(value, key), "set")
+
+    def delete(self, key: str) -> None:
+        """Delete ``key`` (fenced by this thread's lock on it, when it holds one)."""
+        self._write(check_key(key), b"", "del")
 
     def has(self, key: str) -> bool:
         """Whether Redis holds a value for ``key``."""
@@ -559,7 +600,11 @@ def _check_json(value: Any, key: str | None) -> None:
 def _json_dumps(value: Any, key: str | None = None) -> bytes:
     _check_json(value, key)
     try:
-        return _json_encoder.encode(value).encode("utf-8", "surrogatepass")
+        return _json_encoder.encode(value).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"cannot store session {key!r} as JSON: a str holds a lone surrogate, which is not UTF-8", key=key
+        ) from exc
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"cannot store session {key!r} as JSON: {exc}", key=key) from exc
 
