@@ -40,7 +40,7 @@ def test_version_and_py_typed() -> None:
 def test_import_needs_only_filelock_and_msgpack() -> None:
     code = (
         "import sys, sessionkit\n"
-        "banned = {'redis', 'diskcache', 'sqlitedict'} & set(sys.modules)\n"
+        "banned = {'redis', 'diskcache', 'sqlitedict', 'telebot', 'flask'} & set(sys.modules)\n"
         "assert not banned, banned\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
