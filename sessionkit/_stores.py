@@ -1,0 +1,316 @@
+"""Store names for the ``sessionkit`` command: parse them, check they exist, open them.
+
+One argument names a store::
+
+    msgpack:./sessions                      a MsgpackFileStorage directory
+    shelve:./prefs.db                       a ShelveStorage (its dbm is detected)
+    shelve:./prefs.db?dbm=dbm.gnu           ... on a given dbm (for a new shelf)
+    redis://127.0.0.1:6379/0?prefix=bot:    a RedisStorage (also rediss://)
+    redis+cluster://host:7000?prefix=bot:   a RedisStorage on a Redis Cluster (also rediss+cluster://)
+    ./sessions                              an existing msgpack store directory (it has a FORMAT file)
+
+Redis names also take ``codec=json`` (default ``msgpack``); other query
+parameters (``socket_timeout=5``, ...) go to redis-py.  ``memory:`` is
+refused: a memory store lives inside one process, which the command cannot
+reach.
+
+Nothing here creates a store unless asked to (``open_store(..., create=True)``,
+for the destination of ``copy``): the storage constructors create their
+directories and files, so existence is checked before one is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+__all__ = [
+    "CliError", "StoreSpec", "parse_store", "open_store", "close_store", "require_msgpack_store", "shelf_files",
+    "USAGE_ERROR", "STORE_ERROR", "DAMAGED", "NAME_HELP",
+]
+
+USAGE_ERROR = 2
+STORE_ERROR = 3
+DAMAGED = 4
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+_REDIS_SCHEMES = {
+    "redis": ("redis", False),
+    "rediss": ("rediss", False),
+    "redis+cluster": ("redis", True),
+    "rediss+cluster": ("rediss", True),
+}
+_FORMAT_FILE = "FORMAT"
+_FORMAT_FIRST_LINE = b"sessionkit msgpack-log 1"
+_SQLITE_FILES = ("-wal", "-shm", "-journal")
+_CONNECT_TIMEOUT = 5.0  # seconds, unless the URL sets socket_connect_timeout
+_SOCKET_TIMEOUT = 30.0  # seconds, unless the URL sets socket_timeout
+NAME_HELP = (
+    "msgpack:DIR, shelve:PATH[?dbm=dbm.gnu], redis://HOST:PORT/DB[?prefix=P&codec=json] "
+    "(also rediss://, redis+cluster://HOST:PORT), or the path of an existing msgpack store directory"
+)
+
+
+class CliError(Exception):
+    """An error the command reports in one line, exiting with ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        """An error reported as ``message``, exiting with ``code``."""
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """A parsed store name."""
+
+    kind: str  # "msgpack", "shelve" or "redis"
+    name: str  # as given, with any password hidden
+    path: str = ""  # msgpack, shelve: absolute path
+    dbm: str | None = None  # shelve: the dbm asked for
+    url: str = ""  # redis: the URL given to redis-py (without prefix= and codec=)
+    cluster: bool = False
+    prefix: str = ""
+    codec: str = "msgpack"
+
+    @property
+    def identity(self) -> str:
+        """Who the store is, to tell two names of one store apart (and order locks)."""
+        if self.kind == "redis":
+            parts = urlsplit(self.url)
+            host = (parts.hostname or "localhost").lower()
+            db = parts.path.strip("/") or "0"
+            return f"redis:{host}:{parts.port or 6379}/{db}:{'cluster' if self.cluster else ''}:{self.prefix}"
+        return f"{self.kind}:{os.path.realpath(self.path)}"
+
+
+def _hide_password(name: str) -> str:
+    """A store name with the password of a URL replaced by ``***``."""
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", name)
+
+
+def _is_msgpack_store(path: str) -> bool:
+    """Whether ``path`` holds a msgpack store's FORMAT file."""
+    try:
+        with open(os.path.join(path, _FORMAT_FILE), "rb") as f:
+            return f.readline().rstrip(b"\n") == _FORMAT_FIRST_LINE
+    except OSError:
+        return False
+
+
+def shelf_files(path: str) -> list[str]:
+    """The files of the shelf at ``path`` (its dbm's files, not its lock file), as ShelveStorage sees them."""
+    directory, name = os.path.split(path)
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    return sorted(
+        os.path.join(directory, f)
+        for f in names
+        if f.startswith(name)
+        and not f.startswith(name + ".lock")
+        and (f[len(name):len(name) + 1] in ("", ".") or f[len(name):] in _SQLITE_FILES)
+    )
+
+
+def parse_store(name: str) -> StoreSpec:
+    """Parse a store name; ``CliError`` (a usage error) when it names no store this command can use."""
+    shown = _hide_password(name)
+    if not name:
+        raise CliError(f"an empty store name; give {NAME_HELP}", USAGE_ERROR)
+    match = _SCHEME.match(name)
+    kind = match.group(1).lower() if match else ""
+    if kind == "memory":
+        raise CliError(
+            "memory: is not a store this command can reach: a MemoryStorage lives inside the process that "
+            "made it; name a msgpack:, shelve: or redis:// store",
+            USAGE_ERROR,
+        )
+    if kind == "msgpack":
+        rest = name[len("msgpack:"):]
+        if not rest:
+            raise CliError("msgpack: needs a directory, e.g. msgpack:./sessions", USAGE_ERROR)
+        return StoreSpec("msgpack", shown, path=os.path.abspath(rest))
+    if kind == "shelve":
+        rest = name[len("shelve:"):]
+        dbm = None
+        if "?" in rest:
+            rest, _, query = rest.rpartition("?")
+            for key, value in _query(query, shown):
+                if key != "dbm":
+                    raise CliError(f"{shown}: unknown option {key!r} (a shelve: name takes only dbm=)", USAGE_ERROR)
+                dbm = value
+        if not rest:
+            raise CliError("shelve: needs the shelf's path, e.g. shelve:./prefs.db", USAGE_ERROR)
+        return StoreSpec("shelve", shown, path=os.path.abspath(rest), dbm=dbm or None)
+    if kind in _REDIS_SCHEMES:
+        return _parse_redis(name, kind, shown)
+    if kind and "://" in name:
+        raise CliError(f"{shown}: unknown store kind {kind!r}; give {NAME_HELP}", USAGE_ERROR)
+    # a bare path: only an existing msgpack store is unambiguous
+    if os.path.isdir(name) and _is_msgpack_store(name):
+        return StoreSpec("msgpack", shown, path=os.path.abspath(name))
+    if not os.path.isdir(name) and shelf_files(os.path.abspath(name)):
+        raise CliError(f"{shown} looks like a shelf; name it shelve:{name}", USAGE_ERROR)
+    if kind:
+        raise CliError(f"{shown}: unknown store kind {kind!r}; give {NAME_HELP}", USAGE_ERROR)
+    if os.path.isdir(name):
+        why = "a directory without a FORMAT file, so not a msgpack store"
+    elif os.path.exists(name):
+        why = "not a msgpack store directory"
+    else:
+        why = "no such file or directory"
+    raise CliError(f"{shown} is {why}; give {NAME_HELP}", USAGE_ERROR)
+
+
+def _query(query: str, shown: str) -> list[tuple[str, str]]:
+    """``a=1&b=2`` as pairs, percent-decoded (``+`` stays a plus)."""
+    pairs = []
+    for part in query.split("&"):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise CliError(f"{shown}: option {key!r} needs a value ({key}=...)", USAGE_ERROR)
+        pairs.append((unquote(key), unquote(value)))
+    return pairs
+
+
+def _parse_redis(name: str, kind: str, shown: str) -> StoreSpec:
+    """A ``redis://``-style name: the URL for redis-py, plus ``prefix=`` and ``codec=``."""
+    scheme, cluster = _REDIS_SCHEMES[kind]
+    parts = urlsplit(name)
+    prefix = ""
+    codec = "msgpack"
+    rest = []
+    seen = set()
+    for key, value in _query(parts.query, shown):
+        if key in ("prefix", "codec"):
+            if key in seen:
+                raise CliError(f"{shown}: {key}= is given twice", USAGE_ERROR)
+            seen.add(key)
+            if key == "prefix":
+                prefix = value
+            elif value not in ("msgpack", "json"):
+                raise CliError(f"{shown}: codec must be msgpack or json, not {value!r}", USAGE_ERROR)
+            else:
+                codec = value
+        else:
+            rest.append(f"{key}={value}")
+    if not parts.hostname:
+        raise CliError(f"{shown}: a Redis URL needs a host, e.g. redis://127.0.0.1:6379/0", USAGE_ERROR)
+    try:
+        parts.port
+    except ValueError as exc:
+        raise CliError(f"{shown}: {exc}", USAGE_ERROR) from None
+    if cluster and parts.path.strip("/") not in ("", "0"):
+        raise CliError(f"{shown}: a Redis Cluster has only database 0", USAGE_ERROR)
+    url = urlunsplit((scheme, parts.netloc, parts.path, "&".join(rest), ""))
+    return StoreSpec("redis", shown, url=url, cluster=cluster, prefix=prefix, codec=codec)
+
+
+def open_store(spec: StoreSpec, *, create: bool = False) -> Any:
+    """The storage ``spec`` names; ``CliError`` when it does not exist (unless ``create``) or cannot be opened."""
+    if spec.kind == "msgpack":
+        return _open_msgpack(spec, create)
+    if spec.kind == "shelve":
+        return _open_shelve(spec, create)
+    return _open_redis(spec)
+
+
+def require_msgpack_store(path: str, create: bool = False) -> None:
+    """``CliError`` unless ``path`` is a msgpack store (or, with ``create``, a place to make one)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"{path} is not a directory, so not a msgpack store", STORE_ERROR)
+    if os.path.exists(os.path.join(path, _FORMAT_FILE)):
+        return
+    if not os.path.isdir(path):
+        if not create:
+            raise CliError(f"no msgpack store at {path} (no such directory)", STORE_ERROR)
+        return
+    names = os.listdir(path)
+    if any(n.startswith("shard-") and n.endswith(".log") for n in names):
+        raise CliError(
+            f"{path} holds shard logs but no FORMAT file (it records the shard count): restore it from a backup",
+            DAMAGED,
+        )
+    if not create:
+        raise CliError(f"{path} is not a msgpack store (it has no FORMAT file)", STORE_ERROR)
+    if names:
+        raise CliError(f"{path} is not empty and is not a msgpack store; copy into a new or empty directory",
+                       STORE_ERROR)
+
+
+def _open_msgpack(spec: StoreSpec, create: bool) -> Any:
+    """A MsgpackFileStorage, once the directory is known to be a store (or a place for one)."""
+    from .storage.msgpack_file import MsgpackFileStorage
+
+    require_msgpack_store(spec.path, create)
+    return MsgpackFileStorage(spec.path)
+
+
+def _open_shelve(spec: StoreSpec, create: bool) -> Any:
+    """A ShelveStorage, once its files are known to exist (unless ``create``)."""
+    from .storage.shelf import ShelveStorage
+
+    if not create and not shelf_files(spec.path):
+        raise CliError(f"no shelf at {spec.path} (none of its files exist)", STORE_ERROR)
+    if os.path.isdir(spec.path):
+        raise CliError(f"{spec.path} is a directory; a shelf's path names its files (e.g. ./prefs.db)", STORE_ERROR)
+    try:
+        return ShelveStorage(spec.path, dbm=spec.dbm)
+    except ValueError as exc:  # an unknown dbm, or another one than the shelf's
+        raise CliError(f"{spec.name}: {exc}", STORE_ERROR) from None
+
+
+def _open_redis(spec: StoreSpec) -> Any:
+    """A RedisStorage on a client that answered a PING."""
+    try:
+        import redis
+        from redis.cluster import RedisCluster
+    except ImportError:
+        raise CliError("Redis stores need redis-py: pip install 'sessionkit[redis]'", STORE_ERROR) from None
+    from .storage.redis_store import RedisStorage
+
+    client: Any = None
+    try:
+        if spec.cluster:
+            client = RedisCluster.from_url(
+                spec.url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT
+            )
+        else:  # the URL's own socket_timeout= and socket_connect_timeout= win over these
+            client = redis.Redis.from_url(
+                spec.url, socket_connect_timeout=_CONNECT_TIMEOUT, socket_timeout=_SOCKET_TIMEOUT
+            )
+        client.ping()
+        return RedisStorage(client, prefix=spec.prefix, codec=spec.codec)
+    except (redis.RedisError, OSError) as exc:
+        _close_client(client)
+        raise CliError(f"cannot connect to {spec.name}: {exc}", STORE_ERROR) from None
+    except (TypeError, ValueError) as exc:  # a query parameter redis-py does not take
+        _close_client(client)
+        raise CliError(f"{spec.name}: {exc}", USAGE_ERROR) from None
+    except Exception as exc:  # redis-py's cluster set-up raises RedisClusterException, not a RedisError
+        _close_client(client)
+        raise CliError(f"cannot connect to {spec.name}: {type(exc).__name__}: {exc}", STORE_ERROR) from None
+
+
+def _close_client(client: Any) -> None:
+    """Close a redis-py client, ignoring its errors."""
+    if client is not None:
+        try:
+            client.close()
+        except Exception:
+            pass
+
+
+def close_store(storage: Any) -> None:
+    """Close a storage made by ``open_store`` (and a Redis client it was given)."""
+    storage.close()
+    client = getattr(storage, "client", None)
+    if client is not None:
+        _close_client(client)

@@ -1,0 +1,854 @@
+"""``sessionkit``: look into, check and maintain session stores from the shell.
+
+::
+
+    sessionkit ls msgpack:./sessions 'chat:*'       # the keys (fnmatch pattern)
+    sessionkit show msgpack:./sessions chat:42      # one session, pretty-printed (--json)
+    sessionkit rm shelve:./prefs.db chat:42         # delete one session
+    sessionkit stats redis://127.0.0.1:6379/0?prefix=bot:
+    sessionkit purge-expired msgpack:./sessions     # reclaim expired sessions
+    sessionkit copy msgpack:./sessions redis://127.0.0.1:6379/0?prefix=bot:
+    sessionkit check msgpack:./sessions             # verify every record's checksum
+    sessionkit demo --dir ./demo-sessions           # the simulated bot of sessionkit.demo
+
+A store is named by one argument: ``msgpack:DIR``, ``shelve:PATH`` (optionally
+``shelve:PATH?dbm=dbm.gnu``), ``redis://HOST:PORT/DB?prefix=P&codec=json``
+(also ``rediss://``, and ``redis+cluster://HOST:PORT?prefix=P`` for a Redis
+Cluster), or the bare path of an existing msgpack store directory.  Keys are
+the full storage keys (with any ``Sessions(prefix=...)``; a chat id ``42``
+is the key ``42``).  No command creates a store, except ``copy`` its
+destination.
+
+Exit codes:
+
+0
+    success
+1
+    a problem was found: ``check`` found damage; ``show``/``rm``: no such
+    session; ``copy``: some sessions could not be copied
+2
+    usage error: bad arguments or a bad store name
+3
+    store error: the store does not exist or cannot be opened, the backend
+    failed (disk, connection), or a session stayed locked
+4
+    damaged data: a value or the store's files cannot be decoded (run
+    ``sessionkit check STORE``)
+
+Errors are one line on stderr, starting ``sessionkit:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import pickletools
+import pprint
+import sys
+import textwrap
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, NoReturn, Sequence
+
+from . import __version__
+from ._stores import DAMAGED, STORE_ERROR, USAGE_ERROR, CliError, StoreSpec, close_store, open_store, parse_store
+from ._stores import require_msgpack_store, shelf_files
+from .errors import CorruptSessionError, LockLost, LockTimeout, SerializationError, SessionError, StorageError
+
+__all__ = ["main", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "EXIT_STORE", "EXIT_DAMAGED"]
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_USAGE = USAGE_ERROR
+EXIT_STORE = STORE_ERROR
+EXIT_DAMAGED = DAMAGED
+
+EPILOG = """\
+stores:
+  msgpack:DIR                        a MsgpackFileStorage directory
+  shelve:PATH[?dbm=dbm.gnu]          a ShelveStorage
+  redis://HOST:PORT/DB[?prefix=P&codec=json]
+                                     a RedisStorage (also rediss://)
+  redis+cluster://HOST:PORT[?prefix=P]
+                                     a RedisStorage on a Redis Cluster
+  DIR                                an existing msgpack store directory
+
+exit codes:
+  0  success
+  1  a problem was found: check found damage, show/rm found no such session,
+     copy could not copy some sessions
+  2  usage error: bad arguments or a bad store name
+  3  store error: the store does not exist or cannot be opened, the backend
+     failed, or a session stayed locked
+  4  damaged data: a value or the store's files cannot be decoded
+     (run: sessionkit check STORE)
+"""
+
+_LOCK_TIMEOUT = 10.0  # seconds rm and copy wait for a session another process holds open
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _write(stream: IO[str], text: str) -> None:
+    """Write a line; characters the stream cannot encode (lone surrogates in keys) are escaped."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    stream.write(text + "\n")
+
+
+def _out(text: str) -> None:
+    """Write a line to stdout."""
+    _write(sys.stdout, text)
+
+
+def _err(text: str) -> None:
+    """Write a line to stderr."""
+    _write(sys.stderr, text)
+
+
+def _one_line(message: object) -> str:
+    """A message with its line breaks (and runs of spaces) folded into single spaces."""
+    return " ".join(str(message).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (and exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print the usage error in one line and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: {_one_line(message)} (see: {self.prog} --help)\n")
+
+
+class _Progress:
+    """A progress bar on ``stream``; the caller enables it when the stream is a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, stream: IO[str], enabled: bool, label: str) -> None:
+        """A bar for ``total`` steps, drawn on ``stream`` when ``enabled``."""
+        self.total = total
+        self.done = 0
+        self.stream = stream
+        self.label = label
+        self.enabled = enabled and total > 0
+        self.drawn_at = 0.0
+
+    def step(self) -> None:
+        """One more step done; redrawn at most ten times a second."""
+        self.done += 1
+        now = time.monotonic()
+        if self.enabled and (now - self.drawn_at >= 0.1 or self.done == self.total):
+            self.drawn_at = now
+            self._draw()
+
+    def _draw(self) -> None:
+        """Draw the bar over the previous one."""
+        filled = self.WIDTH * self.done // self.total
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        percent = 100 * self.done // self.total
+        self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total} {percent:3d}%")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line (if one was drawn)."""
+        if self.enabled and self.drawn_at:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: bytes as ``{"$base64": ...}``, other non-JSON values as their repr."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        import base64
+
+        return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {
+            (k if isinstance(k, (str, int, float, bool)) or k is None else repr(k)): _jsonable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _dump_json(value: Any) -> str:
+    """A session value as indented JSON (see ``_jsonable``)."""
+    return json.dumps(_jsonable(value), indent=2, ensure_ascii=False)
+
+
+# -- opening stores ----------------------------------------------------------------------
+
+
+def _open(stack: ExitStack, name: str, *, create: bool = False) -> tuple[StoreSpec, Any]:
+    """Parse ``name`` and open the store (closed when ``stack`` closes)."""
+    spec = parse_store(name)
+    storage = open_store(spec, create=create)
+    stack.callback(close_store, storage)
+    return spec, storage
+
+
+def _spec(name: str) -> StoreSpec:
+    """Parse ``name``; for a msgpack store, also check that it exists (it is read without opening it)."""
+    spec = parse_store(name)
+    if spec.kind == "msgpack":
+        require_msgpack_store(spec.path)
+    return spec
+
+
+# -- the msgpack logs, read directly ---------------------------------------------------
+
+
+@dataclass
+class _LogScan:
+    """What one shard log holds, read without the store's locks (nothing is written)."""
+
+    path: str
+    size: int = 0
+    live: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # key -> offset, length, expiry
+    damaged: dict[str, int] = field(default_factory=dict)  # key -> offset of its newest record, damaged
+    superseded: list[tuple[str, int]] = field(default_factory=list)  # damaged records a later one replaced
+    broken_at: int | None = None  # a damaged record header: nothing after it can be read
+    crashed_tail: int = 0  # bytes of an append cut short by a crash (dropped at the next open)
+    error: str = ""  # the file cannot be read at all
+    undecodable: dict[str, str] = field(default_factory=dict)  # key -> why its value does not decode
+
+
+def _format_count(directory: str) -> tuple[int, str]:
+    """The shard count in a msgpack store's FORMAT file, or 0 and why it cannot be read."""
+    path = os.path.join(directory, "FORMAT")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+        if len(lines) < 2 or lines[0] != b"sessionkit msgpack-log 1" or not lines[1].startswith(b"shards "):
+            raise ValueError("not a sessionkit store format file")
+        count = int(lines[1][len(b"shards "):].decode("ascii"))
+        if not 1 <= count <= 4096:
+            raise ValueError(f"a shard count of {count}")
+    except (OSError, ValueError) as exc:
+        return 0, f"{path} cannot be read: {exc}"
+    return count, ""
+
+
+def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
+    """Parse a shard log as the store does when it opens it, and optionally decode every live value."""
+    from . import _codec
+    from .storage import _records as rec
+
+    scan = _LogScan(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return scan  # a shard never written
+    except OSError as exc:
+        scan.error = f"cannot read {path}: {exc}"
+        return scan
+    try:
+        size = scan.size = os.fstat(fd).st_size
+        if size == 0:
+            return scan
+        if os.pread(fd, len(rec.MAGIC), 0) != rec.MAGIC:
+            scan.error = f"{path} is not a sessionkit log (bad magic)"
+            return scan
+        pos = len(rec.MAGIC)
+        pending = b""
+        stop = pos
+        while True:
+            want = min(4 << 20, size - pos - len(pending))
+            data = pending + (os.pread(fd, want, pos + len(pending)) if want > 0 else b"")
+            at_eof = pos + len(data) >= size
+            try:
+                records, stop = rec.parse(data, pos, at_eof)
+            except rec.Damage as damage:
+                scan.broken_at = damage.offset
+                break
+            for record in records:
+                _apply(scan, record, rec.FLAG_DELETE)
+            if at_eof:
+                break
+            pending = data[stop - pos:]
+            pos = stop
+        if scan.broken_at is None:
+            scan.crashed_tail = size - stop
+        if decode:
+            for key, (offset, length, expiry) in scan.live.items():
+                if expiry and expiry <= now:
+                    continue
+                value = rec.value_of(os.pread(fd, length, offset))
+                if value is None:  # changed on disk since it was parsed
+                    scan.undecodable[key] = f"its record at byte {offset} fails its checksum"
+                    continue
+                try:
+                    _codec.loads(value, key)
+                except CorruptSessionError as exc:
+                    cause = exc.__cause__ or exc
+                    scan.undecodable[key] = f"its value at byte {offset} is not msgpack: {cause}"
+    except OSError as exc:
+        scan.error = f"cannot read {path}: {exc}"
+    finally:
+        os.close(fd)
+    return scan
+
+
+def _apply(scan: _LogScan, record: Any, delete_flag: int) -> None:
+    """Index one record the way the store does: the newest record of a key wins."""
+    key = record.key
+    old_damage = scan.damaged.pop(key, None)
+    if old_damage is not None:
+        scan.superseded.append((key, old_damage))
+    if not record.ok:
+        scan.damaged[key] = record.offset
+        scan.live.pop(key, None)
+    elif record.flags & delete_flag:
+        scan.live.pop(key, None)
+    else:
+        scan.live[key] = (record.offset, record.length, record.expiry)
+
+
+def _scan_msgpack(directory: str, decode: bool) -> tuple[list[_LogScan], str]:
+    """Every shard log of a msgpack store, and a problem with its FORMAT file (or "")."""
+    from .storage._shard import log_name
+
+    count, problem = _format_count(directory)
+    if problem:
+        return [], problem
+    now = time.time()
+    return [_scan_log(os.path.join(directory, log_name(n)), decode, now) for n in range(count)], ""
+
+
+# -- shelves, read under the shelf's lock ------------------------------------------------
+
+
+def _shelf_raw(storage: Any) -> list[tuple[bytes, bytes]]:
+    """Every stored key and value of a ShelveStorage, as the dbm holds them (framed)."""
+    with storage._state._mutex, storage._store() as db:
+        return list(storage._scan(db))
+
+
+def _shelf_entry(raw_key: bytes, stored: bytes, now: float) -> tuple[str, str, str, bool]:
+    """A shelf entry's key, the key as shown, what is wrong ("" if nothing), and whether it has expired."""
+    from .storage import shelf
+
+    try:
+        key = shelf._decode_key(raw_key)
+    except UnicodeDecodeError:
+        return "", repr(raw_key), "its key is not UTF-8", False
+    data = stored
+    if stored.startswith(shelf.MAGIC):
+        if not shelf._intact(stored):
+            return key, repr(key), "its value fails its checksum (a torn write?)", False
+        expiry = shelf._FRAME.unpack_from(stored)[2]
+        if expiry and expiry <= now:
+            return key, repr(key), "", True
+        data = stored[shelf._FRAME.size:]
+    try:
+        for _ in pickletools.genops(data):
+            pass
+    except Exception as exc:  # pickletools raises ValueError for most damage, others for some
+        return key, repr(key), f"its pickle is damaged: {_one_line(exc)}", False
+    return key, repr(key), "", False
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List the keys of a store, sorted, optionally only those matching a pattern."""
+    with ExitStack() as stack:
+        _, storage = _open(stack, args.store)
+        keys = sorted(storage.keys())
+        if args.pattern is not None:
+            keys = [k for k in keys if fnmatch.fnmatchcase(k, args.pattern)]
+        if args.json:
+            _out(json.dumps(keys, ensure_ascii=False))
+        else:
+            for key in keys:
+                _out(key)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print one session's value."""
+    with ExitStack() as stack:
+        spec, storage = _open(stack, args.store)
+        value = storage.read(args.key)
+        if value is None:
+            raise CliError(f"no session {args.key!r} in {spec.name}", EXIT_PROBLEM)
+        _out(_dump_json(value) if args.json else pprint.pformat(value, width=100, sort_dicts=False))
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Delete one session, under its lock (a handler that has it open finishes first)."""
+    with ExitStack() as stack:
+        spec, storage = _open(stack, args.store)
+        with storage.lock(args.key, timeout=args.timeout):
+            try:
+                present = storage.has(args.key)
+                damaged = False
+            except CorruptSessionError:  # deleting a damaged session is how it is recovered
+                present = damaged = True
+            if not present:
+                if args.force:
+                    return EXIT_OK
+                raise CliError(f"no session {args.key!r} in {spec.name}", EXIT_PROBLEM)
+            storage.delete(args.key)
+        _out(f"removed {'damaged ' if damaged else ''}session {args.key!r}")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print a store's session count, size and expired sessions (where the backend keeps them)."""
+    spec = _spec(args.store)
+    with ExitStack() as stack:
+        storage = open_store(spec)
+        stack.callback(close_store, storage)
+        if spec.kind == "msgpack":
+            stats = _msgpack_stats(spec.path)
+        elif spec.kind == "shelve":
+            stats = _shelve_stats(storage)
+        else:
+            stats = _redis_stats(storage)
+    stats = {"store": spec.name, "backend": spec.kind, **stats}
+    if args.json:
+        _out(json.dumps(stats, ensure_ascii=False, indent=2))
+    else:
+        for name, value in stats.items():
+            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            _out(f"{name + ':':<16}{shown}")
+    return EXIT_OK
+
+
+def _msgpack_stats(directory: str) -> dict[str, Any]:
+    """A msgpack store's figures, read from its logs."""
+    scans, problem = _scan_msgpack(directory, decode=False)
+    if problem:
+        raise CliError(problem, EXIT_DAMAGED)
+    now = time.time()
+    live = expired = live_bytes = 0
+    damaged = sum(len(s.damaged) + (s.broken_at is not None) + bool(s.error) for s in scans)
+    for scan in scans:
+        for _offset, length, expiry in scan.live.values():
+            if expiry and expiry <= now:
+                expired += 1
+            else:
+                live += 1
+                live_bytes += length
+    disk = 0
+    for name in os.listdir(directory):
+        try:
+            disk += os.path.getsize(os.path.join(directory, name))
+        except OSError:
+            pass
+    return {
+        "sessions": live,
+        "expired": expired,
+        "bytes": disk,
+        "live_bytes": live_bytes,
+        "shards": len(scans),
+        "damaged": damaged,
+    }
+
+
+def _shelve_stats(storage: Any) -> dict[str, Any]:
+    """A shelf's figures, read under the shelf's lock."""
+    now = time.time()
+    live = expired = damaged = 0
+    for raw_key, stored in _shelf_raw(storage):
+        _key, _shown, problem, is_expired = _shelf_entry(raw_key, stored, now)
+        if problem:
+            damaged += 1
+        elif is_expired:
+            expired += 1
+        else:
+            live += 1
+    disk = 0
+    for path in shelf_files(storage.path):
+        try:
+            disk += os.path.getsize(path)
+        except OSError:
+            pass
+    return {"sessions": live, "expired": expired, "bytes": disk, "dbm": storage.dbm, "damaged": damaged}
+
+
+def _redis_stats(storage: Any) -> dict[str, Any]:
+    """The figures of the sessions under a RedisStorage's prefix."""
+    keys = sorted(storage.keys())
+    total = 0
+    client = storage.client
+    try:
+        for start in range(0, len(keys), 500):
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start:start + 500]:
+                pipe.strlen(storage.prefix + key)
+            total += sum(int(n) for n in pipe.execute())
+    except storage._errors as exc:
+        raise StorageError(f"cannot read the sizes of the sessions: {exc}") from exc
+    return {
+        "sessions": len(keys),
+        "expired": "n/a (Redis deletes expired keys itself)",
+        "bytes": total,
+        "codec": storage.codec,
+    }
+
+
+def cmd_purge_expired(args: argparse.Namespace) -> int:
+    """Reclaim the space of expired sessions."""
+    with ExitStack() as stack:
+        spec, storage = _open(stack, args.store)
+        purge: Callable[[], int] | None = getattr(storage, "purge_expired", None)
+        if purge is None:
+            _out(f"nothing to purge in {spec.name}: Redis deletes expired keys itself")
+            return EXIT_OK
+        count = purge()
+    _out(f"purged {count} expired session{'' if count == 1 else 's'} from {spec.name}")
+    return EXIT_OK
+
+
+@dataclass
+class _CopyResult:
+    """What a copy did, session by session."""
+    copied: int = 0
+    unchanged: int = 0
+    vanished: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _same_value(storage: Any, a: Any, b: Any) -> bool:
+    """Whether ``storage`` would store ``a`` and ``b`` as the same bytes (so ``True`` is not ``1``)."""
+    dumps = getattr(storage, "_raw_dumps", None)
+    if dumps is None:
+        return type(a) is type(b) and bool(a == b)
+    try:
+        return bool(dumps(a, None) == dumps(b, None))
+    except SerializationError:
+        return False
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    """Copy every session (matching a pattern) from one store to another; safe to run again."""
+    src_spec = parse_store(args.src)
+    dst_spec = parse_store(args.dst)
+    if src_spec.identity == dst_spec.identity:
+        raise CliError(f"{src_spec.name} and {dst_spec.name} are the same store", EXIT_USAGE)
+    with ExitStack() as stack:
+        src = open_store(src_spec)
+        stack.callback(close_store, src)
+        dst = open_store(dst_spec, create=True)
+        stack.callback(close_store, dst)
+        keys = sorted(src.keys())
+        if args.pattern is not None:
+            keys = [k for k in keys if fnmatch.fnmatchcase(k, args.pattern)]
+        # lock in one order (by store identity), so two copies running in opposite directions never deadlock
+        first, second = (src, dst) if src_spec.identity < dst_spec.identity else (dst, src)
+        show = sys.stderr.isatty() if args.progress is None else args.progress
+        progress = _Progress(len(keys), sys.stderr, show, "copying")
+        result = _CopyResult()
+        try:
+            for key in keys:
+                _copy_one(key, src, dst, first, second, args.timeout, result)
+                progress.step()
+        finally:
+            progress.close()
+        damaged_in_src = []
+        if src_spec.kind == "msgpack":
+            scans, _ = _scan_msgpack(src_spec.path, decode=False)
+            damaged_in_src = sorted(k for s in scans for k in s.damaged)
+            if args.pattern is not None:
+                damaged_in_src = [k for k in damaged_in_src if fnmatch.fnmatchcase(k, args.pattern)]
+    for key, why in result.failed:
+        _err(f"sessionkit: session {key!r} was not copied: {_one_line(why)}")
+    for key in damaged_in_src:
+        _err(f"sessionkit: session {key!r} was not copied: its record in {src_spec.name} is damaged")
+    summary = f"copied {result.copied}, already equal {result.unchanged}"
+    if result.vanished:
+        summary += f", gone meanwhile {result.vanished}"
+    failed = len(result.failed) + len(damaged_in_src)
+    if failed:
+        summary += f", not copied {failed}"
+    _out(f"{summary} ({len(keys)} sessions in {src_spec.name}) -> {dst_spec.name}")
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def _copy_one(key: str, src: Any, dst: Any, first: Any, second: Any, timeout: float, result: _CopyResult) -> None:
+    """Copy one session under both stores' locks for it, unless the destination already holds it."""
+    try:
+        with first.lock(key, timeout=timeout), second.lock(key, timeout=timeout):
+            value = src.read(key)
+            if value is None:
+                result.vanished += 1  # deleted or expired since the listing
+                return
+            try:
+                current = dst.read(key)
+            except CorruptSessionError:
+                current = None  # damaged at the destination: overwriting it repairs it
+            if current is not None and _same_value(dst, current, value):
+                result.unchanged += 1
+                return
+            dst.write(key, value)
+            result.copied += 1
+    except (CorruptSessionError, SerializationError, LockTimeout, LockLost) as exc:
+        result.failed.append((key, str(exc)))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify every stored record of a store; report damaged sessions and files."""
+    spec = _spec(args.store)
+    notes: list[str] = []
+    if spec.kind == "msgpack":
+        problems, checked, notes = _check_msgpack(spec.path)
+    else:
+        with ExitStack() as stack:
+            try:
+                storage = open_store(spec)
+            except CorruptSessionError as exc:
+                _out(f"DAMAGED  {_one_line(exc)}")
+                _out(f"{spec.name}: the store cannot be opened")
+                return EXIT_PROBLEM
+            stack.callback(close_store, storage)
+            if spec.kind == "shelve":
+                problems, checked = _check_shelve(storage, args.load)
+            else:
+                problems, checked = _check_redis(storage)
+    for problem in problems:
+        _out(f"DAMAGED  {problem}")
+    for note in notes:
+        _out(f"NOTE     {note}")
+    remark = " (Redis values carry no checksum: each was decoded)" if spec.kind == "redis" else ""
+    verdict = f"{len(problems)} problem{'' if len(problems) == 1 else 's'}" if problems else "no damage"
+    _out(f"{spec.name}: checked {checked} session{'' if checked == 1 else 's'}{remark}: {verdict}")
+    return EXIT_PROBLEM if problems else EXIT_OK
+
+
+def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
+    """Damaged sessions and files, the sessions checked, and notes on harmless damage."""
+    scans, problem = _scan_msgpack(directory, decode=True)
+    if problem:
+        return [problem + "; it records the shard count: restore it from a backup"], 0, []
+    problems: list[str] = []
+    notes: list[str] = []
+    checked = 0
+    for scan in scans:
+        checked += len(scan.live) + len(scan.damaged)
+        if scan.error:
+            problems.append(f"{scan.error}; no session of this shard can be read")
+            continue
+        if scan.broken_at is not None:
+            problems.append(
+                f"{scan.path} is damaged at byte {scan.broken_at} (a record header): the store refuses every "
+                f"session of this shard ({len(scan.live) + len(scan.damaged)} recorded before that byte, and "
+                "any after it); restore the file from a backup"
+            )
+        for key, offset in sorted(scan.damaged.items()):
+            problems.append(
+                f"session {key!r}: its record at byte {offset} of {scan.path} fails its checksum, so it cannot "
+                "be read (rm or write the session to recover)"
+            )
+        for key, why in sorted(scan.undecodable.items()):
+            problems.append(f"session {key!r} in {scan.path}: {why}")
+        for key, offset in scan.superseded:
+            notes.append(
+                f"{scan.path}: an older record of session {key!r} at byte {offset} fails its checksum; it is "
+                "never read (a newer record replaced it) and goes at the log's next compaction"
+            )
+    return problems, checked, notes
+
+
+def _check_shelve(storage: Any, load: bool) -> tuple[list[str], int]:
+    """Damaged sessions of a shelf (or the shelf itself), and the sessions checked."""
+    problems = []
+    now = time.time()
+    try:
+        entries = _shelf_raw(storage)
+    except CorruptSessionError as exc:
+        return [_one_line(exc)], 0
+    for raw_key, stored in entries:
+        key, shown, problem, expired = _shelf_entry(raw_key, stored, now)
+        if problem:
+            problems.append(f"session {shown}: {problem} (in {storage.path}; rm or write the session to recover)")
+        elif load and not expired:
+            try:
+                storage.read(key)
+            except CorruptSessionError as exc:
+                problems.append(f"session {key!r}: {_one_line(exc)}")
+    return problems, len(entries)
+
+
+def _check_redis(storage: Any) -> tuple[list[str], int]:
+    """Sessions in Redis whose values do not decode, and the sessions checked."""
+    problems = []
+    keys = sorted(storage.keys())
+    for key in keys:
+        try:
+            storage.read(key)
+        except CorruptSessionError as exc:
+            problems.append(f"session {key!r}: {_one_line(exc)}")
+    return problems, len(keys)
+
+
+def cmd_demo(rest: Sequence[str]) -> int:
+    """Run the simulated bot of ``sessionkit.demo`` with its own arguments."""
+    from .demo import main as demo_main
+
+    return demo_main(list(rest))
+
+
+# -- the parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sessionkit`` argument parser, with one subparser per command."""
+    parser = _Parser(
+        prog="sessionkit",
+        description="Look into, check and maintain sessionkit session stores.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sessionkit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    store_help = "the store, e.g. msgpack:./sessions (the forms are listed below)"
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        """A subcommand with its summary, wrapped description and the common epilog."""
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=textwrap.fill(description, 79),
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("ls", "list the session keys of a store",
+                "List the session keys of STORE, sorted, one per line (only those matching PATTERN if given). "
+                "Expired sessions are not listed.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("pattern", metavar="PATTERN", nargs="?",
+                   help="a shell-style pattern the whole key must match (fnmatch, case-sensitive), e.g. 'chat:*'")
+    p.add_argument("--json", action="store_true", help="print the keys as one JSON list")
+    p.set_defaults(func=cmd_ls)
+
+    p = command("show", "print one session",
+                "Print the value of session KEY in STORE, pretty-printed (or as JSON). "
+                "Exit 1 if there is no such session, 4 if its stored bytes are damaged.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("key", metavar="KEY", help="the full session key (e.g. 42 or chat:42)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (bytes as {\"$base64\": ...}; values JSON cannot hold as their repr)")
+    p.set_defaults(func=cmd_show)
+
+    p = command("rm", "delete one session",
+                "Delete session KEY from STORE, taking its lock first, so a handler that has it open finishes "
+                "before. A damaged session is deleted too (that is how it is recovered). "
+                "Exit 1 if there is no such session (0 with --force).")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("key", metavar="KEY", help="the full session key")
+    p.add_argument("-f", "--force", action="store_true", help="a missing session is not an error")
+    p.add_argument("--timeout", type=float, default=_LOCK_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for a session another process has open (default {_LOCK_TIMEOUT:g})")
+    p.set_defaults(func=cmd_rm)
+
+    p = command("stats", "count a store's sessions and bytes",
+                "Print how many sessions STORE holds, its size in bytes, how many expired sessions it still "
+                "keeps (msgpack, shelve; Redis deletes them itself) and how many records are damaged. "
+                "Read without taking any session's lock.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_stats)
+
+    p = command("purge-expired", "reclaim the space of expired sessions",
+                "Delete the expired sessions STORE still keeps and reclaim their space: msgpack stores "
+                "rewrite the logs that hold any (without decoding a value), shelves delete them. Redis "
+                "deletes expired keys itself, so there it does nothing. Expired sessions never read back, "
+                "purged or not.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.set_defaults(func=cmd_purge_expired)
+
+    p = command("copy", "copy sessions from one store to another",
+                "Copy every session of SRC (matching PATTERN if given) to DST, which may be any other "
+                "backend; DST is created if it does not exist (a msgpack directory must be new or empty). "
+                "Each session is copied under its lock in both stores, and a session DST already holds "
+                "with the same value is skipped, so an interrupted copy resumes where it stopped and a "
+                "second run changes nothing. Sessions DST holds that SRC does not are left alone; "
+                "expiry times are not copied (DST's sessions do not expire). A session that cannot be "
+                "copied (damaged, a value DST cannot hold, locked too long) is reported and skipped: "
+                "exit 1.")
+    p.add_argument("src", metavar="SRC", help="the store to copy from (the forms are listed below)")
+    p.add_argument("dst", metavar="DST", help="the store to copy to, created if it does not exist")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", help="copy only keys matching this fnmatch pattern")
+    p.add_argument("--timeout", type=float, default=_LOCK_TIMEOUT, metavar="SECONDS",
+                   help=f"how long to wait for a session another process has open (default {_LOCK_TIMEOUT:g})")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="draw a progress bar on stderr (default: when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never draw the progress bar")
+    p.set_defaults(func=cmd_copy)
+
+    p = command("check", "verify every stored record",
+                "Read every record of STORE and verify it: msgpack logs record by record (checksums, "
+                "then decoding), shelves value by value (checksum, then the pickle's structure, without "
+                "running it; --load also unpickles), Redis values by decoding them. Prints one DAMAGED "
+                "line per damaged session or file and a summary; exit 1 if anything is damaged. Nothing "
+                "is written.")
+    p.add_argument("store", metavar="STORE", help=store_help)
+    p.add_argument("--load", action="store_true",
+                   help="shelve: also unpickle every value (runs the pickles' code: only for trusted shelves)")
+    p.set_defaults(func=cmd_check)
+
+    commands.add_parser(
+        "demo",
+        help="run the simulated bot (python -m sessionkit.demo; demo --help for its options)",
+        add_help=False,
+    ).set_defaults(func=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after it is the demo's own
+        return cmd_demo(argv[1:])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        return _fail(exc, exc.code)
+    except CorruptSessionError as exc:
+        return _fail(f"{exc} (run: sessionkit check STORE)", EXIT_DAMAGED)
+    except LockTimeout as exc:
+        return _fail(f"{exc}: another process has it open", EXIT_STORE)
+    except (StorageError, LockLost, SessionError) as exc:
+        return _fail(exc, EXIT_STORE)
+    except BrokenPipeError:  # e.g. `sessionkit ls STORE | head`: the reader has all it wants
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+        return EXIT_OK
+    except OSError as exc:  # e.g. a store's file that vanished while it was read
+        return _fail(exc, EXIT_STORE)
+    except KeyboardInterrupt:
+        _err("sessionkit: interrupted")
+        return 130
+
+
+def _fail(message: object, code: int) -> int:
+    """Report an error in one line on stderr; returns ``code``."""
+    sys.stdout.flush()
+    _err(f"sessionkit: {_one_line(message)}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
