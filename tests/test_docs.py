@@ -67,3 +67,17 @@ def test_readme_headline_table_matches_the_committed_run() -> None:
     end = README.index(".. headline-table-end\n")
     shown = README[start:end].strip("\n") + "\n"  # the table sits between blank lines
     assert shown == table(str(ROOT / "benchmarks" / "results" / "results.json"))
+
+
+def test_readme_backend_table_quotes_the_committed_run() -> None:
+    """The "Choosing a backend" table's RMW/s column is scenario (a) of the committed run."""
+    import json
+
+    cells = json.loads((ROOT / "benchmarks" / "results" / "results.json").read_text())["cells"]
+    one_thread = {c["subject"]: c["ops_s"] for c in cells if c["scenario"] == "a" and "ops_s" in c}
+    section = README[README.index("Choosing a backend\n"):README.index("msgpack's types are")]
+    quoted = dict(re.findall(r"^``(\w+Storage)``.*?\s([\d,]+)$", section, re.M))
+    subjects = {"MemoryStorage": "memory", "MsgpackFileStorage": "msgpack", "ShelveStorage": "shelve"}
+    assert set(quoted) == set(subjects)
+    for backend, subject in subjects.items():
+        assert quoted[backend] == f"{one_thread[subject]:,.0f}", backend
