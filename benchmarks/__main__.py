@@ -1,10 +1,12 @@
 """Compare sessionkit's backends with peers and floors, side by side.
 
     python -m benchmarks [--quick] [--backends memory,msgpack] [--peers diskcache]
-                         [--scenarios a,b,e] [--sizes 1000,10000] [--out DIR]
+                         [--scenarios a,b,e] [--sizes 1000,10000] [--out DIR | --save]
 
 Prints a markdown table on stdout and writes results.md, results.json and
-results.png to the output folder.  Every cell runs in a fresh process.
+results.png to the output folder: a scratch folder under the system's
+temporary directory unless ``--out`` names one, or ``--save`` asks for the
+committed ``benchmarks/results/``.  Every cell runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -51,9 +53,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops", type=int, help="operations per repetition")
     p.add_argument("--repeat", type=int, help="repetitions per cell")
     p.add_argument("--seconds", type=float, help="time cap per repetition")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", help="output folder (default: a new scratch folder under the temporary directory)")
+    where.add_argument(
+        "--save", action="store_true", help="write to benchmarks/results/, the committed run the README quotes"
+    )
     p.add_argument("--workdir", help="where stores are created (default: a temporary folder)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.save:
+        args.out = os.path.join("benchmarks", "results")
+    elif args.out is None:
+        args.out = tempfile.mkdtemp(prefix="sessionkit-benchmarks-")
+    return args
 
 
 def progress(text: str) -> None:
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if chart_note:
         text += f"\n{chart_note}\n"
     print(text)
+    print(f"(results.md, results.json and results.png are in {args.out})", file=sys.stderr)
     return 0
 
 
