@@ -146,14 +146,18 @@ class RedisCluster:
                  "--cluster-replicas", "0", "--cluster-yes"],
                 check=True, capture_output=True, timeout=60,
             )
-            deadline = time.monotonic() + 30
-            while not all("cluster_state:ok" in n.cli("cluster", "info") for n in self.nodes):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the cluster did not become ready")
-                time.sleep(0.1)
+            self.wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def wait_ready(self, seconds: float = 30) -> None:
+        """Wait until every node reports the cluster ok."""
+        deadline = time.monotonic() + seconds
+        while not all("cluster_state:ok" in n.cli("cluster", "info") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not become ready")
+            time.sleep(0.1)
 
     @property
     def url(self) -> str:

@@ -626,3 +626,128 @@ def test_json_refuses_a_lone_surrogate_and_an_infinite_expiry_is_refused(redis_s
         storage.write("k", {"s": "\ud800"})
     with pytest.raises(ValueError, match="lock_expiry"):
         RedisStorage(redis_client(redis_server), lock_expiry=float("inf"))
+
+
+def test_a_session_entered_in_one_thread_and_left_in_another_commits_and_unlocks(redis_server: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage = fresh("redis", redis_server, lock_expiry=1.0)
+    handle = Sessions(storage, initial=dict).open("k")
+    with ThreadPoolExecutor(1) as enter_pool, ThreadPoolExecutor(1) as exit_pool:
+        session = enter_pool.submit(handle.__enter__).result()
+        session["n"] = 1
+        exit_pool.submit(handle.__exit__, None, None, None).result()
+    assert storage.read("k") == {"n": 1}
+    assert not [h for h in list(redis_store._holds.values()) if h.storage is storage]
+    with storage.lock("k", timeout=0.5):  # free at once, not after an expiry
+        pass
+    lost = Sessions(storage, initial=dict).open("k")
+    with ThreadPoolExecutor(1) as enter_pool, ThreadPoolExecutor(1) as exit_pool:
+        session = enter_pool.submit(lost.__enter__).result()
+        session["n"] = 2
+        redis_client(redis_server).delete(helper_keys(storage.prefix + "k")[0])
+        with pytest.raises(LockLost):  # fenced from the other thread too
+            exit_pool.submit(lost.__exit__, None, None, None).result()
+    assert storage.read("k") == {"n": 1}
+
+
+def test_keys_holding_markers_cannot_reach_another_sessions_helper_keys(redis_server: Any) -> None:
+    from sessionkit import SessionKeyError
+
+    storage = RedisStorage(redis_client(redis_server))
+    victim = "x\x00sk-lock\x00y"
+    for helper in helper_keys(victim):
+        with pytest.raises(SessionKeyError):
+            storage.write(helper, 1)
+    with Sessions(storage, initial=dict).open(victim) as s:  # the victim itself is an ordinary key
+        s["n"] = 1
+    assert storage.read(victim) == {"n": 1} and victim in list(storage.keys())
+
+
+def test_a_waiter_killed_while_waiting_does_not_pile_up_wake_ups(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server)
+    client = redis_client(redis_server)
+    _, wake, wait, _ = helper_keys(storage.prefix + "k")
+    client.set(wait, 1, px=60_000)  # what a waiter killed inside BLPOP leaves behind
+    sessions = Sessions(storage, initial=dict)
+    for _ in range(200):
+        with sessions.open("k") as s:
+            s["n"] = s.get("n", 0) + 1
+    assert client.llen(wake) <= 1
+    assert storage.read("k") == {"n": 200}
+
+
+def test_the_same_server_by_two_addresses_refuses_a_nested_open(redis_server: Any) -> None:
+    import redis
+
+    first = fresh("redis", redis_server)
+    second = RedisStorage(redis.Redis(host="localhost", port=redis_server.port), prefix=first.prefix)
+    assert first._server != second._server
+    with first.lock("k"):
+        started = time.monotonic()
+        with pytest.raises(SessionError, match="already open in this thread"):
+            with second.lock("k"):
+                pass
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_forgets_the_holds_of_the_parents_other_threads(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server)
+    held = threading.Event()
+    done = threading.Event()
+
+    def holder() -> None:
+        with storage.lock("k"):
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            for _ in range(5):  # new threads may get the parent's thread ids
+                errors: list[BaseException] = []
+
+                def write() -> None:
+                    try:
+                        storage.write("other", 1)
+                        storage._raw_write("k", storage._raw_dumps(1))  # no hold of its own: a plain write
+                    except BaseException as exc:  # noqa: BLE001
+                        errors.append(exc)
+
+                w = threading.Thread(target=write)
+                w.start()
+                w.join()
+                code = code or (3 if errors else 0)
+            code = code or (4 if any(h.storage is storage for h in list(redis_store._holds.values())) else 0)
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        done.set()
+        t.join()
+
+
+def test_the_keep_alive_outlives_a_cluster_outage(tmp_path: Path) -> None:
+    cluster = redis_servers.RedisCluster(tmp_path / "cluster")
+    try:
+        storage = RedisStorage(cluster.client(), prefix="ka:", lock_expiry=1.0)
+        with pytest.raises(LockLost):
+            with Sessions(storage, initial=dict).open("k") as s:
+                s["n"] = 1
+                for node in cluster.nodes:
+                    node.stop()  # renewals fail, with the cluster client's own exceptions
+                time.sleep(1.5)
+                for node in cluster.nodes:
+                    node.start()
+                cluster.wait_ready()
+        with Sessions(storage, initial=dict).open("k", timeout=5) as s:
+            s["n"] = 2
+            time.sleep(2.5)  # longer than the expiry: the keep-alive renews it again
+        assert storage.read("k") == {"n": 2}
+    finally:
+        cluster.stop()

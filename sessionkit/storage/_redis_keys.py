@@ -15,7 +15,8 @@ receipts) are built as
   digits found to hash to the same slot (a table built on first need).
 
 The marker holds NUL bytes, so no printable session key can collide with a
-helper key; :func:`is_helper` tells them apart in listings.
+helper key; :func:`is_helper` tells them apart in listings, and
+``RedisStorage`` refuses a session key that is one.
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ def helper_keys(data_key: str) -> tuple[str, ...]:
 
 
 def is_helper(key: str) -> bool:
-    """Whether ``key`` (from a listing) is one of sessionkit's helper keys."""
-    if not key.startswith("{") or "\x00sk-" not in key:
+    """Whether ``key`` (from a listing, or asked for as a session) is one of sessionkit's helper keys."""
+    if not key.startswith("{"):
         return False
-    for mark in MARKS:
-        at = key.find(mark)
-        if at > 0:
-            data_key = key[at + len(mark) :]
-            return helper_keys(data_key)[MARKS.index(mark)] == key
+    close = key.find("}", 1)
+    if close < 2:
+        return False
+    rest = key[close + 1 :]
+    for number, mark in enumerate(MARKS):
+        if rest.startswith(mark):
+            return helper_keys(rest[len(mark) :])[number] == key
     return False

@@ -63,7 +63,8 @@ __all__ = ["RedisStorage"]
 
 # KEYS: data, lock, wake, wait.  ARGV: token, expiry ms, "1" if the caller
 # waited before (its place in the waiter count is given back).
-# -> {1, value or nil} (locked) or {0, the lock's pttl} (busy: counted as a waiter)
+# -> {1, value or nil} (locked) or {0, the lock's pttl, the holder's token}
+# (busy: counted as a waiter)
 _ACQUIRE = """
 if ARGV[3] == '1' then
   if redis.call('decr', KEYS[4]) <= 0 then redis.call('del', KEYS[4]) end
@@ -75,7 +76,7 @@ if held == false or held == ARGV[1] then
 end
 redis.call('incr', KEYS[4])
 redis.call('pexpire', KEYS[4], 2 * tonumber(ARGV[2]))
-return {0, redis.call('pttl', KEYS[2])}
+return {0, redis.call('pttl', KEYS[2]), held}
 """
 
 # KEYS: data, lock, wake, wait, receipts.  ARGV: token, op ("set", "del" or
@@ -85,6 +86,11 @@ _COMMIT = """
 if redis.call('get', KEYS[2]) ~= ARGV[1] then
   if redis.call('lpos', KEYS[5], ARGV[1]) then return 2 end
   return 0
+end
+local waiting, woken = 0, 0
+if ARGV[5] == '1' then  -- read everything first: an error below would leave the write half done
+  waiting = tonumber(redis.call('get', KEYS[4])) or 0
+  woken = redis.call('llen', KEYS[3])
 end
 if ARGV[2] == 'set' then
   if ARGV[4] == '0' then
@@ -100,8 +106,7 @@ if ARGV[5] == '1' then
   redis.call('lpush', KEYS[5], ARGV[1])
   redis.call('ltrim', KEYS[5], 0, 3)
   redis.call('pexpire', KEYS[5], 60000)
-  local waiting = tonumber(redis.call('get', KEYS[4]) or '0')
-  if waiting > 0 then
+  if woken < waiting then  -- never more wake-ups queued than waiters counted
     redis.call('rpush', KEYS[3], '1')
     redis.call('pexpire', KEYS[3], ARGV[6])
   end
@@ -132,9 +137,10 @@ _LONGEST_EXPIRY = 1e6  # seconds; Redis takes expiries in milliseconds
 class _Hold:
     """One thread's lock on one session: its token and what came with it."""
 
-    __slots__ = ("storage", "data_key", "keys", "token", "pid", "value", "fresh", "fused", "renewed")
+    __slots__ = ("storage", "data_key", "keys", "token", "pid", "value", "fresh", "fused", "renewed", "slot")
 
     def __init__(self, storage: RedisStorage, data_key: bytes, keys: list[bytes], token: str, fused: bool) -> None:
+        self.slot: tuple[Any, bytes, int] = (storage._server, data_key, threading.get_ident())
         self.storage = storage
         self.data_key = data_key
         self.keys = keys
@@ -153,6 +159,43 @@ class _Hold:
 _holds: dict[tuple[Any, bytes, int], _Hold] = {}
 _keeper_mutex = threading.Lock()
 _fork.register_mutex(_keeper_mutex)
+# A token starts with this process's random id and the thread's ident, so a
+# thread that finds its own token on a busy lock (the same server reached by
+# another address) is told it would deadlock instead of waiting for ever.
+_process = [os.urandom(6).hex()]
+
+
+_thread = threading.local()
+# Locks whose release failed (the server was unreachable), by (server, data
+# key): the next lock of that key in this process frees it instead of
+# waiting for its expiry.
+_orphans: dict[tuple[Any, bytes], str] = {}
+
+
+def _committed() -> set[tuple[Any, bytes]]:
+    """The (server, data key) pairs whose session commit released the lock in
+    this thread, until the session's ``_release`` call that follows."""
+    try:
+        return _thread.committed  # type: ignore[no-any-return]
+    except AttributeError:
+        _thread.committed = set()
+        return _thread.committed  # type: ignore[no-any-return]
+
+
+def _token_prefix() -> str:
+    return f"{_process[0]}:{threading.get_ident()}:"
+
+
+def _after_fork_in_child() -> None:
+    """The child keeps only the forking thread's holds (refused as the parent's); a new process id."""
+    me = threading.get_ident()
+    for slot in [slot for slot in list(_holds) if slot[2] != me]:
+        _holds.pop(slot, None)
+    _process[0] = os.urandom(6).hex()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Keeper:
@@ -168,25 +211,34 @@ class _Keeper:
         self.pid = os.getpid()
         self.period = 1.0
         self.nudge = threading.Event()
-        threading.Thread(target=self.run, name="sessionkit-redis-keepalive", daemon=True).start()
+        self.thread = threading.Thread(target=self.run, name="sessionkit-redis-keepalive", daemon=True)
+        self.thread.start()
 
     def run(self) -> None:
         while True:
-            now = time.monotonic()
             pause = self.period
-            for slot, hold in list(_holds.items()):
-                if slot[0] != self.server or hold.pid != self.pid:
-                    continue
-                period = hold.storage.lock_expiry / 3
-                due = hold.renewed + period
-                if due <= now:
-                    hold.renewed = now
-                    hold.storage._renew(hold)
-                    now = time.monotonic()
-                    due = now + period
-                pause = min(pause, due - now)
+            try:
+                pause = self.renew_due(pause)
+            except Exception:  # noqa: BLE001 - a keep-alive must outlive any one failure
+                pass
             if self.nudge.wait(max(pause, 0.005)):
                 self.nudge.clear()
+
+    def renew_due(self, pause: float) -> float:
+        """Renew the holds that are due; returns how long to sleep."""
+        now = time.monotonic()
+        for slot, hold in list(_holds.items()):
+            if slot[0] != self.server or hold.pid != self.pid:
+                continue
+            period = hold.storage.lock_expiry / 3
+            due = hold.renewed + period
+            if due <= now:
+                hold.renewed = now
+                hold.storage._renew(hold)
+                now = time.monotonic()
+                due = now + period
+            pause = min(pause, due - now)
+        return pause
 
 
 _keepers: dict[tuple[Any, ...], _Keeper] = {}
@@ -195,10 +247,10 @@ _keepers: dict[tuple[Any, ...], _Keeper] = {}
 def _keep_alive(server: tuple[Any, ...], expiry: float) -> None:
     """Make sure this process renews the locks it holds on ``server``."""
     keeper = _keepers.get(server)
-    if keeper is None or keeper.pid != os.getpid():
+    if keeper is None or keeper.pid != os.getpid() or not keeper.thread.is_alive():
         with _keeper_mutex:
             keeper = _keepers.get(server)
-            if keeper is None or keeper.pid != os.getpid():
+            if keeper is None or keeper.pid != os.getpid() or not keeper.thread.is_alive():
                 keeper = _keepers[server] = _Keeper(server)
     if expiry / 3 < keeper.period:
         keeper.period = expiry / 3
@@ -297,7 +349,9 @@ class RedisStorage(EncodedStorage):
         self.lock_expiry = float(lock_expiry)
         self._expiry_ms = str(max(int(self.lock_expiry * 1000), 50))
         self._ttl_ms = "0" if self.ttl is None else str(max(int(math.ceil(self.ttl * 1000)), 1))
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError,)
+        from redis.exceptions import RedisClusterException
+
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException)
         self._timeout_error = redis.TimeoutError
         kwargs = _connection_kwargs(client)
         if kwargs.get("decode_responses"):
@@ -355,11 +409,10 @@ class RedisStorage(EncodedStorage):
         slot = (self._server, name, threading.get_ident())
         held = _holds.get(slot)
         if held is not None and held.pid == os.getpid():
-            raise SessionError(
-                f"session {key!r} is already open in this thread; opening it again would deadlock", key=key
-            )
+            raise self._reentry(key)
         keys = [name, *(k.encode("utf-8", "surrogatepass") for k in helper_keys(name.decode("utf-8", "surrogatepass")))]
-        token = os.urandom(_TOKEN_BYTES).hex()
+        prefix = _token_prefix()
+        token = prefix + os.urandom(_TOKEN_BYTES).hex()
         deadline = None if timeout is None else time.monotonic() + timeout
         waited = "0"
         while True:
@@ -368,6 +421,15 @@ class RedisStorage(EncodedStorage):
             if reply[0] == 1:
                 break
             waited = "1"
+            holder = reply[2] if len(reply) > 2 and isinstance(reply[2], bytes) else b""
+            if holder.startswith(prefix.encode()):
+                mine = {h.token.encode() for h in list(_holds.values()) if h.slot[2] == slot[2] and h.pid == os.getpid()}
+                if holder in mine:
+                    self._give_up(keys, key)
+                    raise self._reentry(key)  # this thread's own lock, taken through another address
+                if self._drop_orphan(slot[:2], holder, keys, key):
+                    waited = "1"
+                    continue  # a lock this process lost track of (its release failed): freed, try again
             wait = self.lock_expiry if payload is None or payload < 0 else payload / 1000 + 0.002
             if deadline is not None:
                 left = deadline - time.monotonic()
@@ -389,8 +451,30 @@ class RedisStorage(EncodedStorage):
         hold = _Hold(self, name, keys, token, fused)
         hold.value = payload
         hold.fresh = True
-        _holds[slot] = hold
-        _keep_alive(self._server, self.lock_expiry)
+        try:
+            _holds[slot] = hold
+            _keep_alive(self._server, self.lock_expiry)
+        except BaseException:
+            _holds.pop(slot, None)
+            try:
+                self._commit(hold, key, "-", b"", release=True, check=False)
+            except SessionError:
+                pass  # the lock expires on its own, never renewed
+            raise
+
+    def _drop_orphan(self, where: tuple[Any, bytes], holder: bytes, keys: list[bytes], key: str) -> bool:
+        """Release ``holder`` if it is a lock this process took and could not release."""
+        if _orphans.get(where) != holder.decode():
+            return False
+        _orphans.pop(where, None)
+        orphan = _Hold(self, where[1], keys, holder.decode(), False)
+        self._commit(orphan, key, "-", b"", release=True, check=False)
+        return True
+
+    def _reentry(self, key: str) -> SessionError:
+        return SessionError(
+            f"session {key!r} is already open in this thread; opening it again would deadlock", key=key
+        )
 
     def _give_up(self, keys: list[bytes], key: str) -> None:
         try:
@@ -398,9 +482,24 @@ class RedisStorage(EncodedStorage):
         except self._errors:
             pass  # the count expires on its own
 
-    def _mine(self, name: bytes, key: str) -> _Hold | None:
-        """This thread's hold on ``name``, if it has one (in this process)."""
+    def _find(self, name: bytes, session: bool = False) -> _Hold | None:
+        """The hold of ``name`` this thread is using: its own, else (for a
+        session) the one hold of it in this process.
+
+        A session may be entered in one thread and left in another (a pool,
+        ``asyncio.to_thread``); then the one hold of the key is the
+        session's.  With two (a lost lock taken over in this process) the
+        caller cannot be told apart: none is used.
+        """
         hold = _holds.get((self._server, name, threading.get_ident()))
+        if hold is not None or not session:
+            return hold
+        found = [h for h in list(_holds.values()) if h.data_key == name and h.slot[0] == self._server and h.fused]
+        return found[0] if len(found) == 1 else None
+
+    def _mine(self, name: bytes, key: str, session: bool = False) -> _Hold | None:
+        """The hold to write ``name`` under, if this process holds it (see :meth:`_find`)."""
+        hold = self._find(name, session)
         if hold is not None and hold.pid != os.getpid():
             raise StorageError(
                 f"session {key!r} is held by the parent of this forked process; the child may not write it",
@@ -409,11 +508,22 @@ class RedisStorage(EncodedStorage):
         return hold
 
     def _release(self, key: str) -> None:
-        hold = _holds.pop((self._server, self._name(check_key(key)), threading.get_ident()), None)
-        # popped first: a failure below leaves the lock to expire, never renewed
-        if hold is None or hold.pid != os.getpid():
-            return  # released by the commit already, or the parent's (it releases it itself)
-        self._commit(hold, key, "-", b"", release=True, check=False)
+        name = self._name(check_key(key))
+        committed = _committed()
+        if (self._server, name) in committed:
+            committed.discard((self._server, name))
+            return  # released by the session's commit
+        hold = self._find(name, session=True)
+        if hold is None:
+            return
+        _holds.pop(hold.slot, None)  # first: a failure below leaves the lock to expire, never renewed
+        if hold.pid != os.getpid():
+            return  # the parent's: it releases it itself
+        try:
+            self._commit(hold, key, "-", b"", release=True, check=False)
+        except StorageError:
+            _orphans[(self._server, name)] = hold.token  # the next lock of this key frees it
+            raise
 
     def _renew(self, hold: _Hold) -> None:
         try:
@@ -441,7 +551,7 @@ class RedisStorage(EncodedStorage):
 
     def _raw_read(self, key: str) -> bytes | None:
         name = self._name(key)
-        hold = _holds.get((self._server, name, threading.get_ident()))
+        hold = self._find(name, session=True)
         if hold is not None and hold.fresh and hold.pid == os.getpid():
             hold.fresh = False  # read by the lock script a moment ago, the lock held since
             value = hold.value
@@ -459,7 +569,7 @@ class RedisStorage(EncodedStorage):
 
     def _write(self, key: str, raw: bytes, op: str, session: bool = False) -> None:
         name = self._name(key)
-        hold = self._mine(name, key)
+        hold = self._mine(name, key, session)
         if hold is None:
             if op == "del":
                 self._call("delete", key, self.client.delete, name)
@@ -469,9 +579,15 @@ class RedisStorage(EncodedStorage):
                 self._call("write", key, self.client.set, name, raw, px=int(self._ttl_ms))
             return
         release = session and hold.fused
-        if release:  # the session's block ends with this write
-            del _holds[(self._server, name, threading.get_ident())]
-        self._commit(hold, key, op, raw, release=release)
+        if release:  # the session's block ends with this write; its _release() then does nothing
+            _holds.pop(hold.slot, None)
+            _committed().add((self._server, name))
+        try:
+            self._commit(hold, key, op, raw, release=release)
+        except StorageError:
+            if release:  # the lock may still be there: the next lock of this key frees it
+                _orphans[(self._server, name)] = hold.token
+            raise
 
     # -- the StorageAdapter contract -----------------------------------------
 
