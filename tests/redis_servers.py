@@ -1,7 +1,8 @@
-"""Real redis-server processes for the tests: one server, and a 3-master cluster.
+"""Real redis-server processes: one server, and a 3-master cluster.
 
 Each listens on a free loopback port with persistence off (unless asked
-for), in a directory of its own, and is stopped when the test session ends.
+for), in a directory of its own.  The tests stop theirs when the test
+session ends; ``benchmarks/redis_bench.py`` starts one the same way.
 Without the ``redis-server`` binary a test that needs one skips saying so,
 except in CI (``CI=1``), where it fails: CI must never skip them.
 """
@@ -18,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 SERVER = shutil.which("redis-server")
 CLI = shutil.which("redis-cli")
@@ -29,6 +28,8 @@ def need_binaries() -> None:
     """Skip (fail in CI) unless redis-server and redis-cli are installed."""
     if SERVER and CLI:
         return
+    import pytest
+
     message = "needs redis-server and redis-cli: apt-get install redis-server"
     if IN_CI:
         pytest.fail(message, pytrace=False)
@@ -60,8 +61,12 @@ def free_port(cluster: bool = False) -> int:
 class RedisServer:
     """One redis-server on 127.0.0.1:``port``, in ``directory``."""
 
-    def __init__(self, directory: Path, *, cluster: bool = False, persistent: bool = False) -> None:
-        need_binaries()
+    def __init__(
+        self, directory: Path, *, cluster: bool = False, persistent: bool = False, binary: str | None = None
+    ) -> None:
+        if binary is None:
+            need_binaries()
+        self.binary = binary or str(SERVER)
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.cluster = cluster
@@ -72,7 +77,7 @@ class RedisServer:
 
     def args(self) -> list[str]:
         args = [
-            str(SERVER), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--save", "", "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning",
             "--logfile", str(self.directory / "redis.log"),
         ]

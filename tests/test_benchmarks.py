@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -36,6 +38,24 @@ def test_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
     assert (out / "results.md").read_text() in table
 
 
+def test_a_run_without_out_leaves_the_checkout_alone(tmp_path: Any) -> None:
+    committed = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in committed.rglob("*") if p.is_file()}
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks", "--backends", "memory", "--peers", "none",
+            "--scenarios", "a", "--ops", "20", "--repeat", "1", "--seconds", "1",
+            "--workdir", str(tmp_path / "work"),
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert {p: p.stat().st_mtime_ns for p in committed.rglob("*") if p.is_file()} == before
+    scratch = [p for p in tmp_path.iterdir() if p.name.startswith("sessionkit-benchmarks-")]
+    assert len(scratch) == 1 and (scratch[0] / "results.json").exists()
+    assert str(scratch[0]) in done.stderr
+
+
 def test_cell_counts_lost_updates_of_a_non_atomic_peer(tmp_path: Any) -> None:
     """The lost-update column is real: an unlocked dict loses increments under threads."""
     from benchmarks import cell, subjects
@@ -60,3 +80,43 @@ def test_cell_counts_lost_updates_of_a_non_atomic_peer(tmp_path: Any) -> None:
         sys.setswitchinterval(old)
         del subjects.ALL["unlocked"]
     assert result["lost"] > 0
+
+
+def test_redis_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
+    """The Redis benchmark starts its own server, runs every scenario, and stops the server."""
+    from . import redis_servers
+
+    redis_servers.need_binaries()
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.redis_bench", "--quick",
+            "--ops", "40", "--repeat", "1", "--seconds", "0.2", "--handovers", "16",
+            "--out", str(out),
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    for title in ("(a) 1 thread, 1 key", "(b) 8 threads, same key", "(c) 8 threads, 8 keys",
+                  "(d) 4 processes, same key", "Hand-over: 8 threads, 1 key", "Targets"):
+        assert f"## {title}" in table
+    for name in ("sessionkit-redis", "redis-py-lock", "plain-get-set"):
+        assert f"| {name} |" in table
+    assert (out / "results.md").read_text() in table
+    results = json.loads((out / "results.json").read_text())
+    for scenario in "abcd":
+        rows = results["scenarios"][scenario]
+        for name in ("sessionkit-redis", "redis-py-lock"):
+            assert rows[name]["lost"] == 0 and rows[name]["errors"] == 0, (scenario, name, rows[name])
+            assert rows[name]["expected"] > 0
+        assert rows["redis-py-lock"]["median_ratio"] == 1.0
+    # one reply read per round trip: lock-and-read, then write-and-release
+    assert results["scenarios"]["a"]["sessionkit-redis"]["median_round_trips"] == 2.0
+    assert results["scenarios"]["a"]["redis-py-lock"]["median_round_trips"] == 4.0
+    for name in ("sessionkit-redis", "redis-py-lock"):
+        handover = results["handover"][name]
+        assert handover["handovers"] > 0 and handover["lost"] == 0 and handover["overlaps"] == 0
+    # the server it started is gone
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", results["environment"]["redis_server_port"])) != 0

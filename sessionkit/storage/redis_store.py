@@ -45,7 +45,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from .. import _codec, _fork
 from .._codec import find_unstorable
-from .._locks import LockContext
+from .._locks import KeyLocks, LockContext
 from ..errors import (
     CorruptSessionError,
     LockLost,
@@ -166,6 +166,9 @@ _process = [os.urandom(6).hex()]
 
 
 _thread = threading.local()
+# This process's threads queue for a key here before they ask Redis for it
+# (keyed by (server, data key)); see RedisStorage._take.
+_local = KeyLocks()
 # Locks whose release failed (the server was unreachable), by (server, data
 # key): the next lock of that key in this process frees it instead of
 # waiting for its expiry.
@@ -406,6 +409,24 @@ class RedisStorage(EncodedStorage):
     def _take(self, key: str, timeout: float | None, fused: bool) -> None:
         key = check_key(key)
         name = self._name(key)
+        # Threads of this process queue for the key here first, so only one of
+        # them at a time asks Redis, and a hand-over between them costs no
+        # wake-up round trip (re-entry by the same thread is refused here too).
+        start = time.monotonic()
+        try:
+            _local.acquire((self._server, name), timeout)  # type: ignore[arg-type]
+        except LockTimeout:
+            raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key) from None
+        except SessionError:
+            raise self._reentry(key) from None
+        try:
+            left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
+            self._take_server(key, name, left, fused)
+        except BaseException:
+            _local.release((self._server, name))  # type: ignore[arg-type]
+            raise
+
+    def _take_server(self, key: str, name: bytes, timeout: float | None, fused: bool) -> None:
         slot = (self._server, name, threading.get_ident())
         held = _holds.get(slot)
         if held is not None and held.pid == os.getpid():
@@ -517,13 +538,16 @@ class RedisStorage(EncodedStorage):
         if hold is None:
             return
         _holds.pop(hold.slot, None)  # first: a failure below leaves the lock to expire, never renewed
-        if hold.pid != os.getpid():
-            return  # the parent's: it releases it itself
         try:
-            self._commit(hold, key, "-", b"", release=True, check=False)
-        except StorageError:
-            _orphans[(self._server, name)] = hold.token  # the next lock of this key frees it
-            raise
+            if hold.pid != os.getpid():
+                return  # the parent's: it releases it itself
+            try:
+                self._commit(hold, key, "-", b"", release=True, check=False)
+            except StorageError:
+                _orphans[(self._server, name)] = hold.token  # the next lock of this key frees it
+                raise
+        finally:
+            _local.release((self._server, name))  # type: ignore[arg-type]
 
     def _renew(self, hold: _Hold) -> None:
         try:
@@ -588,6 +612,9 @@ class RedisStorage(EncodedStorage):
             if release:  # the lock may still be there: the next lock of this key frees it
                 _orphans[(self._server, name)] = hold.token
             raise
+        finally:
+            if release:
+                _local.release((self._server, name))  # type: ignore[arg-type]
 
     # -- the StorageAdapter contract -----------------------------------------
 
