@@ -22,11 +22,16 @@ commit receipts (the last four, kept a minute), so a commit that redis-py
 retries after a lost reply recognises that it already landed instead of
 reporting a lost lock.
 
-Holds are per thread: each thread's lock on a key is its own record, so a
-thread whose lock was lost and taken by another thread of the same process
-still commits through its own token and gets ``LockLost``.  Each server
-has its own keep-alive thread, so a server that hangs delays only the
-renewals of its own locks.
+Threads of one process queue for a key in the process (a ``KeyLocks``
+table) before they ask Redis, so only one of them at a time waits on the
+server, a hand-over between them costs no wake-up, and a lock that was lost
+cannot be taken over by another thread of the same process.  Each hold is
+recorded per (server, key, thread); a session left in another thread than
+the one that entered it (a pool, ``asyncio.to_thread``) finds the key's one
+hold.  Each server has its own keep-alive thread, so a server that hangs
+delays only the renewals of its own locks.  A lock whose release failed
+(the server was unreachable) is freed by the next lock of that key in this
+process instead of blocking it until it expires.
 
 The helper keys (lock, wake-up list, waiter count, receipts) hash to the data key's
 cluster slot; ``_redis_keys`` says how.  redis-py is imported when the first
@@ -444,8 +449,8 @@ class RedisStorage(EncodedStorage):
             waited = "1"
             holder = reply[2] if len(reply) > 2 and isinstance(reply[2], bytes) else b""
             if holder.startswith(prefix.encode()):
-                mine = {h.token.encode() for h in list(_holds.values()) if h.slot[2] == slot[2] and h.pid == os.getpid()}
-                if holder in mine:
+                mine = [h for h in list(_holds.values()) if h.slot[2] == slot[2] and h.pid == os.getpid()]
+                if holder in {h.token.encode() for h in mine}:
                     self._give_up(keys, key)
                     raise self._reentry(key)  # this thread's own lock, taken through another address
                 if self._drop_orphan(slot[:2], holder, keys, key):
