@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 from typing import Any, Optional
 
 from flask import Flask, abort, jsonify, request
@@ -35,25 +36,43 @@ SESSIONS_DIR = os.environ.get("SESSIONKIT_DIR", "./webhook-sessions")
 WEBHOOK_SECRET = os.environ.get("WEBHOOK_SECRET", "")
 
 # Built once per process (gunicorn imports this module once in each worker);
-# all of the process's threads share it.
+# all of the process's threads share it.  lock_timeout: a request waits at
+# most 10 s for its chat's session, then fails (500, and Telegram delivers the
+# update again later) instead of tying up a worker thread behind a slow one.
 store = MsgpackFileStorage(SESSIONS_DIR)
-sessions = Sessions(store, initial=dict)
+sessions = Sessions(store, initial=dict, lock_timeout=10)
 
 app = Flask(__name__)
+
+
+class BadUpdate(ValueError):
+    """The update's chat is malformed: the webhook answers 400 and counts nothing."""
 
 
 def update_chat_id(update: dict[str, Any]) -> Optional[int]:
     """The chat an update belongs to (grammY's ``ctx.chat``), or ``None``.
 
     A message-like update carries ``chat``; a callback query carries it in
-    its ``message``; inline queries, polls and the like have none.
+    its ``message``; inline queries, polls and the like have none.  A chat
+    whose ``id`` is not an integer (an ``int``, or a ``str`` of one; never a
+    ``bool``, which JSON's ``true`` becomes) raises ``BadUpdate``.
     """
     for field, value in update.items():
         if field == "update_id" or not isinstance(value, dict):
             continue
-        chat = value.get("chat") or (value.get("message") or {}).get("chat")
-        if isinstance(chat, dict) and isinstance(chat.get("id"), int):
-            return int(chat["id"])
+        if "chat" in value:
+            chat = value["chat"]
+        else:
+            message = value.get("message")
+            chat = message.get("chat") if isinstance(message, dict) else None
+        if chat is None:
+            continue
+        chat_id = chat.get("id") if isinstance(chat, dict) else None
+        if isinstance(chat_id, str) and re.fullmatch(r"-?[0-9]{1,19}", chat_id):
+            return int(chat_id)
+        if type(chat_id) is not int:  # bool is an int subclass: {"id": true} is no chat 1
+            raise BadUpdate(f"{field}.chat.id must be an integer, got {type(chat_id).__name__}")
+        return chat_id
     return None
 
 
@@ -75,7 +94,10 @@ def webhook() -> ResponseReturnValue:
     update = request.get_json(silent=True)
     if not isinstance(update, dict):
         abort(400)
-    count_update(update)
+    try:
+        count_update(update)  # its key, update_chat_id(update), raises BadUpdate before any lock
+    except BadUpdate:
+        abort(400)
     return "", 200
 
 

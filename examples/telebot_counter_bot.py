@@ -15,6 +15,7 @@ Commands: ``/start``, ``/quiz`` (a question with answer buttons), ``/score``,
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -29,12 +30,16 @@ if not TOKEN:
     raise SystemExit("set TELEGRAM_BOT_TOKEN to the token @BotFather gave you")
 SESSIONS_DIR = os.environ.get("SESSIONKIT_DIR", "./bot-sessions")
 
+log = logging.getLogger("counter_bot")
+
 # Built once per process: every worker thread of the bot shares this storage,
-# and a session unused for 30 days expires.
-sessions = Sessions(MsgpackFileStorage(SESSIONS_DIR, ttl=30 * 24 * 3600), initial=dict)
+# and a session unused for 30 days expires.  lock_timeout: an update waits at
+# most 10 s for its chat's session (then LockTimeout, logged by telebot), so
+# one slow handler cannot tie up all four workers with its chat's updates.
+sessions = Sessions(MsgpackFileStorage(SESSIONS_DIR, ttl=30 * 24 * 3600), initial=dict, lock_timeout=10)
 
 bot = telebot.TeleBot(TOKEN, threaded=True, num_threads=4, use_class_middlewares=True)
-bot.setup_middleware(SessionMiddleware(sessions))
+SessionMiddleware(sessions).install(bot)  # raises if the bot cannot run class middlewares
 
 # (question, options, right answer)
 QUESTIONS: list[tuple[str, list[str], str]] = [
@@ -69,6 +74,11 @@ def quiz(message: Message, session: Session) -> None:
 @bot.callback_query_handler(func=lambda call: (call.data or "").startswith("quiz:"))
 def answer(call: CallbackQuery, session: Session) -> None:
     """Score an answer button, once per question asked."""
+    if session.key is None:  # a button under an inline message: it belongs to no chat
+        log.warning("answer: callback query %s (data %r) from user %s came from an inline message, "
+                    "which has no chat and so no session; ignored", call.id, call.data, call.from_user.id)
+        bot.answer_callback_query(call.id, "Quiz buttons work in a chat with the bot: send /quiz there.")
+        return
     _, index_text, option = (call.data or "").split(":", 2)
     index = int(index_text)
     if session.get("open_question") != index:

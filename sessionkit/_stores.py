@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 __all__ = [
-    "CliError", "StoreSpec", "parse_store", "open_store", "close_store", "require_msgpack_store", "shelf_files",
+    "CliError", "StoreSpec", "parse_store", "open_store", "close_store", "require_msgpack_store",
+    "shelf_files",
     "USAGE_ERROR", "STORE_ERROR", "DAMAGED", "NAME_HELP",
 ]
 
@@ -46,6 +47,7 @@ _REDIS_SCHEMES = {
 _FORMAT_FILE = "FORMAT"
 _FORMAT_FIRST_LINE = b"sessionkit msgpack-log 1"
 _SQLITE_FILES = ("-wal", "-shm", "-journal")
+_DBMS = ("dbm.dumb", "dbm.gnu", "dbm.ndbm", "dbm.sqlite3")  # what shelve:PATH?dbm= may name
 _CONNECT_TIMEOUT = 5.0  # seconds, unless the URL sets socket_connect_timeout
 _SOCKET_TIMEOUT = 30.0  # seconds, unless the URL sets socket_timeout
 NAME_HELP = (
@@ -82,7 +84,7 @@ class StoreSpec:
         if self.kind == "redis":
             parts = urlsplit(self.url)
             host = (parts.hostname or "localhost").lower()
-            db = parts.path.strip("/") or "0"
+            db = int(parts.path.strip("/") or "0")
             return f"redis:{host}:{parts.port or 6379}/{db}:{'cluster' if self.cluster else ''}:{self.prefix}"
         return f"{self.kind}:{os.path.realpath(self.path)}"
 
@@ -101,19 +103,83 @@ def _is_msgpack_store(path: str) -> bool:
         return False
 
 
+# The files of a shelf named NAME, by dbm: dbm.dumb keeps NAME.dat, NAME.dir (and
+# NAME.bak while it rewrites the index), dbm.ndbm NAME.db (Berkeley DB) or
+# NAME.dir and NAME.pag (classic ndbm), dbm.gnu and dbm.sqlite3 the bare NAME
+# (SQLite also NAME-wal, NAME-shm and NAME-journal beside it).
+_SUFFIXED_FILES = (".dat", ".dir", ".bak", ".db", ".pag")
+_GNU_MAGICS = {0x13579ACD, 0x13579ACE, 0x13579ACF, 0x13579AD0, 0x13579AD1}
+_BERKELEY_MAGICS = {0x00053162, 0x00061561}  # btree, hash (at byte 12)
+
+
+def _is_dbm_file(path: str) -> bool:
+    """Whether ``path`` is a file a dbm keeps under the bare name: gdbm, SQLite or Berkeley DB."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return False
+    if head.startswith(b"SQLite format 3\0"):
+        return True
+    if len(head) >= 4 and {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} & _GNU_MAGICS:
+        return True
+    if len(head) == 16:
+        magic = {int.from_bytes(head[12:], "little"), int.from_bytes(head[12:], "big")}
+        return bool(magic & _BERKELEY_MAGICS)
+    return False
+
+
 def shelf_files(path: str) -> list[str]:
-    """The files of the shelf at ``path`` (its dbm's files, not its lock file), as ShelveStorage sees them."""
+    """The existing files of the shelf at ``path`` (its dbm's files, not its lock file).
+
+    Only the exact names a dbm uses count: ``NAME.dat``/``.dir``/``.bak``
+    (dbm.dumb), ``NAME.db`` or ``NAME.pag`` (dbm.ndbm), and the bare ``NAME``
+    when it is a gdbm, SQLite or Berkeley DB file (with SQLite's
+    ``NAME-wal``/``-shm``/``-journal``).  ``NAME.x.dat`` is another shelf's.
+    """
+    found = [path + end for end in _SUFFIXED_FILES if os.path.isfile(path + end)]
+    if os.path.isfile(path) and _is_dbm_file(path):
+        found.append(path)
+        found.extend(path + end for end in _SQLITE_FILES if os.path.isfile(path + end))
+    return sorted(found)
+
+
+def _shelves_like(path: str) -> list[str]:
+    """Other shelves whose names start with ``path``'s (``store.shelf`` for ``store``), for a hint."""
     directory, name = os.path.split(path)
     try:
         names = os.listdir(directory or ".")
     except OSError:
         return []
-    return sorted(
-        os.path.join(directory, f)
-        for f in names
-        if f.startswith(name)
-        and not f.startswith(name + ".lock")
-        and (f[len(name):len(name) + 1] in ("", ".") or f[len(name):] in _SQLITE_FILES)
+    found = set()
+    for f in names:
+        for end in _SUFFIXED_FILES:
+            stem = f[:-len(end)]
+            if f.endswith(end) and stem.startswith(name) and stem != name:
+                found.add(os.path.join(directory, stem))
+        if f.startswith(name) and f != name and _is_dbm_file(os.path.join(directory, f)):
+            found.add(os.path.join(directory, f))
+    return sorted(p for p in found if shelf_files(p))[:3]
+
+
+def _no_shelf(spec: StoreSpec) -> CliError:
+    """The error for a shelve: name whose shelf does not exist, with a hint at the likely one."""
+    path = spec.path
+    if os.path.isfile(path):
+        stem, end = os.path.splitext(path)
+        hint = ""
+        if end in _SUFFIXED_FILES + (".lock",) and shelf_files(stem):
+            hint = f": a shelf is named without its files' endings: shelve:{stem}"
+        return CliError(
+            f"{path} is a file but not a shelf (no dbm sessionkit knows wrote it){hint}; nothing was changed",
+            STORE_ERROR,
+        )
+    others = _shelves_like(path)
+    hint = f"; did you mean {' or '.join('shelve:' + p for p in others)}?" if others else ""
+    return CliError(
+        f"no shelf at {path} (none of {os.path.basename(path)}.dat/.dir/.db or a dbm file "
+        f"{os.path.basename(path)} exists){hint}",
+        STORE_ERROR,
     )
 
 
@@ -142,10 +208,13 @@ def parse_store(name: str) -> StoreSpec:
             rest, _, query = rest.rpartition("?")
             for key, value in _query(query, shown):
                 if key != "dbm":
-                    raise CliError(f"{shown}: unknown option {key!r} (a shelve: name takes only dbm=)", USAGE_ERROR)
+                    raise CliError(f"{shown}: unknown option {key!r} (a shelve: name takes only dbm=)",
+                                   USAGE_ERROR)
                 dbm = value
         if not rest:
             raise CliError("shelve: needs the shelf's path, e.g. shelve:./prefs.db", USAGE_ERROR)
+        if dbm and (dbm if dbm.startswith("dbm.") else "dbm." + dbm) not in _DBMS:
+            raise CliError(f"{shown}: unknown dbm {dbm!r}; give one of {', '.join(_DBMS)}", USAGE_ERROR)
         return StoreSpec("shelve", shown, path=os.path.abspath(rest), dbm=dbm or None)
     if kind in _REDIS_SCHEMES:
         return _parse_redis(name, kind, shown)
@@ -199,22 +268,32 @@ def _parse_redis(name: str, kind: str, shown: str) -> StoreSpec:
                 raise CliError(f"{shown}: codec must be msgpack or json, not {value!r}", USAGE_ERROR)
             else:
                 codec = value
+        elif key == "db":
+            raise CliError(f"{shown}: give the database in the path (redis://HOST:PORT/DB), not as db=",
+                           USAGE_ERROR)
         else:
             rest.append(f"{key}={value}")
+    db = parts.path.strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise CliError(f"{shown}: the database must be a number (redis://HOST:PORT/0), not {db!r}",
+                       USAGE_ERROR)
     if not parts.hostname:
         raise CliError(f"{shown}: a Redis URL needs a host, e.g. redis://127.0.0.1:6379/0", USAGE_ERROR)
     try:
         parts.port
     except ValueError as exc:
         raise CliError(f"{shown}: {exc}", USAGE_ERROR) from None
-    if cluster and parts.path.strip("/") not in ("", "0"):
+    if cluster and db and int(db) != 0:
         raise CliError(f"{shown}: a Redis Cluster has only database 0", USAGE_ERROR)
     url = urlunsplit((scheme, parts.netloc, parts.path, "&".join(rest), ""))
     return StoreSpec("redis", shown, url=url, cluster=cluster, prefix=prefix, codec=codec)
 
 
 def open_store(spec: StoreSpec, *, create: bool = False) -> Any:
-    """The storage ``spec`` names; ``CliError`` when it does not exist (unless ``create``) or cannot be opened."""
+    """The storage ``spec`` names.
+
+    ``CliError`` when it does not exist (unless ``create``) or cannot be opened.
+    """
     if spec.kind == "msgpack":
         return _open_msgpack(spec, create)
     if spec.kind == "shelve":
@@ -235,7 +314,8 @@ def require_msgpack_store(path: str, create: bool = False) -> None:
     names = os.listdir(path)
     if any(n.startswith("shard-") and n.endswith(".log") for n in names):
         raise CliError(
-            f"{path} holds shard logs but no FORMAT file (it records the shard count): restore it from a backup",
+            f"{path} holds shard logs but no FORMAT file (it records the shard count): restore it from a "
+            "backup",
             DAMAGED,
         )
     if not create:
@@ -254,17 +334,26 @@ def _open_msgpack(spec: StoreSpec, create: bool) -> Any:
 
 
 def _open_shelve(spec: StoreSpec, create: bool) -> Any:
-    """A ShelveStorage, once its files are known to exist (unless ``create``)."""
+    """A ShelveStorage, once its files are known to exist (unless ``create``).
+
+    ShelveStorage creates the shelf's lock file (and a new shelf), so nothing
+    is built for a name whose dbm files are not there.
+    """
     from .storage.shelf import ShelveStorage
 
-    if not create and not shelf_files(spec.path):
-        raise CliError(f"no shelf at {spec.path} (none of its files exist)", STORE_ERROR)
     if os.path.isdir(spec.path):
-        raise CliError(f"{spec.path} is a directory; a shelf's path names its files (e.g. ./prefs.db)", STORE_ERROR)
+        raise CliError(f"{spec.path} is a directory; a shelf's path names its files (e.g. ./prefs.db)",
+                       STORE_ERROR)
+    if not shelf_files(spec.path) and (not create or os.path.exists(spec.path)):
+        raise _no_shelf(spec)
+    from .errors import CorruptSessionError
+
     try:
         return ShelveStorage(spec.path, dbm=spec.dbm)
-    except ValueError as exc:  # an unknown dbm, or another one than the shelf's
-        raise CliError(f"{spec.name}: {exc}", STORE_ERROR) from None
+    except CorruptSessionError:  # damaged files (a ValueError too): the caller reports them
+        raise
+    except ValueError as exc:  # a dbm this Python lacks, or another one than the shelf's
+        raise CliError(f"{spec.name}: {exc}", USAGE_ERROR) from None
 
 
 def _open_redis(spec: StoreSpec) -> Any:

@@ -32,8 +32,14 @@ Exit codes:
     store error: the store does not exist or cannot be opened, the backend
     failed (disk, connection), or a session stayed locked
 4
-    damaged data: a value or the store's files cannot be decoded (run
-    ``sessionkit check STORE``)
+    damaged data: a value or the store's files cannot be decoded, or (``ls``,
+    ``show``) a msgpack log ends in a record cut short, which opening it would
+    drop (run ``sessionkit check STORE``)
+
+``ls``, ``show``, ``stats`` and ``check`` write nothing; ``rm``,
+``purge-expired`` and ``copy`` open the stores as any process using them
+does, which completes crash recovery (a msgpack log's record cut short by a
+crash is dropped).
 
 Errors are one line on stderr, starting ``sessionkit:``.
 """
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import pickletools
 import pprint
@@ -54,8 +61,8 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Callable, NoReturn, Sequence
 
 from . import __version__
-from ._stores import DAMAGED, STORE_ERROR, USAGE_ERROR, CliError, StoreSpec, close_store, open_store, parse_store
-from ._stores import require_msgpack_store, shelf_files
+from ._stores import DAMAGED, STORE_ERROR, USAGE_ERROR, CliError, StoreSpec, close_store, open_store
+from ._stores import parse_store, require_msgpack_store, shelf_files
 from .errors import CorruptSessionError, LockLost, LockTimeout, SerializationError, SessionError, StorageError
 
 __all__ = ["main", "EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "EXIT_STORE", "EXIT_DAMAGED"]
@@ -83,11 +90,15 @@ exit codes:
   2  usage error: bad arguments or a bad store name
   3  store error: the store does not exist or cannot be opened, the backend
      failed, or a session stayed locked
-  4  damaged data: a value or the store's files cannot be decoded
-     (run: sessionkit check STORE)
+  4  damaged data: a value or the store's files cannot be decoded, or a
+     msgpack log ends in a record cut short (run: sessionkit check STORE)
 """
 
 _LOCK_TIMEOUT = 10.0  # seconds rm and copy wait for a session another process holds open
+_READ_ONLY = (
+    "Nothing is written: if a msgpack log this needs ends in a record cut short (as a crash mid-write "
+    "leaves), opening it would drop that record, so the command stops (exit 4) and points to check."
+)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -163,8 +174,13 @@ class _Progress:
             self.stream.flush()
 
 
-def _jsonable(value: Any) -> Any:
-    """``value`` as JSON can hold it: bytes as ``{"$base64": ...}``, other non-JSON values as their repr."""
+def _jsonable(value: Any, odd: set[str]) -> Any:
+    """``value`` as JSON can hold it: bytes as ``{"$base64": ...}``, NaN and infinities as the strings
+    ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (named in ``odd``), other non-JSON values as their repr."""
+    if isinstance(value, float) and not math.isfinite(value):
+        shown = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        odd.add(shown)
+        return shown
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (bytes, bytearray)):
@@ -173,17 +189,62 @@ def _jsonable(value: Any) -> Any:
         return {"$base64": base64.b64encode(bytes(value)).decode("ascii")}
     if isinstance(value, dict):
         return {
-            (k if isinstance(k, (str, int, float, bool)) or k is None else repr(k)): _jsonable(v)
+            (_jsonable(k, odd) if isinstance(k, float) else k if isinstance(k, (str, int, bool)) or k is None
+             else repr(k)): _jsonable(v, odd)
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, odd) for v in value]
     return repr(value)
 
 
-def _dump_json(value: Any) -> str:
-    """A session value as indented JSON (see ``_jsonable``)."""
-    return json.dumps(_jsonable(value), indent=2, ensure_ascii=False)
+def _dump_json(value: Any) -> tuple[str, set[str]]:
+    """A session value as indented JSON (see ``_jsonable``), and the non-finite floats shown as strings."""
+    odd: set[str] = set()
+    return json.dumps(_jsonable(value, odd), indent=2, ensure_ascii=False, allow_nan=False), odd
+
+
+def _shown_key(key: str) -> str:
+    """A key as ``ls`` prints it: as is, or as a Python string literal when it holds a control character
+    (a line break would split it) or starts with a quote (so it is not taken for such a literal)."""
+    if key[:1] in ("'", '"') or any(c.isspace() and c != " " or not c.isprintable() for c in key):
+        return repr(key)
+    return key
+
+
+def _reason(exc: BaseException) -> str:
+    """What an exception says, in one line; never empty (some decoders raise with no message)."""
+    text = _one_line(exc)
+    cause = exc.__cause__
+    if text.endswith(":") and cause is not None:
+        text += " " + (_one_line(cause) or type(cause).__name__)
+    elif not text:
+        text = type(exc).__name__
+    return text
+
+
+class _Seconds(float):
+    """A ``--timeout``: a float that remembers how it was written, to show it as given."""
+
+    text = ""
+
+
+def _seconds(text: str) -> float:
+    """Parse ``--timeout``: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"the timeout must be a number of seconds, 0 or more, not {text!r}")
+    seconds = _Seconds(value)
+    seconds.text = text.strip()
+    return seconds
+
+
+def _shown_seconds(timeout: float) -> str:
+    """A timeout as the user gave it."""
+    return getattr(timeout, "text", "") or f"{timeout:g}"
 
 
 # -- opening stores ----------------------------------------------------------------------
@@ -218,7 +279,11 @@ class _LogScan:
     damaged: dict[str, int] = field(default_factory=dict)  # key -> offset of its newest record, damaged
     superseded: list[tuple[str, int]] = field(default_factory=list)  # damaged records a later one replaced
     broken_at: int | None = None  # a damaged record header: nothing after it can be read
-    crashed_tail: int = 0  # bytes of an append cut short by a crash (dropped at the next open)
+    crashed_tail: int = 0  # bytes after the last whole record: an append cut short (dropped at the next open)
+    tail_at: int = 0  # where those bytes start
+    tail_key: str | None = None  # the session the cut-short record is for, when its header can be read
+    tail_why: str = ""  # what is wrong with the last record
+    tail_delete: bool = False  # the cut-short record is a delete
     error: str = ""  # the file cannot be read at all
     undecodable: dict[str, str] = field(default_factory=dict)  # key -> why its value does not decode
 
@@ -277,8 +342,14 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
                 break
             pending = data[stop - pos:]
             pos = stop
-        if scan.broken_at is None:
+            if len(pending) >= rec.HEADER_SIZE:  # a record longer than a chunk: read it whole at once
+                klen, vlen = rec.HEADER.unpack_from(pending)[1:3]
+                need = min(rec.HEADER_SIZE + klen + vlen, size - pos)
+                if need > len(pending) + (4 << 20):
+                    pending += os.pread(fd, need - len(pending), pos + len(pending))
+        if scan.broken_at is None and stop < size:
             scan.crashed_tail = size - stop
+            _describe_tail(scan, fd, stop)
         if decode:
             for key, (offset, length, expiry) in scan.live.items():
                 if expiry and expiry <= now:
@@ -291,12 +362,38 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
                     _codec.loads(value, key)
                 except CorruptSessionError as exc:
                     cause = exc.__cause__ or exc
-                    scan.undecodable[key] = f"its value at byte {offset} is not msgpack: {cause}"
+                    why = _one_line(cause) or type(cause).__name__
+                    scan.undecodable[key] = f"its value at byte {offset} is not msgpack: {why}"
     except OSError as exc:
         scan.error = f"cannot read {path}: {exc}"
     finally:
         os.close(fd)
     return scan
+
+
+def _describe_tail(scan: _LogScan, fd: int, stop: int) -> None:
+    """What the bytes after a log's last whole record are: a header, a record cut short, or a record
+    whose checksum fails; and the session it is for, when its header is whole."""
+    from .storage import _records as rec
+
+    scan.tail_at = stop
+    size = scan.size
+    head = os.pread(fd, rec.HEADER_SIZE, stop)
+    if not head.strip(b"\0") and not os.pread(fd, min(size - stop, 1 << 20), stop).strip(b"\0"):
+        scan.tail_why = f"is {size - stop} zero bytes (an append that never landed)"
+        return
+    if len(head) < rec.HEADER_SIZE:
+        scan.tail_why = f"is cut short inside its header ({size - stop} of {rec.HEADER_SIZE} bytes)"
+        return
+    _body_crc, klen, vlen, flags, _expiry, _header_crc = rec.HEADER.unpack(head)
+    scan.tail_delete = bool(flags & rec.FLAG_DELETE)
+    whole = rec.HEADER_SIZE + klen + vlen
+    if size - stop >= rec.HEADER_SIZE + klen:
+        scan.tail_key = rec.decode_key(os.pread(fd, klen, stop + rec.HEADER_SIZE))
+    if size - stop < whole:
+        scan.tail_why = f"is cut short ({size - stop} of its {whole} bytes)"
+    else:
+        scan.tail_why = "fails its checksum"
 
 
 def _apply(scan: _LogScan, record: Any, delete_flag: int) -> None:
@@ -314,15 +411,76 @@ def _apply(scan: _LogScan, record: Any, delete_flag: int) -> None:
         scan.live[key] = (record.offset, record.length, record.expiry)
 
 
-def _scan_msgpack(directory: str, decode: bool) -> tuple[list[_LogScan], str]:
-    """Every shard log of a msgpack store, and a problem with its FORMAT file (or "")."""
+def _scan_msgpack(directory: str, decode: bool, storage: Any = None) -> tuple[list[_LogScan], str]:
+    """Every shard log of a msgpack store, and a problem with its FORMAT file (or "").
+
+    With ``storage`` (a MsgpackFileStorage on ``directory``), each log is read
+    holding its shard's lock, so an append still under way is not taken for
+    one cut short by a crash.  The logs are read directly: nothing is written
+    (opening a shard through the store would truncate a cut-short tail).
+    """
     from .storage._shard import log_name
 
     count, problem = _format_count(directory)
     if problem:
         return [], problem
     now = time.time()
-    return [_scan_log(os.path.join(directory, log_name(n)), decode, now) for n in range(count)], ""
+    shards = getattr(storage, "_shards", None)
+    if shards is None or len(shards) != count:
+        return [_scan_log(os.path.join(directory, log_name(n)), decode, now) for n in range(count)], ""
+    return [_scan_shard(shard, decode, now) for shard in shards], ""
+
+
+def _scan_shard(shard: Any, decode: bool, now: float) -> _LogScan:
+    """``_scan_log`` of one shard's log, holding the shard's lock (without opening it in the store)."""
+    from .storage._shard import SECTION_WAIT
+
+    with shard.mutex:
+        try:
+            held = shard.locks.lock(shard.slot, SECTION_WAIT, "")
+        except LockTimeout:
+            raise CliError(f"{shard.path} stayed locked by another process for {SECTION_WAIT:.0f} s",
+                           EXIT_STORE) from None
+        try:
+            return _scan_log(shard.path, decode, now)
+        finally:
+            shard.locks.unlock(held, shard.slot)
+
+
+def _tail_problem(scan: _LogScan) -> str:
+    """The DAMAGED line for a log whose last record is cut short or fails its checksum."""
+    if scan.tail_key is None:
+        what = "its last record"
+        effect = "the session it was for keeps its previous value (or stays absent)"
+    elif scan.tail_delete:
+        what = f"its last record (a delete of session {scan.tail_key!r})"
+        effect = f"session {scan.tail_key!r} keeps its previous value"
+    else:
+        what = f"its last record (a write of session {scan.tail_key!r})"
+        effect = f"session {scan.tail_key!r} reads as before that write (absent, if it was its first)"
+    return (
+        f"{scan.path}: {what} at byte {scan.tail_at} {scan.tail_why}: it may be a write cut short by a "
+        f"crash, or later damage; the next process that opens this shard drops it, so {effect}; any "
+        "command that writes (e.g. purge-expired) does that, or restore the file from a backup to keep it"
+    )
+
+
+def _refuse_cut_short(spec: StoreSpec, storage: Any, shards: list[Any], command: str) -> None:
+    """``CliError`` when a log that ``command`` would open ends in a record cut short.
+
+    The store would truncate it on opening the log; a read-only command must
+    not change the store, so it stops and points to ``check``.
+    """
+    now = time.time()
+    for shard in shards:
+        scan = _scan_shard(shard, False, now)
+        if scan.crashed_tail:
+            who = f" (session {scan.tail_key!r})" if scan.tail_key is not None else ""
+            raise CliError(
+                f"{scan.path}: its last record{who} {scan.tail_why}, as a crash mid-write leaves; {command} "
+                f"changes nothing, and opening the log would drop it: run sessionkit check {spec.name}",
+                EXIT_DAMAGED,
+            )
 
 
 # -- shelves, read under the shelf's lock ------------------------------------------------
@@ -364,7 +522,9 @@ def _shelf_entry(raw_key: bytes, stored: bytes, now: float) -> tuple[str, str, s
 def cmd_ls(args: argparse.Namespace) -> int:
     """List the keys of a store, sorted, optionally only those matching a pattern."""
     with ExitStack() as stack:
-        _, storage = _open(stack, args.store)
+        spec, storage = _open(stack, args.store)
+        if spec.kind == "msgpack":
+            _refuse_cut_short(spec, storage, storage._shards, "ls")
         keys = sorted(storage.keys())
         if args.pattern is not None:
             keys = [k for k in keys if fnmatch.fnmatchcase(k, args.pattern)]
@@ -372,7 +532,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _out(json.dumps(keys, ensure_ascii=False))
         else:
             for key in keys:
-                _out(key)
+                _out(_shown_key(key))
     return EXIT_OK
 
 
@@ -380,10 +540,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     """Print one session's value."""
     with ExitStack() as stack:
         spec, storage = _open(stack, args.store)
+        if spec.kind == "msgpack":
+            _refuse_cut_short(spec, storage, [storage._shard(args.key)], "show")
+        if spec.kind == "redis":
+            kind = _redis_types(storage, [args.key]).get(args.key)
+            if kind:
+                raise CliError(_wrong_type_message(storage, args.key, kind), EXIT_DAMAGED)
         value = storage.read(args.key)
         if value is None:
             raise CliError(f"no session {args.key!r} in {spec.name}", EXIT_PROBLEM)
-        _out(_dump_json(value) if args.json else pprint.pformat(value, width=100, sort_dicts=False))
+        if not args.json:
+            _out(pprint.pformat(value, width=100, sort_dicts=False))
+            return EXIT_OK
+        text, odd = _dump_json(value)
+        _out(text)
+        if odd:
+            _err(f"sessionkit: note: the value holds {', '.join(sorted(odd))}, which JSON cannot: shown as "
+                 "the string(s) of that name")
     return EXIT_OK
 
 
@@ -391,17 +564,34 @@ def cmd_rm(args: argparse.Namespace) -> int:
     """Delete one session, under its lock (a handler that has it open finishes first)."""
     with ExitStack() as stack:
         spec, storage = _open(stack, args.store)
-        with storage.lock(args.key, timeout=args.timeout):
-            try:
-                present = storage.has(args.key)
-                damaged = False
-            except CorruptSessionError:  # deleting a damaged session is how it is recovered
-                present = damaged = True
-            if not present:
-                if args.force:
-                    return EXIT_OK
-                raise CliError(f"no session {args.key!r} in {spec.name}", EXIT_PROBLEM)
-            storage.delete(args.key)
+        if spec.kind == "redis":
+            kind = _redis_types(storage, [args.key]).get(args.key)
+            if kind:  # not a session: no handler locks it, and sessionkit's lock script cannot read it
+                name = storage._name(args.key)
+                try:
+                    storage.client.delete(name)
+                except storage._errors as exc:
+                    raise StorageError(f"cannot delete {name!r}: {exc}") from exc
+                _out(f"removed {args.key!r}, a Redis {kind} (not a session value)")
+                return EXIT_OK
+        try:
+            with storage.lock(args.key, timeout=args.timeout):
+                try:
+                    present = storage.has(args.key)
+                    damaged = False
+                except CorruptSessionError:  # deleting a damaged session is how it is recovered
+                    present = damaged = True
+                if not present:
+                    if args.force:
+                        return EXIT_OK
+                    raise CliError(f"no session {args.key!r} in {spec.name}", EXIT_PROBLEM)
+                storage.delete(args.key)
+        except LockTimeout:
+            raise CliError(
+                f"could not lock session {args.key!r} within {_shown_seconds(args.timeout)} s: another "
+                "process has it open",
+                EXIT_STORE,
+            ) from None
         _out(f"removed {'damaged ' if damaged else ''}session {args.key!r}")
     return EXIT_OK
 
@@ -413,7 +603,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         storage = open_store(spec)
         stack.callback(close_store, storage)
         if spec.kind == "msgpack":
-            stats = _msgpack_stats(spec.path)
+            stats = _msgpack_stats(spec.path, storage)
         elif spec.kind == "shelve":
             stats = _shelve_stats(storage)
         else:
@@ -428,14 +618,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _msgpack_stats(directory: str) -> dict[str, Any]:
-    """A msgpack store's figures, read from its logs."""
-    scans, problem = _scan_msgpack(directory, decode=False)
+def _msgpack_stats(directory: str, storage: Any) -> dict[str, Any]:
+    """A msgpack store's figures, read from its logs (each under its shard's lock; nothing is written)."""
+    scans, problem = _scan_msgpack(directory, decode=False, storage=storage)
     if problem:
         raise CliError(problem, EXIT_DAMAGED)
     now = time.time()
     live = expired = live_bytes = 0
-    damaged = sum(len(s.damaged) + (s.broken_at is not None) + bool(s.error) for s in scans)
+    damaged = sum(
+        len(s.damaged) + (s.broken_at is not None) + bool(s.error) + bool(s.crashed_tail) for s in scans
+    )
     for scan in scans:
         for _offset, length, expiry in scan.live.values():
             if expiry and expiry <= now:
@@ -480,24 +672,54 @@ def _shelve_stats(storage: Any) -> dict[str, Any]:
     return {"sessions": live, "expired": expired, "bytes": disk, "dbm": storage.dbm, "damaged": damaged}
 
 
-def _redis_stats(storage: Any) -> dict[str, Any]:
-    """The figures of the sessions under a RedisStorage's prefix."""
-    keys = sorted(storage.keys())
-    total = 0
+def _redis_batches(storage: Any, keys: list[str], command: str) -> list[Any]:
+    """``command`` (TYPE, STRLEN) on each session's Redis key, pipelined; errors are returned, not raised."""
     client = storage.client
+    results: list[Any] = []
     try:
         for start in range(0, len(keys), 500):
             pipe = client.pipeline(transaction=False)
             for key in keys[start:start + 500]:
-                pipe.strlen(storage.prefix + key)
-            total += sum(int(n) for n in pipe.execute())
+                pipe.execute_command(command, storage._name(key))
+            results.extend(pipe.execute(raise_on_error=False))
     except storage._errors as exc:
-        raise StorageError(f"cannot read the sizes of the sessions: {exc}") from exc
+        raise StorageError(f"cannot read the sessions' {command} from Redis: {exc}") from exc
+    return results
+
+
+def _redis_types(storage: Any, keys: list[str]) -> dict[str, str]:
+    """The sessions whose Redis key holds another type than a string (a list, a hash...): key -> type."""
+    found = {}
+    for key, kind in zip(keys, _redis_batches(storage, keys, "TYPE")):
+        if isinstance(kind, Exception):
+            raise StorageError(f"cannot read the type of session {key!r} in Redis: {kind}")
+        kind = kind.decode("ascii", "replace") if isinstance(kind, bytes) else str(kind)
+        if kind not in ("string", "none"):
+            found[key] = kind
+    return found
+
+
+def _wrong_type_message(storage: Any, key: str, kind: str) -> str:
+    """Why a Redis key of another type than a string is no session."""
+    name = storage.prefix + key
+    return (
+        f"session {key!r}: the Redis key {name!r} holds a {kind}, not a session's string value (WRONGTYPE); "
+        "another program's key under this prefix? `sessionkit rm` deletes it"
+    )
+
+
+def _redis_stats(storage: Any) -> dict[str, Any]:
+    """The figures of the sessions under a RedisStorage's prefix."""
+    keys = sorted(storage.keys())
+    wrong = _redis_types(storage, keys)
+    strings = [k for k in keys if k not in wrong]
+    total = sum(n for n in _redis_batches(storage, strings, "STRLEN") if isinstance(n, int))
     return {
-        "sessions": len(keys),
+        "sessions": len(strings),
         "expired": "n/a (Redis deletes expired keys itself)",
         "bytes": total,
         "codec": storage.codec,
+        "damaged": len(wrong),
     }
 
 
@@ -520,6 +742,7 @@ class _CopyResult:
     copied: int = 0
     unchanged: int = 0
     vanished: int = 0
+    kept: int = 0  # --no-clobber: the destination's own value kept
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -534,53 +757,186 @@ def _same_value(storage: Any, a: Any, b: Any) -> bool:
         return False
 
 
+def _redis_identity(spec: StoreSpec, storage: Any) -> tuple[frozenset[str], int, str]:
+    """Who a Redis store is: its server's run_id(s) (every node's, for a cluster), database and prefix.
+
+    Two URLs of one server (``127.0.0.1`` and ``localhost``, or a second
+    address) name the same store when the server answers with the same run_id.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        info = storage.client.info("server")
+    except storage._errors as exc:
+        raise CliError(f"cannot ask {spec.name} which server it is (INFO server): {exc}",
+                       EXIT_STORE) from None
+    ids: set[str] = set()
+    stack = [info]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if "run_id" in item:
+                ids.add(str(item["run_id"]))
+            stack.extend(v for v in item.values() if isinstance(v, dict))
+    if not ids:  # a server that does not say: fall back on the URL
+        ids.add(spec.identity)
+    return frozenset(ids), int(urlsplit(spec.url).path.strip("/") or 0), spec.prefix
+
+
+class _NewStore:
+    """A destination ``copy`` may create: what to remove if nothing ends up in it.
+
+    Only files the copy created (absent before it, and named as the store's
+    own files) and directories it created are removed.
+    """
+
+    def __init__(self, spec: StoreSpec) -> None:
+        """Note which of ``spec``'s files and directories exist before the copy."""
+        self.spec = spec
+        self.opened = False  # set once the copy opened (so created) the store
+        self.new = False
+        self.directory = ""
+        if spec.kind == "msgpack":
+            self.new = not os.path.exists(os.path.join(spec.path, "FORMAT"))
+            self.directory = spec.path
+        elif spec.kind == "shelve":
+            self.new = not shelf_files(spec.path) and not os.path.exists(spec.path + ".lock")
+            self.directory = os.path.dirname(spec.path)
+        self.before = set(os.listdir(self.directory)) if self.new and os.path.isdir(self.directory) else set()
+        self.top = self._first_missing(self.directory) if self.new else None  # the outermost new directory
+
+    @staticmethod
+    def _first_missing(path: str) -> str | None:
+        """The outermost directory of ``path`` that does not exist (None: it exists)."""
+        missing = None
+        while not os.path.exists(path):
+            missing = path
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        return missing
+
+    def _ours(self, name: str) -> bool:
+        """Whether ``name`` (in the store's directory) is one of the files the store creates."""
+        from .storage._shard import log_number
+
+        if self.spec.kind == "msgpack":
+            return name in ("FORMAT", "FORMAT.tmp", "sessionkit.lock") or log_number(name) is not None
+        path = os.path.join(self.directory, name)
+        return path in shelf_files(self.spec.path) or path == self.spec.path + ".lock"
+
+    def remove(self) -> bool:
+        """Remove what the copy created; whether it did."""
+        if not (self.new and self.opened):
+            return False
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return False
+        for name in names:
+            if name not in self.before and self._ours(name):
+                try:
+                    os.unlink(os.path.join(self.directory, name))
+                except FileNotFoundError:
+                    pass
+        if self.top is not None:
+            path = self.directory
+            while True:
+                try:
+                    os.rmdir(path)  # only an empty directory: anything another process put there stays
+                except OSError:
+                    break
+                if path == self.top:
+                    break
+                path = os.path.dirname(path)
+        return True
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
     """Copy every session (matching a pattern) from one store to another; safe to run again."""
     src_spec = parse_store(args.src)
     dst_spec = parse_store(args.dst)
     if src_spec.identity == dst_spec.identity:
         raise CliError(f"{src_spec.name} and {dst_spec.name} are the same store", EXIT_USAGE)
-    with ExitStack() as stack:
-        src = open_store(src_spec)
-        stack.callback(close_store, src)
-        dst = open_store(dst_spec, create=True)
-        stack.callback(close_store, dst)
-        keys = sorted(src.keys())
-        if args.pattern is not None:
-            keys = [k for k in keys if fnmatch.fnmatchcase(k, args.pattern)]
-        # lock in one order (by store identity), so two copies running in opposite directions never deadlock
-        first, second = (src, dst) if src_spec.identity < dst_spec.identity else (dst, src)
-        show = sys.stderr.isatty() if args.progress is None else args.progress
-        progress = _Progress(len(keys), sys.stderr, show, "copying")
-        result = _CopyResult()
-        try:
-            for key in keys:
-                _copy_one(key, src, dst, first, second, args.timeout, result)
-                progress.step()
-        finally:
-            progress.close()
-        damaged_in_src = []
-        if src_spec.kind == "msgpack":
-            scans, _ = _scan_msgpack(src_spec.path, decode=False)
-            damaged_in_src = sorted(k for s in scans for k in s.damaged)
+    made = _NewStore(dst_spec)
+    result = _CopyResult()
+    try:
+        with ExitStack() as stack:
+            src = open_store(src_spec)
+            stack.callback(close_store, src)
+            dst = open_store(dst_spec, create=True)
+            made.opened = True
+            stack.callback(close_store, dst)
+            order = (src_spec.identity, dst_spec.identity)
+            if src_spec.kind == "redis" and dst_spec.kind == "redis":
+                src_id, dst_id = _redis_identity(src_spec, src), _redis_identity(dst_spec, dst)
+                if src_id[0] & dst_id[0] and src_id[1:] == dst_id[1:]:
+                    raise CliError(
+                        f"{src_spec.name} and {dst_spec.name} are the same store (one Redis server, run_id "
+                        f"{min(src_id[0] & dst_id[0])}, database {src_id[1]}, prefix {src_id[2]!r})",
+                        EXIT_USAGE,
+                    )
+                order = (f"{min(src_id[0])}/{src_id[1]}:{src_id[2]}",
+                         f"{min(dst_id[0])}/{dst_id[1]}:{dst_id[2]}")
+            keys = sorted(src.keys())
             if args.pattern is not None:
-                damaged_in_src = [k for k in damaged_in_src if fnmatch.fnmatchcase(k, args.pattern)]
+                keys = [k for k in keys if fnmatch.fnmatchcase(k, args.pattern)]
+            skip: dict[str, str] = {}
+            if src_spec.kind == "redis":
+                for key, kind in _redis_types(src, keys).items():
+                    skip[key] = f"its Redis key in {src_spec.name} holds a {kind}, not a session (WRONGTYPE)"
+            if dst_spec.kind == "redis":
+                for key, kind in _redis_types(dst, [k for k in keys if k not in skip]).items():
+                    skip[key] = f"its Redis key in {dst_spec.name} holds a {kind}, not a session (WRONGTYPE)"
+            # lock in one order (by store identity): two copies in opposite directions never deadlock
+            first, second = (src, dst) if order[0] < order[1] else (dst, src)
+            show = sys.stderr.isatty() if args.progress is None else args.progress
+            progress = _Progress(len(keys), sys.stderr, show, "copying")
+            try:
+                for key in keys:
+                    if key in skip:
+                        result.failed.append((key, skip[key]))
+                    else:
+                        _copy_one(key, src, dst, first, second, args, result)
+                    progress.step()
+            finally:
+                progress.close()
+            damaged_in_src = []
+            if src_spec.kind == "msgpack":
+                scans, _ = _scan_msgpack(src_spec.path, decode=False)
+                damaged_in_src = sorted(k for s in scans for k in s.damaged)
+                if args.pattern is not None:
+                    damaged_in_src = [k for k in damaged_in_src if fnmatch.fnmatchcase(k, args.pattern)]
+            empty = made.new and result.copied == 0 and not list(dst.keys())
+    except BaseException:
+        if made.new and result.copied == 0:  # e.g. the source failed: leave no empty new store behind
+            made.remove()
+        raise
+    removed = made.remove() if empty else False
     for key, why in result.failed:
         _err(f"sessionkit: session {key!r} was not copied: {_one_line(why)}")
     for key in damaged_in_src:
         _err(f"sessionkit: session {key!r} was not copied: its record in {src_spec.name} is damaged")
     summary = f"copied {result.copied}, already equal {result.unchanged}"
+    if result.kept:
+        summary += f", kept DST's own {result.kept} (--no-clobber)"
     if result.vanished:
         summary += f", gone meanwhile {result.vanished}"
     failed = len(result.failed) + len(damaged_in_src)
     if failed:
         summary += f", not copied {failed}"
-    _out(f"{summary} ({len(keys)} sessions in {src_spec.name}) -> {dst_spec.name}")
+    summary += f" ({len(keys)} sessions in {src_spec.name}) -> {dst_spec.name}"
+    if removed:
+        summary += " (nothing was copied, so it was not created)"
+    _out(summary)
     return EXIT_PROBLEM if failed else EXIT_OK
 
 
-def _copy_one(key: str, src: Any, dst: Any, first: Any, second: Any, timeout: float, result: _CopyResult) -> None:
+def _copy_one(key: str, src: Any, dst: Any, first: Any, second: Any, args: argparse.Namespace,
+              result: _CopyResult) -> None:
     """Copy one session under both stores' locks for it, unless the destination already holds it."""
+    timeout = args.timeout
     try:
         with first.lock(key, timeout=timeout), second.lock(key, timeout=timeout):
             value = src.read(key)
@@ -590,14 +946,28 @@ def _copy_one(key: str, src: Any, dst: Any, first: Any, second: Any, timeout: fl
             try:
                 current = dst.read(key)
             except CorruptSessionError:
+                if args.no_clobber:  # damaged, but held: left for the user to look at
+                    result.failed.append((key, "its value in DST is damaged (--no-clobber keeps it)"))
+                    return
                 current = None  # damaged at the destination: overwriting it repairs it
             if current is not None and _same_value(dst, current, value):
                 result.unchanged += 1
                 return
+            if current is not None and args.no_clobber:
+                result.kept += 1
+                return
             dst.write(key, value)
             result.copied += 1
-    except (CorruptSessionError, SerializationError, LockTimeout, LockLost) as exc:
-        result.failed.append((key, str(exc)))
+    except LockTimeout:
+        result.failed.append(
+            (key, f"could not lock it within {_shown_seconds(timeout)} s: another process has it open")
+        )
+    except (CorruptSessionError, SerializationError, LockLost) as exc:
+        result.failed.append((key, _reason(exc)))
+    except StorageError as exc:
+        if "WRONGTYPE" not in str(exc.__cause__):  # a Redis key that changed type since it was listed
+            raise
+        result.failed.append((key, f"its Redis key holds another type than a string (WRONGTYPE): {exc}"))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -611,7 +981,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             try:
                 storage = open_store(spec)
             except CorruptSessionError as exc:
-                _out(f"DAMAGED  {_one_line(exc)}")
+                _out(f"DAMAGED  {_reason(exc)}")
                 _out(f"{spec.name}: the store cannot be opened")
                 return EXIT_PROBLEM
             stack.callback(close_store, storage)
@@ -630,15 +1000,32 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
-    """Damaged sessions and files, the sessions checked, and notes on harmless damage."""
-    scans, problem = _scan_msgpack(directory, decode=True)
+    """Damaged sessions and files, the sessions checked, and notes on harmless damage.
+
+    The logs are read directly (the store is not opened: that would drop a
+    record cut short at the end of a log), each under its shard's lock when
+    the store has a lock file (else no process uses it).
+    """
+    from .storage.msgpack_file import LOCK_FILE, MsgpackFileStorage
+
+    storage = None
+    if os.path.exists(os.path.join(directory, LOCK_FILE)):
+        try:
+            storage = MsgpackFileStorage(directory)  # only for its locks: no log is opened
+        except (SessionError, ValueError, OSError):
+            storage = None  # a damaged FORMAT file: reported below
+    try:
+        scans, problem = _scan_msgpack(directory, decode=True, storage=storage)
+    finally:
+        if storage is not None:
+            storage.close()
     if problem:
         return [problem + "; it records the shard count: restore it from a backup"], 0, []
     problems: list[str] = []
     notes: list[str] = []
     checked = 0
     for scan in scans:
-        checked += len(scan.live) + len(scan.damaged)
+        checked += len(scan.live) + len(scan.damaged) + bool(scan.crashed_tail)
         if scan.error:
             problems.append(f"{scan.error}; no session of this shard can be read")
             continue
@@ -650,11 +1037,13 @@ def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
             )
         for key, offset in sorted(scan.damaged.items()):
             problems.append(
-                f"session {key!r}: its record at byte {offset} of {scan.path} fails its checksum, so it cannot "
-                "be read (rm or write the session to recover)"
+                f"session {key!r}: its record at byte {offset} of {scan.path} fails its checksum, so it "
+                "cannot be read (rm or write the session to recover)"
             )
         for key, why in sorted(scan.undecodable.items()):
             problems.append(f"session {key!r} in {scan.path}: {why}")
+        if scan.crashed_tail:
+            problems.append(_tail_problem(scan))
         for key, offset in scan.superseded:
             notes.append(
                 f"{scan.path}: an older record of session {key!r} at byte {offset} fails its checksum; it is "
@@ -670,28 +1059,38 @@ def _check_shelve(storage: Any, load: bool) -> tuple[list[str], int]:
     try:
         entries = _shelf_raw(storage)
     except CorruptSessionError as exc:
-        return [_one_line(exc)], 0
+        return [_reason(exc)], 0
     for raw_key, stored in entries:
         key, shown, problem, expired = _shelf_entry(raw_key, stored, now)
         if problem:
-            problems.append(f"session {shown}: {problem} (in {storage.path}; rm or write the session to recover)")
+            problems.append(
+                f"session {shown}: {problem} (in {storage.path}; rm or write the session to recover)"
+            )
         elif load and not expired:
             try:
                 storage.read(key)
             except CorruptSessionError as exc:
-                problems.append(f"session {key!r}: {_one_line(exc)}")
+                problems.append(f"session {key!r}: {_reason(exc)}")
     return problems, len(entries)
 
 
 def _check_redis(storage: Any) -> tuple[list[str], int]:
-    """Sessions in Redis whose values do not decode, and the sessions checked."""
+    """Sessions in Redis whose values do not decode (or are no string), and the sessions checked."""
     problems = []
     keys = sorted(storage.keys())
+    wrong = _redis_types(storage, keys)
     for key in keys:
+        if key in wrong:
+            problems.append(_wrong_type_message(storage, key, wrong[key]))
+            continue
         try:
             storage.read(key)
         except CorruptSessionError as exc:
-            problems.append(f"session {key!r}: {_one_line(exc)}")
+            problems.append(f"session {key!r}: {_reason(exc)}")
+        except StorageError as exc:
+            if "WRONGTYPE" not in str(exc.__cause__):
+                raise
+            problems.append(_wrong_type_message(storage, key, "value of another type"))
     return problems, len(keys)
 
 
@@ -729,38 +1128,46 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = command("ls", "list the session keys of a store",
-                "List the session keys of STORE, sorted, one per line (only those matching PATTERN if given). "
-                "Expired sessions are not listed.")
+                "List the session keys of STORE, sorted, one per line (only those matching PATTERN if "
+                "given). "
+                "Expired sessions are not listed. A key holding a control character (a line break, a tab...) "
+                "or starting with a quote is printed as a Python string literal, so each line is one key; "
+                "--json prints the keys exactly. " + _READ_ONLY)
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("pattern", metavar="PATTERN", nargs="?",
-                   help="a shell-style pattern the whole key must match (fnmatch, case-sensitive), e.g. 'chat:*'")
+                   help="a shell-style pattern the whole key must match (fnmatch, case-sensitive), "
+                        "e.g. 'chat:*'")
     p.add_argument("--json", action="store_true", help="print the keys as one JSON list")
     p.set_defaults(func=cmd_ls)
 
     p = command("show", "print one session",
                 "Print the value of session KEY in STORE, pretty-printed (or as JSON). "
-                "Exit 1 if there is no such session, 4 if its stored bytes are damaged.")
+                "Exit 1 if there is no such session, 4 if its stored bytes are damaged. " + _READ_ONLY)
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("key", metavar="KEY", help="the full session key (e.g. 42 or chat:42)")
     p.add_argument("--json", action="store_true",
-                   help="print JSON (bytes as {\"$base64\": ...}; values JSON cannot hold as their repr)")
+                   help="print JSON (bytes as {\"$base64\": ...}; NaN and infinities as the strings \"NaN\", "
+                        "\"Infinity\", \"-Infinity\", with a note on stderr; other values JSON cannot hold "
+                        "as their repr)")
     p.set_defaults(func=cmd_show)
 
     p = command("rm", "delete one session",
-                "Delete session KEY from STORE, taking its lock first, so a handler that has it open finishes "
-                "before. A damaged session is deleted too (that is how it is recovered). "
+                "Delete session KEY from STORE, taking its lock first, so a handler that has it open "
+                "finishes before. A damaged session is deleted too (that is how it is recovered). "
                 "Exit 1 if there is no such session (0 with --force).")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("key", metavar="KEY", help="the full session key")
     p.add_argument("-f", "--force", action="store_true", help="a missing session is not an error")
-    p.add_argument("--timeout", type=float, default=_LOCK_TIMEOUT, metavar="SECONDS",
-                   help=f"how long to wait for a session another process has open (default {_LOCK_TIMEOUT:g})")
+    p.add_argument("--timeout", type=_seconds, default=_LOCK_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for a session another process has open, in seconds "
+                        f"(default {_LOCK_TIMEOUT:g})")
     p.set_defaults(func=cmd_rm)
 
     p = command("stats", "count a store's sessions and bytes",
                 "Print how many sessions STORE holds, its size in bytes, how many expired sessions it still "
-                "keeps (msgpack, shelve; Redis deletes them itself) and how many records are damaged. "
-                "Read without taking any session's lock.")
+                "keeps (msgpack, shelve; Redis deletes them itself) and how many records are damaged "
+                "(for msgpack, a log ending in a record cut short counts; for Redis, a key of another type "
+                "than a string). Read without taking any session's lock; nothing is written.")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_stats)
@@ -778,30 +1185,43 @@ def build_parser() -> argparse.ArgumentParser:
                 "backend; DST is created if it does not exist (a msgpack directory must be new or empty). "
                 "Each session is copied under its lock in both stores, and a session DST already holds "
                 "with the same value is skipped, so an interrupted copy resumes where it stopped and a "
-                "second run changes nothing. Sessions DST holds that SRC does not are left alone; "
-                "expiry times are not copied (DST's sessions do not expire). A session that cannot be "
-                "copied (damaged, a value DST cannot hold, locked too long) is reported and skipped: "
-                "exit 1.")
+                "second run changes nothing. A session both hold with different values gets SRC's value "
+                "(SRC wins), unless --no-clobber: then DST's is kept. Sessions DST holds that SRC does not "
+                "are left alone; expiry times are not copied (DST's sessions do not expire). A session "
+                "that cannot be copied (damaged, a value DST cannot hold, a Redis key of another type, "
+                "locked too long) is reported and skipped: exit 1. A DST the copy created is removed "
+                "again if nothing was copied into it. Opening SRC and DST completes any crash recovery "
+                "they need, as any process using them would (a msgpack log's record cut short by a crash "
+                "is dropped: run check first to see it).")
     p.add_argument("src", metavar="SRC", help="the store to copy from (the forms are listed below)")
     p.add_argument("dst", metavar="DST", help="the store to copy to, created if it does not exist")
-    p.add_argument("pattern", metavar="PATTERN", nargs="?", help="copy only keys matching this fnmatch pattern")
-    p.add_argument("--timeout", type=float, default=_LOCK_TIMEOUT, metavar="SECONDS",
-                   help=f"how long to wait for a session another process has open (default {_LOCK_TIMEOUT:g})")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?",
+                   help="copy only keys matching this fnmatch pattern")
+    p.add_argument("-n", "--no-clobber", action="store_true",
+                   help="skip sessions DST already holds (by default SRC's value replaces DST's)")
+    p.add_argument("--timeout", type=_seconds, default=_LOCK_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for a session another process has open, in seconds "
+                        f"(default {_LOCK_TIMEOUT:g})")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="draw a progress bar on stderr (default: when stderr is a terminal)")
-    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never draw the progress bar")
+    bar.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="never draw the progress bar")
     p.set_defaults(func=cmd_copy)
 
     p = command("check", "verify every stored record",
                 "Read every record of STORE and verify it: msgpack logs record by record (checksums, "
                 "then decoding), shelves value by value (checksum, then the pickle's structure, without "
-                "running it; --load also unpickles), Redis values by decoding them. Prints one DAMAGED "
-                "line per damaged session or file and a summary; exit 1 if anything is damaged. Nothing "
-                "is written.")
+                "running it; --load also unpickles), Redis values by decoding them (a key of another type "
+                "than a string is damage). A msgpack log whose last record is cut short or fails its "
+                "checksum is damage too: it may be a write cut short by a crash, and the store drops it "
+                "(the session reads as before that write) when a process next opens the log. Prints one "
+                "DAMAGED line per damaged session or file and a summary; exit 1 if anything is damaged. "
+                "Nothing is written: msgpack logs are read directly, without opening the store.")
     p.add_argument("store", metavar="STORE", help=store_help)
     p.add_argument("--load", action="store_true",
-                   help="shelve: also unpickle every value (runs the pickles' code: only for trusted shelves)")
+                   help="shelve: also unpickle every value (runs the pickles' code: only for trusted "
+                        "shelves)")
     p.set_defaults(func=cmd_check)
 
     commands.add_parser(
@@ -827,7 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         return _fail(exc, exc.code)
     except CorruptSessionError as exc:
-        return _fail(f"{exc} (run: sessionkit check STORE)", EXIT_DAMAGED)
+        return _fail(f"{_reason(exc)} (run: sessionkit check STORE)", EXIT_DAMAGED)
     except LockTimeout as exc:
         return _fail(f"{exc}: another process has it open", EXIT_STORE)
     except (StorageError, LockLost, SessionError) as exc:

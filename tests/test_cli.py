@@ -141,7 +141,7 @@ def test_rm_waits_for_a_session_another_process_has_open(mp: str, tmp_path: path
         with storage.lock("chat:1"):  # a handler in this process has the session open
             done = run("rm", mp, "chat:1", "--timeout", "0.3")
         assert done.returncode == EXIT_STORE
-        assert "could not lock session 'chat:1'" in one_line_error(done.stderr)
+        assert "could not lock session 'chat:1' within 0.3 s" in one_line_error(done.stderr)
         assert storage.read("chat:1") == SESSIONS["chat:1"]
     finally:
         storage.close()
@@ -259,7 +259,8 @@ def test_errors_are_one_line_with_documented_codes(tmp_path: pathlib.Path) -> No
 def test_no_command_creates_a_missing_store(tmp_path: pathlib.Path, capsys: Any) -> None:
     """No command creates a store that does not exist (copy's source included)."""
     for command in ("ls", "stats", "check", "purge-expired"):
-        for name in (f"msgpack:{tmp_path / 'm'}", f"shelve:{tmp_path / 'sub' / 's.db'}", f"shelve:{tmp_path / 's.db'}"):
+        for name in (f"msgpack:{tmp_path / 'm'}", f"shelve:{tmp_path / 'sub' / 's.db'}",
+                     f"shelve:{tmp_path / 's.db'}"):
             code, _, err = call(capsys, command, name)
             assert code == EXIT_STORE, (command, name, err)
             one_line_error(err)
@@ -321,7 +322,8 @@ def test_check_finds_a_damaged_msgpack_record(tmp_path: pathlib.Path, capsys: An
     assert done.returncode == EXIT_PROBLEM, done.stdout + done.stderr
     damaged = [line for line in done.stdout.splitlines() if line.startswith("DAMAGED")]
     assert len(damaged) == 1
-    assert "'chat:2'" in damaged[0] and "shard-000.log" in damaged[0] and f"byte {target.offset}" in damaged[0]
+    assert "'chat:2'" in damaged[0] and "shard-000.log" in damaged[0]
+    assert f"byte {target.offset}" in damaged[0]
     assert "1 problem" in done.stdout
 
     done = run("show", f"msgpack:{directory}", "chat:2")  # the damaged value: one line, exit 4
@@ -335,9 +337,9 @@ def test_check_finds_a_damaged_msgpack_record(tmp_path: pathlib.Path, capsys: An
     assert "NOTE" in out and "older record of session 'chat:2'" in out  # never read, until compacted
 
 
-def test_check_finds_a_damaged_record_header_and_truncation_is_a_crashed_tail(tmp_path: pathlib.Path,
-                                                                              capsys: Any) -> None:
-    """A torn tail is no damage; a damaged header in the middle of a log is."""
+def test_check_finds_a_damaged_record_header_in_the_middle_of_a_log(tmp_path: pathlib.Path,
+                                                                     capsys: Any) -> None:
+    """A damaged header in the middle of a log: the shard cannot be read past it."""
     directory = tmp_path / "mp"
     storage = MsgpackFileStorage(directory, shards=1)
     for key, value in SESSIONS.items():
@@ -345,10 +347,6 @@ def test_check_finds_a_damaged_record_header_and_truncation_is_a_crashed_tail(tm
     storage.close()
     log = directory / "shard-000.log"
     good = log.read_bytes()
-    log.write_bytes(good[:-3])  # a record cut short at the end: a crashed append, not damage
-    code, out, _ = call(capsys, "check", f"msgpack:{directory}")
-    assert code == EXIT_OK, out
-
     second = _records_of(log)[1]
     data = bytearray(good)
     data[second.offset + 2] ^= 0x01  # a damaged header in the middle: the shard cannot be read past it
@@ -358,6 +356,50 @@ def test_check_finds_a_damaged_record_header_and_truncation_is_a_crashed_tail(tm
     assert f"shard-000.log is damaged at byte {second.offset}" in out
     code, _, err = call(capsys, "ls", f"msgpack:{directory}")
     assert code == EXIT_DAMAGED and "sessionkit check" in one_line_error(err)
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut1", "cut10", "cut30"])
+def test_check_reports_a_damaged_or_cut_short_last_record_and_reads_change_nothing(
+        damage: str, tmp_path: pathlib.Path, capsys: Any) -> None:
+    """The last record of a log cut short or failing its checksum is reported (naming its session), and
+    ls/show/stats refuse or count it without truncating the log, as opening the store would."""
+    directory = tmp_path / "mp"
+    fill(MsgpackFileStorage(directory, shards=1), {**SESSIONS, "chat:last": {"text": "y" * 60}})
+    log = directory / "shard-000.log"
+    data = bytearray(log.read_bytes())
+    assert _records_of(log)[-1].key == "chat:last"
+    if damage == "flip":
+        data[-5] ^= 0xFF  # near the end of the last record: its body checksum fails
+    else:
+        del data[-int(damage[3:]):]
+    log.write_bytes(bytes(data))
+    size = len(data)
+    name = f"msgpack:{directory}"
+
+    code, out, _ = call(capsys, "check", name)
+    assert code == EXIT_PROBLEM, out
+    damaged = [line for line in out.splitlines() if line.startswith("DAMAGED")]
+    assert len(damaged) == 1, out
+    assert "'chat:last'" in damaged[0] and "shard-000.log" in damaged[0]
+    assert "cut short by a crash" in damaged[0]
+    assert ("fails its checksum" if damage == "flip" else "is cut short (") in damaged[0]
+    assert "1 problem" in out
+
+    for args in (("ls",), ("show", "chat:1")):  # they would open the log: they refuse instead
+        code, outp, err = call(capsys, args[0], name, *args[1:])
+        assert code == EXIT_DAMAGED and outp == "", (args, err)
+        assert f"sessionkit check {name}" in one_line_error(err) and "'chat:last'" in err
+    code, outp, _ = call(capsys, "stats", name, "--json")
+    assert code == EXIT_OK and json.loads(outp)["damaged"] == 1
+    assert log.stat().st_size == size  # nothing was truncated
+
+    storage = MsgpackFileStorage(directory)  # a process using the store drops the tail, as documented
+    try:
+        assert storage.read("chat:last") is None and storage.read("chat:1") == SESSIONS["chat:1"]
+    finally:
+        storage.close()
+    assert log.stat().st_size < size
+    assert call(capsys, "check", name)[0] == EXIT_OK
 
 
 def test_check_finds_a_damaged_shelf_value(tmp_path: pathlib.Path, capsys: Any) -> None:
@@ -527,6 +569,9 @@ def test_copy_msgpack_to_redis_then_ls_show_stats_check(mp: str, redis_server: A
     client.close()
     code, out, _ = call(capsys, "check", url)
     assert code == EXIT_PROBLEM and "DAMAGED  session 'broken'" in out
+    assert "cannot be decoded: FormatError" in out  # the decoder's error has no message: its name, then
+    code, _, err = call(capsys, "show", url, "broken")
+    assert code == EXIT_DAMAGED and "decoded: FormatError (run:" in one_line_error(err)
 
     code, out, _ = call(capsys, "rm", url, "broken")
     assert code == EXIT_OK
@@ -535,3 +580,198 @@ def test_copy_msgpack_to_redis_then_ls_show_stats_check(mp: str, redis_server: A
         assert sorted(storage.keys()) == sorted(SESSIONS)
     finally:
         storage.close()
+
+
+# -- shelf names: only a shelf's own files count -------------------------------------------------
+
+
+def test_a_shelve_name_counts_only_its_own_files_and_creates_nothing(tmp_path: pathlib.Path,
+                                                                     capsys: Any) -> None:
+    """``store`` is not the shelf ``store.shelf`` (its files start with ``store.``), and a shelf's file
+    named as the shelf is refused: no new shelf, no stray lock file."""
+    fill(ShelveStorage(tmp_path / "store.shelf", dbm="dbm.dumb"), {"a": 1})
+    before = sorted(os.listdir(tmp_path))
+    assert before == ["store.shelf.dat", "store.shelf.dir", "store.shelf.lock"]
+
+    code, out, err = call(capsys, "ls", f"shelve:{tmp_path / 'store'}")
+    assert code == EXIT_STORE and out == ""
+    assert "no shelf" in one_line_error(err) and f"did you mean shelve:{tmp_path / 'store.shelf'}" in err
+    for end in (".dat", ".dir", ".lock"):
+        code, out, err = call(capsys, "ls", f"shelve:{tmp_path / ('store.shelf' + end)}")
+        assert code == EXIT_STORE and out == ""
+        assert f"shelve:{tmp_path / 'store.shelf'}" in one_line_error(err) and "nothing was changed" in err
+    code, _, err = call(capsys, "copy", f"shelve:{tmp_path / 'store.shelf.dat'}", f"msgpack:{tmp_path / 'm'}")
+    assert code == EXIT_STORE, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created: no store.dat, no store.shelf.dat.lock
+
+    code, out, _ = call(capsys, "ls", f"shelve:{tmp_path / 'store.shelf'}")
+    assert code == EXIT_OK and out.splitlines() == ["a"]
+    code, _, err = call(capsys, "ls", f"shelve:{tmp_path / 'store.shelf'}?dbm=dbm.bogus")
+    assert code == EXIT_USAGE and "unknown dbm 'dbm.bogus'" in one_line_error(err)
+
+
+def test_shelf_files_are_the_exact_names_of_each_dbm(tmp_path: pathlib.Path) -> None:
+    """dbm.dumb's NAME.dat/.dir/.bak, ndbm's NAME.db, a gdbm or SQLite file named NAME (with SQLite's
+    -wal/-shm/-journal); never NAME.other.dat or a NAME that is no dbm file."""
+    import sqlite3
+
+    from sessionkit._stores import shelf_files
+
+    for name in ("d.dat", "d.dir", "d.bak", "d.x.dat", "d.dat.lock", "n.db", "plain", "plain-wal"):
+        (tmp_path / name).write_bytes(b"x" * 20)
+    (tmp_path / "g").write_bytes((0x13579ACF).to_bytes(4, "little") + bytes(60))  # a gdbm file's magic
+    sqlite3.connect(tmp_path / "q").execute("create table t (x)").connection.close()
+    (tmp_path / "q-wal").write_bytes(b"")
+    assert shelf_files(str(tmp_path / "d")) == [str(tmp_path / n) for n in ("d.bak", "d.dat", "d.dir")]
+    assert shelf_files(str(tmp_path / "n")) == [str(tmp_path / "n.db")]
+    assert shelf_files(str(tmp_path / "g")) == [str(tmp_path / "g")]
+    assert shelf_files(str(tmp_path / "q")) == [str(tmp_path / "q"), str(tmp_path / "q-wal")]
+    for other in ("plain", "d.da", "d.dat", "x"):
+        assert shelf_files(str(tmp_path / other)) == [], other
+
+
+def test_check_reports_a_damaged_shelf_index_as_damage(tmp_path: pathlib.Path, capsys: Any) -> None:
+    """A damaged dbm.dumb index (.dir) is DAMAGED, exit 1, not a store error."""
+    path = tmp_path / "prefs.db"
+    fill(ShelveStorage(path, dbm="dbm.dumb"), {"a": 1, "b": 2})
+    (tmp_path / "prefs.db.dir").write_text("garbage(\n")
+    code, out, _ = call(capsys, "check", f"shelve:{path}")
+    assert code == EXIT_PROBLEM, out
+    assert out.startswith("DAMAGED") and "prefs.db.dir" in out
+
+
+# -- options and output ------------------------------------------------------------------------
+
+
+def test_timeout_must_be_a_finite_number_of_seconds(mp: str) -> None:
+    """``--timeout`` rejects negative, NaN and infinite values (exit 2)."""
+    for bad in ("-1", "nan", "inf", "soon"):
+        code = main(["rm", mp, "chat:1", "--timeout", bad])
+        assert code == EXIT_USAGE, bad
+        assert main(["copy", mp, mp + "-copy", "--timeout", bad]) == EXIT_USAGE
+
+
+def test_copy_reports_a_locked_session_with_the_timeout_as_given(mp: str, tmp_path: pathlib.Path) -> None:
+    """A session another process holds is reported with ``--timeout`` as written."""
+    storage = MsgpackFileStorage(tmp_path / "mp")
+    try:
+        with storage.lock("chat:1"):
+            done = run("copy", mp, f"msgpack:{tmp_path / 'dst'}", "chat:1*", "--timeout", "0.25")
+    finally:
+        storage.close()
+    assert done.returncode == EXIT_PROBLEM, done.stderr
+    assert "session 'chat:1' was not copied: could not lock it within 0.25 s" in one_line_error(done.stderr)
+    assert "copied 1, already equal 0, not copied 1" in done.stdout
+
+
+def test_show_json_never_prints_nan_or_infinity(tmp_path: pathlib.Path, capsys: Any) -> None:
+    """NaN and infinities are shown as strings (the output stays JSON), with a note on stderr."""
+    fill(MsgpackFileStorage(tmp_path / "m"), {"odd": {"a": float("nan"), "b": [float("inf"), -float("inf")]}})
+    code, out, err = call(capsys, "show", f"msgpack:{tmp_path / 'm'}", "odd", "--json")
+    assert code == EXIT_OK
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
+        "a": "NaN", "b": ["Infinity", "-Infinity"]}
+    assert "NaN" in one_line_error(err) and "JSON" in err
+
+
+def test_ls_prints_one_line_per_key_whatever_the_key_holds(tmp_path: pathlib.Path, capsys: Any) -> None:
+    """A key with a line break (or a tab, or a leading quote) is printed as a string literal."""
+    keys = ["plain", "two\nlines", "tab\there", "'quoted'", "ünï cödé"]
+    fill(MsgpackFileStorage(tmp_path / "m"), {k: 1 for k in keys})
+    code, out, _ = call(capsys, "ls", f"msgpack:{tmp_path / 'm'}")
+    assert code == EXIT_OK
+    assert out.splitlines() == ["\"'quoted'\"", "plain", "'tab\\there'", "'two\\nlines'", "ünï cödé"]
+    code, out, _ = call(capsys, "ls", f"msgpack:{tmp_path / 'm'}", "--json")
+    assert json.loads(out) == sorted(keys)
+
+
+def test_a_copy_that_copies_nothing_leaves_no_new_destination(tmp_path: pathlib.Path, capsys: Any) -> None:
+    """When every session fails, the destination the copy created is removed again."""
+    import datetime
+
+    fill(ShelveStorage(tmp_path / "s.db"), {"when": datetime.date(2024, 1, 2)})  # msgpack cannot hold it
+    code, out, err = call(capsys, "copy", f"shelve:{tmp_path / 's.db'}", f"msgpack:{tmp_path / 'new' / 'm'}")
+    assert code == EXIT_PROBLEM and "not copied 1" in out and "was not created" in out
+    assert "session 'when' was not copied" in one_line_error(err)
+    fill(MsgpackFileStorage(tmp_path / "bad", shards=1), {"k": 1})  # its one record damaged
+    log = tmp_path / "bad" / "shard-000.log"
+    data = bytearray(log.read_bytes())
+    data[-1] ^= 0xFF
+    log.write_bytes(bytes(data) + _records.build(b"other", b"\x01"))  # so it is not the log's last record
+    code, out, err = call(capsys, "copy", f"msgpack:{tmp_path / 'bad'}",
+                          f"shelve:{tmp_path / 'new2' / 'x.db'}", "k")
+    assert code == EXIT_PROBLEM and "not copied 1" in out and "was not created" in out, out + err
+    assert sorted(os.listdir(tmp_path)) == ["bad", "s.db.dat", "s.db.dir", "s.db.lock"]
+    (tmp_path / "empty").mkdir()  # an existing empty directory stays, emptied again
+    code, _, _ = call(capsys, "copy", f"shelve:{tmp_path / 's.db'}", f"msgpack:{tmp_path / 'empty'}")
+    assert code == EXIT_PROBLEM
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_copy_no_clobber_keeps_the_destination_s_values(mp: str, tmp_path: pathlib.Path, capsys: Any) -> None:
+    """Without --no-clobber the source's value wins; with it, a session the destination holds is kept."""
+    dst = f"msgpack:{tmp_path / 'dst'}"
+    fill(MsgpackFileStorage(tmp_path / "dst"), {"chat:1": "newer", "mine": 0})
+    code, out, _ = call(capsys, "copy", mp, dst, "--no-clobber")
+    assert code == EXIT_OK and "kept" in out and f"copied {len(SESSIONS) - 1}" in out
+    assert contents(dst) == {**SESSIONS, "chat:1": "newer", "mine": 0}
+    code, out, _ = call(capsys, "copy", mp, dst)
+    assert code == EXIT_OK and "copied 1," in out
+    assert contents(dst) == {**SESSIONS, "mine": 0}
+    assert main(["copy", "--help"]) == EXIT_OK
+    assert "--no-clobber" in capsys.readouterr().out
+
+
+def test_copy_knows_one_redis_server_by_its_run_id(redis_server: Any, capsys: Any) -> None:
+    """Two URLs of one server, database and prefix are the same store (refused at once, not after
+    every key's lock timed out); a database that is no number, or given as db=, is a usage error."""
+    pytest.importorskip("redis")
+    storage = RedisStorage(url=redis_server.url, prefix="same:")
+    try:
+        storage.write("k", 1)
+    finally:
+        storage.close()
+    port = redis_server.port
+    code, _, err = call(capsys, "copy", f"redis://127.0.0.1:{port}/0?prefix=same:",
+                        f"redis://localhost:{port}/0?prefix=same:", "--timeout", "5")
+    assert code == EXIT_USAGE and "same store" in one_line_error(err) and "run_id" in err
+    code, out, _ = call(capsys, "copy", f"redis://127.0.0.1:{port}/0?prefix=same:",
+                        f"redis://localhost:{port}/0?prefix=other:")
+    assert code == EXIT_OK and "copied 1" in out
+    for bad, words in ((f"redis://127.0.0.1:{port}/abc", "must be a number"),
+                       (f"redis://127.0.0.1:{port}?db=1", "not as db=")):
+        code, _, err = call(capsys, "ls", bad)
+        assert code == EXIT_USAGE and words in one_line_error(err), err
+
+
+def test_a_redis_key_of_another_type_is_damage_not_a_store_error(mp: str, redis_server: Any,
+                                                                 tmp_path: pathlib.Path, capsys: Any) -> None:
+    """A list under the prefix: check reports it (exit 1), stats counts it, copy skips it and goes on,
+    show refuses it, rm deletes it."""
+    redis = pytest.importorskip("redis")
+    url = f"redis://127.0.0.1:{redis_server.port}/7?prefix=g{os.getpid()}:"
+    assert main(["copy", mp, url]) == EXIT_OK
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=7)
+    try:
+        client.lpush(f"g{os.getpid()}:list", "x")
+        capsys.readouterr()
+        code, out, _ = call(capsys, "check", url)
+        assert code == EXIT_PROBLEM, out
+        damaged = [line for line in out.splitlines() if line.startswith("DAMAGED")]
+        assert len(damaged) == 1 and "'list'" in damaged[0] and "WRONGTYPE" in damaged[0]
+        code, out, _ = call(capsys, "stats", url, "--json")
+        assert code == EXIT_OK and json.loads(out)["damaged"] == 1
+        assert json.loads(out)["sessions"] == len(SESSIONS)
+        code, out, err = call(capsys, "copy", url, f"msgpack:{tmp_path / 'back'}")
+        assert code == EXIT_PROBLEM and f"copied {len(SESSIONS)}" in out and "not copied 1" in out
+        assert "session 'list' was not copied" in one_line_error(err) and "WRONGTYPE" in err
+        assert contents(f"msgpack:{tmp_path / 'back'}") == SESSIONS
+        code, _, err = call(capsys, "show", url, "list")
+        assert code == EXIT_DAMAGED and "WRONGTYPE" in one_line_error(err)
+        code, out, _ = call(capsys, "rm", url, "list")
+        assert code == EXIT_OK and "removed 'list'" in out
+        assert client.keys(f"*g{os.getpid()}:list*") == []  # gone, and no lock key left behind
+        assert call(capsys, "check", url)[0] == EXIT_OK
+    finally:
+        client.flushdb()
+        client.close()

@@ -15,12 +15,14 @@ import importlib.util
 import inspect
 import itertools
 import json
+import logging
 import os
 import sys
 import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -134,7 +136,8 @@ def make_bot(telebot: Any, api_calls: Any) -> Iterator[Callable[..., Any]]:
 
     yield make
     for bot in made:
-        bot.worker_pool.close()  # workers notice within 0.5 s, all at once
+        if bot.threaded:
+            bot.worker_pool.close()  # workers notice within 0.5 s, all at once
 
 
 def dispatch(bot: Any, updates: list[dict[str, Any]]) -> None:
@@ -320,8 +323,165 @@ def test_handlers_reach_the_session_through_data_or_the_accessor(make_bot: Any) 
     assert "session" in (SessionMiddleware.__init__.__doc__ or "")
 
 
-def test_the_telebot_example_runs_offline(api_calls: Any, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+class Recorder:
+    """telebot's ExceptionHandler protocol: records what handlers raised and says it was handled."""
+
+    def __init__(self) -> None:
+        self.failures: list[BaseException] = []
+
+    def handle(self, exception: Exception) -> bool:
+        self.failures.append(exception)
+        return True
+
+
+def test_next_step_handlers_and_with_session_under_a_message_handler(make_bot: Any) -> None:
+    from sessionkit.integrations.telebot import SessionMiddleware, chat_key
+
+    sessions = Sessions(MemoryStorage(), initial=dict)
+    profiles = Sessions(MemoryStorage(), initial=dict)
+    bot = make_bot()
+    SessionMiddleware(sessions).install(bot)
+    recorder = Recorder()
+    bot.exception_handler = recorder
+
+    @bot.message_handler(commands=["name"])
+    def ask_name(message: Any, session: Session) -> None:
+        session["asked"] = True
+        bot.register_next_step_handler(message, got_name, "extra", step=2)  # the documented recipe
+
+    @with_session(sessions, key=chat_key)
+    def got_name(message: Any, extra: str, step: int, session: Session) -> None:
+        session["name"] = [message.text, extra, step]
+
+    @bot.message_handler(commands=["profile"])  # the middleware's session and another one
+    @with_session(profiles, key=chat_key, name="profile")
+    def both(message: Any, session: Session, profile: Session) -> None:
+        session["seen"] = True
+        profile["count"] = profile.get("count", 0) + 1
+
+    @bot.message_handler(commands=["bot"], pass_bot=True)  # telebot also passes bot=
+    @with_session(profiles, key=lambda message: message.chat.id, name="profile")
+    def with_bot(message: Any, bot: Any, profile: Session) -> None:
+        profile["bot"] = bot.token
+
+    @bot.message_handler(commands=["kwargs"])
+    @with_session(profiles, key=chat_key)
+    def by_kwargs(message: Any, **kwargs: Any) -> None:
+        kwargs["session"]["kwargs"] = sorted(kwargs)
+
+    dispatch(bot, [message_update(1, "/name"), message_update(2, "/profile"), message_update(3, "/bot"),
+                   message_update(4, "/kwargs")])
+    drain(bot)
+    dispatch(bot, [message_update(1, "Alice"), message_update(2, "/profile")])
+    drain(bot)
+    assert recorder.failures == []
+    assert sessions.storage.read("1") == {"asked": True, "name": ["Alice", "extra", 2]}
+    assert sessions.storage.read("2") == {"seen": True}
+    assert profiles.storage.read("2") == {"count": 2}
+    assert profiles.storage.read("3") == {"bot": "123:abc"}
+    assert profiles.storage.read("4") == {"kwargs": ["session"]}
+    assert not bot.next_step_backend.get_handlers(1)  # the next step ran once, and is gone
+    assert chat_key(SimpleNamespace(chat=SimpleNamespace(id=5)), "x", step=2, session=None) == "5"
+
+    @with_session(sessions, key=lambda a, b: a)
+    def needs_two(a: Any, session: Session) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="cannot take the handler's arguments"):
+        needs_two(1)
+
+
+def test_install_refuses_a_bot_that_runs_no_class_middlewares(make_bot: Any) -> None:
+    from sessionkit.integrations.telebot import SessionMiddleware
+
+    sessions = Sessions(MemoryStorage(), initial=dict)
+    plain = make_bot(use_class_middlewares=False)
+    with pytest.raises(SessionError, match=r"use_class_middlewares=True"):
+        SessionMiddleware(sessions).install(plain)
+
+    bot = make_bot()
+    middleware = SessionMiddleware(sessions)
+    assert middleware.install(bot) is middleware
+    with pytest.raises(SessionError, match="already installed"):
+        middleware.install(bot)
+    with pytest.raises(SessionError, match="another name="):
+        SessionMiddleware(Sessions(MemoryStorage())).install(bot)
+    profiles = Sessions(MemoryStorage(), initial=dict)
+    SessionMiddleware(profiles, name="profile").install(bot)
+    with pytest.raises(TypeError, match="TeleBot"):
+        SessionMiddleware(sessions).install(object())
+
+    @bot.message_handler(func=lambda message: True)
+    def handler(message: Any, session: Session, profile: Session) -> None:
+        session["n"] = profile["n"] = 1
+
+    dispatch(bot, [message_update(6, "hi")])
+    drain(bot)
+    assert sessions.storage.read("6") == profiles.storage.read("6") == {"n": 1}
+
+    from telebot.async_telebot import AsyncTeleBot
+
+    with pytest.raises(SessionError, match="AsyncTeleBot"):
+        SessionMiddleware(sessions).install(AsyncTeleBot("123:abc"))
+
+
+def test_a_key_function_that_fails_for_updates_without_a_chat(make_bot: Any) -> None:
+    from sessionkit.integrations.telebot import SessionMiddleware
+
+    by_chat = Sessions(MemoryStorage(), initial=dict, get_key=lambda m: m.chat.id)  # no .chat: inline
+    by_user = Sessions(MemoryStorage(), initial=dict)
+    bot = make_bot(threaded=False)  # an exception from a middleware would escape process_new_updates
+    SessionMiddleware(by_chat).install(bot)
+    # messages only: an inline query or a callback query has no .text; "boom" is a bug in it
+    SessionMiddleware(by_user, key=lambda obj: {"hi": obj.from_user.id}[obj.text], name="user").install(bot)
+    seen: list[tuple[str, Any, str]] = []
+
+    def record(kind: str, session: Session) -> None:
+        try:
+            session["touched"] = True
+            outcome = "stored"
+        except SessionKeyError:
+            outcome = "SessionKeyError"
+        seen.append((kind, session.key, outcome))
+
+    @bot.inline_handler(func=lambda query: True)
+    def inline(query: Any, session: Session, user: Session) -> None:
+        record("inline", session)
+        record("inline-user", user)
+
+    @bot.callback_query_handler(func=lambda call: True)
+    def button(call: Any, session: Session) -> None:
+        record("callback", session)
+
+    @bot.message_handler(func=lambda message: True)
+    def message(message: Any, session: Session) -> None:
+        record("message", session)
+
+    dispatch(bot, [inline_update(), callback_update(None, "x"), message_update(-42, "hi")])
+    assert sorted(seen, key=repr) == sorted([("inline", None, "SessionKeyError"),
+                                             ("inline-user", None, "SessionKeyError"),
+                                             ("callback", None, "SessionKeyError"),
+                                             ("message", "-42", "stored")], key=repr)
+    assert list(by_chat.storage.keys()) == ["-42"]
+    assert list(by_user.storage.keys()) == []
+    # an update with a chat: the key function's error is a bug, and it is not hidden
+    with pytest.raises(KeyError, match="boom"):
+        dispatch(bot, [message_update(-42, "boom")])
+    assert len(seen) == 4
+    with by_chat.open(SimpleNamespace(chat=SimpleNamespace(id=-42)), timeout=1) as s:  # nothing left locked
+        assert s.data == {"touched": True}
+
+
+def test_readme_bots_section_registers_with_install_and_sets_a_lock_timeout() -> None:
+    readme = (ROOT / "README.rst").read_text(encoding="utf-8")
+    section = readme[readme.index("Bots and web servers\n"):readme.index("Deploying the disk backends\n")]
+    assert "lock_timeout" in section and "SessionMiddleware(sessions).install(bot)" in section
+    assert "setup_middleware(SessionMiddleware" not in section
+    assert "register_next_step_handler" in section
+
+
+def test_the_telebot_example_runs_offline(api_calls: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
     monkeypatch.setenv("SESSIONKIT_DIR", str(tmp_path / "bot-sessions"))
     example = load_example("telebot_counter_bot")
@@ -344,11 +504,21 @@ def test_the_telebot_example_runs_offline(api_calls: Any, tmp_path: Path,
         dispatch(bot, [callback_update(1, "quiz:0:4"), message_update(1, "/score"),
                        message_update(2, "/reset")])
         drain(bot)
+        with caplog.at_level(logging.WARNING):
+            inline_button = callback_update(None, "quiz:1:Paris")
+            dispatch(bot, [inline_button])
+            drain(bot)
+        assert "this update has no session" not in caplog.text  # no bare SessionKeyError
+        logged = [r.getMessage() for r in caplog.records if r.name == "counter_bot"]
+        assert len(logged) == 1 and "answer: callback query" in logged[0]
+        assert inline_button["callback_query"]["id"] in logged[0] and "inline message" in logged[0]
+        assert example.sessions.lock_timeout == 10
         assert example.sessions.storage.read("1") == {"count": 20, "asked": 1, "score": 1}
         assert example.sessions.storage.read("2") is None
         replies = [p.get("text") for name, p in api_calls if name in ("sendMessage", "answerCallbackQuery")]
         assert "Right! Score: 1" in replies
         assert "That question is closed: /quiz asks a new one." in replies
+        assert "Quiz buttons work in a chat with the bot: send /quiz there." in replies
         assert "20 messages, score 1" in replies
         assert "Message number 20 in this chat." in replies
         assert all(name in ("sendMessage", "answerCallbackQuery") for name, _ in api_calls)
@@ -442,6 +612,62 @@ def test_decorator_key_comes_from_the_handlers_arguments() -> None:
         first(update={"chat": {"id": 12}})
 
 
+def test_decorator_refuses_handlers_it_cannot_run(make_bot: Any) -> None:
+    sessions = Sessions(MemoryStorage(), initial=dict)
+    decorate = with_session(sessions)
+
+    async def coroutine(update: Any, session: Session) -> None:
+        session["n"] = 1
+
+    async def async_generator(update: Any, session: Session) -> Any:
+        yield session
+
+    def generator(update: Any, session: Session) -> Any:
+        yield session
+
+    def no_session(update: Any) -> None:
+        pass
+
+    def positional_only(update: Any, session: Session, /) -> None:
+        pass
+
+    class AsyncCallable:
+        async def __call__(self, update: Any, session: Session) -> None:
+            pass
+
+    for handler, message in [(coroutine, "async"), (async_generator, "async"), (AsyncCallable(), "async"),
+                             (generator, "generator function"), (no_session, "no parameter 'session'"),
+                             (positional_only, "positional-only"), (42, "decorates a function")]:
+        with pytest.raises(TypeError, match=message):
+            decorate(handler)
+    def plain(update: Any, session: Session) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="no parameter 'state'"):
+        with_session(sessions, name="state")(plain)
+
+    # what is accepted runs under telebot's dispatcher: the session by name, or in **kwargs
+    bot = make_bot(use_class_middlewares=False)
+    recorder = Recorder()
+    bot.exception_handler = recorder
+
+    @bot.message_handler(commands=["named"])
+    @with_session(sessions, key=lambda message: message.chat.id)
+    def named(message: Any, session: Session) -> None:
+        session["named"] = True
+
+    @bot.message_handler(commands=["kwargs"])
+    @with_session(sessions, key=lambda message: message.chat.id)
+    def by_kwargs(message: Any, **kwargs: Any) -> None:
+        kwargs["session"]["kwargs"] = True
+
+    dispatch(bot, [message_update(1, "/named"), message_update(2, "/kwargs")])
+    drain(bot)
+    assert recorder.failures == []
+    assert sessions.storage.read("1") == {"named": True}
+    assert sessions.storage.read("2") == {"kwargs": True}
+
+
 def test_decorator_with_multi_sessions() -> None:
     multi = MultiSessions(prefs=Sessions(MemoryStorage(), initial=dict),
                           cart=Sessions(MemoryStorage(), initial=list))
@@ -509,6 +735,36 @@ def test_the_flask_example_counts_exactly_across_worker_processes_and_restarts(t
         assert sum(expected.values()) == 320
     finally:
         store.close()
+
+
+def test_the_flask_example_refuses_malformed_chat_ids(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    require("flask", "Flask")
+    monkeypatch.setenv("SESSIONKIT_DIR", str(tmp_path / "webhook-sessions"))
+    monkeypatch.delenv("WEBHOOK_SECRET", raising=False)
+    example = load_example("flask_webhook")
+    try:
+        client = example.app.test_client()
+        for bad in [True, False, 1.0, None, "abc", "1e3", "--5", [1], {"id": 1}]:
+            update = message_update(1, "hi")
+            update["message"]["chat"]["id"] = bad
+            assert client.post("/webhook", json=update).status_code == 400, bad
+            query = callback_update(1, "x")
+            query["callback_query"]["message"]["chat"]["id"] = bad
+            assert client.post("/webhook", json=query).status_code == 400, bad
+        no_id = message_update(1, "hi")
+        del no_id["message"]["chat"]["id"]
+        assert client.post("/webhook", json=no_id).status_code == 400
+        assert client.get("/chats/1").get_json() == {"chat_id": 1, "count": 0}  # true was not chat 1
+        assert client.get("/chats/0").get_json() == {"chat_id": 0, "count": 0}
+        as_text = message_update(1, "hi")
+        as_text["message"]["chat"]["id"] = "-1001"
+        for update in (message_update(-1001, "hi"), as_text, callback_update(-1001, "x"), inline_update()):
+            assert client.post("/webhook", json=update).status_code == 200
+        assert client.get("/chats/-1001").get_json() == {"chat_id": -1001, "count": 3}
+        assert example.sessions.lock_timeout == 10
+    finally:
+        example.store.close()
 
 
 def make_server(tmp_path: Path, env: dict[str, str]) -> Server:

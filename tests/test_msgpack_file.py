@@ -190,6 +190,86 @@ def test_durable_writes_round_trip(directory: str) -> None:
     assert MsgpackFileStorage(directory).read("k") == {"n": 5}
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_damage_to_the_newest_record_of_a_durable_store_is_kept_not_cut(directory: str, durable: bool) -> None:
+    """A whole last record with a bad checksum: a crashed append without durable, damage with it."""
+    storage = MsgpackFileStorage(directory, shards=1, durable=durable)
+    storage.write("k", {"v": 1})
+    storage.write("k", {"v": "newest"})
+    storage.close()
+    path = shard_files(directory)[0]
+    _flip_last_byte_of(path, b"newest")
+    size = path.stat().st_size
+    storage = MsgpackFileStorage(directory, durable=durable)
+    if durable:  # fsynced before it was acknowledged: only damage can do this
+        with pytest.raises(CorruptSessionError) as info:
+            storage.read("k")
+        assert info.value.key == "k" and path.stat().st_size == size
+    else:  # an operating-system crash can leave such a record: the append never happened
+        assert storage.read("k") == {"v": 1}
+    storage.close()
+
+
+def test_a_huge_record_loads_in_time_proportional_to_its_size(directory: str) -> None:
+    size = 192 << 20  # 48 chunks: growing it chunk by chunk took 29 times a plain read
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage._raw_write("big", b"\xc6" + size.to_bytes(4, "big") + bytes(size))  # msgpack bin 32
+    storage.close()
+    path = shard_files(directory)[0]
+    started = time.perf_counter()
+    path.read_bytes()
+    read = time.perf_counter() - started
+    started = time.perf_counter()
+    reopened = MsgpackFileStorage(directory)
+    assert reopened.has("big")  # indexes the log: one pass, not chunk upon chunk
+    loaded = time.perf_counter() - started
+    reopened.close()
+    assert loaded < 12 * read + 0.3, (loaded, read)
+
+
+def test_a_failed_directory_fsync_after_compaction_loses_no_later_write(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log was renamed: later writes go to it, and the next durable write syncs the directory first."""
+    from sessionkit.storage import _shard
+
+    storage = MsgpackFileStorage(directory, shards=1, durable=True)
+    for i in range(40):
+        storage.write("k", {"pad": "x" * 4000, "i": i})
+    calls: list[str] = []
+
+    def failing(path: str) -> None:
+        calls.append(path)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_shard, "fsync_dir", failing)  # a directory fsync cannot be made to fail for real here
+    shard = storage._shards[0]
+    with pytest.raises(StorageError, match="durable"):
+        shard.compact(time.time())
+    with pytest.raises(StorageError):  # the next durable write cannot be acknowledged yet
+        storage.write("k", {"after": 1})
+    monkeypatch.undo()
+    storage.write("k", {"after": 2})  # the directory is synced first, then it is acknowledged
+    storage.close()
+    assert MsgpackFileStorage(directory).read("k") == {"after": 2}
+
+
+def test_handles_dropped_without_close_release_their_files(tmp_path: Path) -> None:
+    import gc
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = open_fds()
+    for i in range(100):
+        storage = MsgpackFileStorage(tmp_path / f"s{i}", shards=2)
+        storage.write("k", 1)
+        del storage  # no close()
+    gc.collect()
+    assert open_fds() <= before + 5
+
+
 # -- bad bytes -----------------------------------------------------------------------
 
 

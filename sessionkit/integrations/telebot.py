@@ -6,9 +6,10 @@
     from sessionkit import MsgpackFileStorage, Sessions
     from sessionkit.integrations.telebot import SessionMiddleware
 
-    sessions = Sessions(MsgpackFileStorage("./sessions"), initial=dict)  # once per process
+    # once per process; lock_timeout: a slow handler cannot hold up its chat's other updates for ever
+    sessions = Sessions(MsgpackFileStorage("./sessions"), initial=dict, lock_timeout=10)
     bot = telebot.TeleBot(token, use_class_middlewares=True)
-    bot.setup_middleware(SessionMiddleware(sessions))
+    SessionMiddleware(sessions).install(bot)  # raises if class middlewares are off
 
     @bot.message_handler(commands=["count"])
     def count(message, session):  # telebot passes data["session"] by name
@@ -21,12 +22,26 @@ still runs, and touching its session raises ``SessionKeyError``).  The
 session is written back after the handler returns; if the handler raises,
 nothing is written.
 
+Next-step and reply handlers bypass class middlewares; decorate them with
+``with_session`` and ``chat_key``, which ignores the extra arguments
+``register_next_step_handler`` passes on::
+
+    from sessionkit.integrations.handler import with_session
+    from sessionkit.integrations.telebot import chat_key
+
+    @with_session(sessions, key=chat_key)
+    def got_name(message, extra, step, session):
+        session["name"] = message.text
+
+    bot.register_next_step_handler(message, got_name, "extra", step=2)
+
 This module imports pyTelegramBotAPI (``pip install 'sessionkit[telebot]'``);
 ``import sessionkit`` does not.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from typing import Any, Callable, Iterable, Optional, Union
@@ -35,10 +50,12 @@ from telebot import util as _telebot_util
 from telebot.handler_backends import BaseMiddleware
 
 from ..errors import SessionError
-from ..manager import Sessions
+from ..manager import Sessions, _check_timeout
 from ..session import Session
 
 __all__ = ["SessionMiddleware", "chat_key", "UPDATE_TYPES"]
+
+log = logging.getLogger(__name__)
 
 #: Every update type pyTelegramBotAPI runs class middlewares for.  (Its
 #: dispatcher calls chosen inline results ``"chosen_inline_query"``, while
@@ -49,7 +66,7 @@ UPDATE_TYPES: tuple[str, ...] = tuple(dict.fromkeys([*_LISTED, "chosen_inline_qu
 KeyFunction = Callable[[Any], Union[str, int, None]]
 
 
-def chat_key(update: Any) -> Optional[str]:
+def chat_key(update: Any, *args: Any, **kwargs: Any) -> Optional[str]:
     """grammY's default session key: the id of the update's chat, as a ``str``.
 
     ``update`` is what a telebot handler receives: a ``Message`` (its
@@ -57,6 +74,11 @@ def chat_key(update: Any) -> Optional[str]:
     ``ChatMemberUpdated``, ``ChatJoinRequest``, ``MessageReactionUpdated``
     and so on (their ``chat``).  Returns ``None`` when there is no chat
     (inline queries, polls, a callback query from an inline message).
+
+    Any further arguments are ignored, so ``with_session(sessions,
+    key=chat_key)`` works on any handler whose first argument is the update:
+    a next-step handler registered with extra arguments, or a message
+    handler that telebot also passes ``bot=`` or ``session=``.
     """
     chat = getattr(update, "chat", None)
     if chat is None:
@@ -69,8 +91,10 @@ class SessionMiddleware(BaseMiddleware):
     """Opens each update's session before its handler and writes it back after.
 
     Use it with ``TeleBot(token, use_class_middlewares=True)`` and
-    ``bot.setup_middleware(SessionMiddleware(sessions))``.  A handler gets
-    the session by naming a parameter after ``name`` (``def h(message,
+    ``SessionMiddleware(sessions).install(bot)``, which raises when the bot
+    cannot run class middlewares (``bot.setup_middleware`` would only log
+    that, and every handler would then miss its ``session`` argument).  A
+    handler gets the session by naming a parameter after ``name`` (``def h(message,
     session)``), from ``data[name]`` if it takes ``data``, or by calling
     ``middleware.session_for(message)``.
 
@@ -83,6 +107,13 @@ class SessionMiddleware(BaseMiddleware):
     handler runs, and once it runs ``post_process`` always follows.  (Touch
     the session in another middleware's ``pre_process`` only if that
     middleware cannot cancel or fail afterwards.)
+
+    The key function (``key=``, or the manager's ``get_key``) sees every
+    update type in ``update_types``, not only messages.  When it raises for
+    an update without a chat (an inline query, a poll, a callback query
+    from an inline message: ``chat_key`` gives ``None``), that update has no
+    session, as if it had returned ``None``; when it raises for an update
+    with a chat, the exception propagates (a bug in it is not hidden).
 
     Next-step and reply handlers (``register_next_step_handler``) bypass
     class middlewares in telebot; decorate them with
@@ -126,6 +157,7 @@ class SessionMiddleware(BaseMiddleware):
             raise ValueError("both key= and the Sessions' get_key= derive the key: give only one")
         if not isinstance(name, str) or not name.isidentifier() or name in ("data", "bot"):
             raise ValueError(f"name must be an identifier other than 'data' and 'bot', got {name!r}")
+        _check_timeout(timeout, "timeout")
         self.sessions = sessions
         self.name = name
         self.timeout = timeout
@@ -139,14 +171,62 @@ class SessionMiddleware(BaseMiddleware):
     def __repr__(self) -> str:
         return f"SessionMiddleware({self.sessions!r}, name={self.name!r})"
 
+    def install(self, bot: Any) -> SessionMiddleware:
+        """Register this middleware on ``bot``, or raise if it would never run; returns ``self``.
+
+        ``bot``: a ``telebot.TeleBot`` made with ``use_class_middlewares=True``.
+        Raises ``SessionError`` when the bot runs no class middlewares (made
+        without that flag, or an ``AsyncTeleBot``, whose middlewares are
+        async), or already has a ``SessionMiddleware`` passing a session as
+        ``name``.  Use it instead of ``bot.setup_middleware(middleware)``,
+        which only logs the first problem and lets every handler with a
+        ``session`` parameter fail on a missing argument.
+        """
+        if not callable(getattr(bot, "setup_middleware", None)):
+            raise TypeError(f"install() needs a telebot.TeleBot, not {type(bot).__name__}")
+        if not hasattr(bot, "use_class_middlewares"):  # AsyncTeleBot: its middlewares are coroutines
+            raise SessionError(
+                f"SessionMiddleware runs under telebot.TeleBot(token, use_class_middlewares=True), not "
+                f"{type(bot).__name__}: for an AsyncTeleBot, open sessions in the handlers"
+            )
+        if not bot.use_class_middlewares:
+            raise SessionError(
+                "this bot runs no class middlewares, so SessionMiddleware would never run and every "
+                "handler with a session parameter would fail: make the bot with "
+                "telebot.TeleBot(token, use_class_middlewares=True)"
+            )
+        for other in getattr(bot, "middlewares", None) or ():
+            if other is self:
+                raise SessionError("this SessionMiddleware is already installed on this bot")
+            if isinstance(other, SessionMiddleware) and other.name == self.name:
+                raise SessionError(
+                    f"this bot already has a SessionMiddleware passing {self.name!r}: give the second "
+                    "one another name=, e.g. SessionMiddleware(profiles, name='profile')"
+                )
+        bot.setup_middleware(self)
+        if self not in (getattr(bot, "middlewares", None) or ()):
+            raise SessionError("telebot did not register the middleware (see its log for why)")
+        return self
+
+    def _open(self, message: Any) -> Session:
+        """The (lazy, not yet entered) session handle for ``message``."""
+        try:
+            target = message if self._key is None else self._key(message)
+            return self.sessions.open(target, lazy=True, timeout=self.timeout)
+        except Exception as exc:
+            if chat_key(message) is not None:
+                raise
+            log.debug("SessionMiddleware: the key function failed for a %s without a chat (%r): "
+                      "no session", type(message).__name__, exc)
+            return Session(self.sessions, None, timeout=self.timeout, lazy=True)
+
     def pre_process(self, message: Any, data: dict[str, Any]) -> None:
         """Open ``message``'s session (lazily) and put it in ``data[name]``.
 
         ``message``: the update's object (a ``Message``, ``CallbackQuery``
         ...).  ``data``: telebot's per-update dict, passed on to handlers.
         """
-        target = message if self._key is None else self._key(message)
-        handle = self.sessions.open(target, lazy=True, timeout=self.timeout)
+        handle = self._open(message)
         handle.__enter__()  # lazy: nothing is locked or read yet
         data[self.name] = handle
         data[self._slot] = handle

@@ -23,6 +23,9 @@ HEADER = struct.Struct("<IIIBdI")
 HEADER_SIZE = HEADER.size  # 25
 _PREFIX = struct.Struct("<IIIBd")  # the header fields that header_crc covers
 FLAG_DELETE = 1
+# Appended by a durable store (fsynced before it was acknowledged): a whole
+# record of this kind with a bad checksum is damage, never a crashed append.
+FLAG_DURABLE = 2
 
 _crc32 = zlib.crc32
 
@@ -67,7 +70,9 @@ def parse(data: bytes, base: int, at_eof: bool = True) -> tuple[list[Record], in
 
     Returns the records and the file offset where parsing stopped.  With
     ``at_eof`` (``data`` runs to the end of the file) a record cut short at
-    the end is a crashed append and the valid log ends before it; otherwise
+    the end is a crashed append and the valid log ends before it, and so is
+    a whole last record whose body fails its checksum, unless a durable
+    store wrote it (``FLAG_DURABLE``: then it is damage, kept); otherwise
     parsing just stops there and the caller reads on.  A damaged header that
     is not at the end raises ``Damage``.
     """
@@ -88,11 +93,21 @@ def parse(data: bytes, base: int, at_eof: bool = True) -> tuple[list[Record], in
             break  # the body was cut short: a crashed append
         body = data[pos + HEADER_SIZE : end]
         ok = _crc32(body) == body_crc
-        if not ok and end == size and at_eof:
+        if not ok and end == size and at_eof and not flags & FLAG_DURABLE:
             break  # last record damaged: treat as a crashed append
         records.append(Record(base + pos, end - pos, decode_key(body[:klen]), flags, expiry, ok))
         pos = end
     return records, base + pos
+
+
+def record_size(data: bytes) -> int:
+    """The whole size of the record that ``data`` starts with, once its header is there and sound (else 0)."""
+    if len(data) < HEADER_SIZE:
+        return 0
+    _body_crc, klen, vlen, _flags, _expiry, header_crc = HEADER.unpack_from(data, 0)
+    if _crc32(data[: HEADER_SIZE - 4]) != header_crc:
+        return 0
+    return HEADER_SIZE + klen + vlen
 
 
 def value_of(record: bytes) -> bytes | None:

@@ -72,6 +72,7 @@ class Shard:
         self.slot = slot
         self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard.mutex, shard``
         self.durable = False  # set for the whole store once any handle asks for it
+        self.dir_unsynced = False  # durable: a compaction renamed a log, the directory not fsynced since
         self.mutex = threading.Lock()
         self.fd = -1
         self.end = 0  # where the valid log ends, and the next record goes
@@ -174,6 +175,12 @@ class Shard:
                 break
             pending = data[stop - pos :]
             pos = stop
+            # a record longer than a chunk is read whole at the next step,
+            # not grown chunk by chunk (that is quadratic in its size)
+            need = rec.record_size(pending)
+            if need > len(pending) + CHUNK:
+                more = min(need, size - pos) - len(pending)
+                pending += os.pread(self.fd, more, pos + len(pending))
         if stop < size:
             # A crashed append left a partial record: it was never
             # acknowledged, so the log ends before it.  We hold the lock.
@@ -291,12 +298,16 @@ class Shard:
                 # on its own.  Do not retry before the log has grown again.
                 log.debug("compaction skipped: %s", exc)
                 self.retry_compact_at = self.end + max(SLACK, self.live)
-        data = rec.build(kb, value or b"", 0 if value is not None else rec.FLAG_DELETE, expiry)
+        flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if self.durable else 0)
+        data = rec.build(kb, value or b"", flags, expiry)
         offset = self.end
         try:
             write_all(self.fd, data, offset)
             if self.durable:
                 os.fdatasync(self.fd)
+                if self.dir_unsynced:  # a compaction's rename is not durable yet
+                    fsync_dir(self.directory)
+                    self.dir_unsynced = False
         except OSError as exc:
             try:
                 os.ftruncate(self.fd, offset)  # leave no partial record behind
@@ -308,7 +319,7 @@ class Shard:
                 path=self.path,
             ) from exc
         self.end = offset + len(data)
-        self._apply(rec.Record(offset, len(data), key, 0 if value is not None else rec.FLAG_DELETE, expiry, True))
+        self._apply(rec.Record(offset, len(data), key, flags, expiry, True))
 
     def purge(self, now: float) -> int:
         """Forget expired sessions and rewrite the log without them."""
@@ -345,8 +356,6 @@ class Shard:
             if self.durable:
                 os.fsync(fd)
             os.replace(tmp, self.path)
-            if self.durable:
-                fsync_dir(self.directory)
         except BaseException as exc:
             os.close(fd)
             try:
@@ -356,10 +365,20 @@ class Shard:
             if isinstance(exc, OSError):
                 raise StorageError(f"cannot compact {self.path}: {exc}", path=self.path) from exc
             raise
+        # Renamed: from here on the new file is the log, whatever happens next
+        # (writes to the old descriptor would go to an unlinked file).
         os.close(self.fd)
         self.fd = fd
         self.index, self.expiry, self.end = index, expiry, pos
         self.live = pos - len(rec.MAGIC)
+        if self.durable:
+            try:
+                fsync_dir(self.directory)
+            except OSError as exc:
+                self.dir_unsynced = True  # the next durable write syncs it before it is acknowledged
+                raise StorageError(
+                    f"cannot make the compaction of {self.path} durable: {exc}", path=self.path
+                ) from exc
 
     def close(self) -> None:
         if self.fd >= 0:

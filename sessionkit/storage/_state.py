@@ -34,6 +34,24 @@ S = TypeVar("S", bound="StoreState")
 _registry: dict[tuple[Any, ...], "StoreState"] = {}
 _registry_mutex = threading.Lock()
 _fork.register_mutex(_registry_mutex)
+# States whose handle was garbage-collected without close().  The collector
+# may run anywhere, even inside attach() with _registry_mutex held, so a
+# finalizer only appends here (no lock); attach() detaches them, in plain code.
+_dropped: list["StoreState"] = []
+
+
+def release_dropped(state: "StoreState") -> None:
+    """A handle of ``state`` was collected without ``close()``: detach it at the next safe point."""
+    _dropped.append(state)
+
+
+def _detach_dropped() -> None:
+    while _dropped:
+        try:
+            state = _dropped.pop()
+        except IndexError:
+            return
+        state.detach()
 
 
 def store_identity(directory: str, name: str = "") -> tuple[Any, ...]:
@@ -63,6 +81,7 @@ class StoreState:
     @classmethod
     def attach(cls: type[S], ident: tuple[Any, ...], build: Callable[[], S]) -> S:
         """The state of the store ``ident``, built by ``build()`` if this process has none."""
+        _detach_dropped()
         with _registry_mutex:
             state = _registry.get(ident)
             if state is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 import zlib
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
@@ -15,7 +16,7 @@ from . import _records
 from ._lockfile import O_CLOEXEC
 from ._lockfile import SHARD_BASE as _SHARD_BASE
 from ._shard import Shard, fsync_dir, log_name, log_number
-from ._state import StoreState, store_identity
+from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["MsgpackFileStorage"]
@@ -185,6 +186,9 @@ class MsgpackFileStorage(EncodedStorage):
         self._acquire = self._keylocks.acquire
         self._release = self._keylocks.release
         self._closed = False
+        # A handle dropped without close() lets go of the store after it is
+        # collected (at the next store opened), so files never pile up.
+        self._detach = weakref.finalize(self, release_dropped, state)
 
     def __repr__(self) -> str:
         return f"MsgpackFileStorage({self.directory!r}, shards={self.shards}, ttl={self.ttl}, durable={self.durable})"
@@ -285,7 +289,8 @@ class MsgpackFileStorage(EncodedStorage):
         if self._closed:
             return
         self._closed = True
-        self._state.detach()
+        if self._detach.detach() is not None:  # not yet released as dropped
+            self._state.detach()
 
     def __enter__(self) -> MsgpackFileStorage:
         return self

@@ -9,6 +9,7 @@ import pickle
 import struct
 import threading
 import time
+import weakref
 import zlib
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
@@ -17,7 +18,7 @@ from ..errors import CorruptSessionError, SerializationError, SessionError, Stor
 from . import _gnudb
 from ._dumbdb import ACCESS_ERRNOS, DumbDb, recover_compaction
 from ._lockfile import SHARD_BASE, make_locks
-from ._state import StoreState, store_identity
+from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
 __all__ = ["ShelveStorage"]
@@ -199,6 +200,9 @@ class ShelveStorage(EncodedStorage):
         self._acquire = self._keylocks.acquire
         self._release = self._keylocks.release
         self._closed = False
+        # A handle dropped without close() lets go of the store after it is
+        # collected (at the next store opened), so files never pile up.
+        self._detach = weakref.finalize(self, release_dropped, state)
 
     def __repr__(self) -> str:
         return f"ShelveStorage({self.path!r}, dbm={self.dbm!r}, ttl={self.ttl})"
@@ -367,7 +371,8 @@ class ShelveStorage(EncodedStorage):
         if self._closed:
             return
         self._closed = True
-        self._state.detach()
+        if self._detach.detach() is not None:  # not yet released as dropped
+            self._state.detach()
 
 
 class _ShelfState(StoreState):
