@@ -112,7 +112,7 @@ def loads(data: bytes, key: str | None = None, path: str | None = None) -> Any:
     except DECODE_ERRORS as exc:
         where = f" in {path}" if path else ""
         raise CorruptSessionError(
-            f"stored bytes of session {key!r}{where} cannot be decoded: {exc}",
+            f"stored bytes of session {key!r}{where} cannot be decoded: {exc or type(exc).__name__}",
             key=key,
             path=path,
         ) from exc

@@ -749,3 +749,13 @@ def test_the_keep_alive_outlives_a_cluster_outage(tmp_path: Path) -> None:
         assert storage.read("k") == {"n": 2}
     finally:
         cluster.stop()
+
+
+def test_a_key_of_the_wrong_type_fails_before_it_is_locked(redis_server: Any) -> None:
+    storage = fresh("redis", redis_server)
+    client = redis_client(redis_server)
+    client.lpush(storage.prefix + "k", "not a session")
+    with pytest.raises(StorageError, match="WRONGTYPE"):
+        with Sessions(storage, initial=dict).open("k"):
+            pass
+    assert client.exists(helper_keys(storage.prefix + "k")[0]) == 0  # no lock left behind

@@ -293,3 +293,13 @@ def test_purge_expired(path: str) -> None:
     assert storage.purge_expired() == 20
     assert list(storage.keys()) == ["young"]
     assert make(path, clock=clock).read("young") == 1
+
+
+def test_another_shelf_whose_name_starts_with_this_ones_is_not_taken_for_its_files(tmp_path: Path) -> None:
+    other = ShelveStorage(tmp_path / "sessions.old", dbm=SHELVE_DBM)
+    other.write("k", 1)
+    other.close()
+    fresh = ShelveStorage(tmp_path / "sessions", dbm=SHELVE_DBM)  # a new shelf beside it
+    assert all(not Path(f).name.startswith("sessions.old") for f in fresh._state._files())
+    fresh.write("k", 2)
+    assert fresh.read("k") == 2 and ShelveStorage(tmp_path / "sessions.old", dbm=SHELVE_DBM).read("k") == 1

@@ -76,8 +76,9 @@ if ARGV[3] == '1' then
 end
 local held = redis.call('get', KEYS[2])
 if held == false or held == ARGV[1] then
+  local value = redis.call('get', KEYS[1])  -- first: a key of the wrong type fails before the lock is set
   redis.call('set', KEYS[2], ARGV[1], 'px', ARGV[2])
-  return {1, redis.call('get', KEYS[1])}
+  return {1, value}
 end
 redis.call('incr', KEYS[4])
 redis.call('pexpire', KEYS[4], 2 * tonumber(ARGV[2]))
@@ -396,7 +397,7 @@ class RedisStorage(EncodedStorage):
         return name.encode("utf-8", "surrogatepass")
 
     def _failed(self, exc: BaseException, doing: str, key: str | None) -> StorageError:
-        return StorageError(f"cannot {doing} session {key!r} in Redis: {exc!r}", key=key)
+        return StorageError(f"cannot {doing} session {key!r} in Redis: {type(exc).__name__}: {exc}", key=key)
 
     def _call(self, doing: str, key: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._closed:

@@ -63,6 +63,14 @@ _FRAGILE = {"dbm.ndbm", "dbm.gnu"}
 # index lines, SQLite sees other processes' commits itself
 _KEPT_OPEN = {"dbm.dumb", "dbm.sqlite3"}
 _SQLITE_FILES = ("-wal", "-shm", "-journal")  # beside a dbm.sqlite3 file
+# Every file a shelf at PATH may have, as PATH + suffix (the lock file aside):
+# gdbm and SQLite use PATH itself, dbm.dumb .dat/.dir/.bak (and its
+# compaction's files), Berkeley DB .db, classic ndbm .dir/.pag, dbm.gnu's
+# recovery a .crashed copy
+_SHELF_SUFFIXES = frozenset(
+    ("", ".dat", ".dir", ".bak", ".db", ".pag", ".crashed", ".dat.compact", ".dir.compact", ".dir.committed")
+    + _SQLITE_FILES
+)
 _DBM_AT, _DBM_NAME = 56, 16  # the lock file records the shelf's dbm here
 
 
@@ -603,8 +611,7 @@ class _ShelfState(StoreState):
         return sorted(
             os.path.join(directory, f)
             for f in os.listdir(directory)
-            if f.startswith(name) and not f.startswith(name + ".lock")
-            and (f[len(name):len(name) + 1] in ("", ".") or f[len(name):] in _SQLITE_FILES)
+            if f.startswith(name) and f[len(name):] in _SHELF_SUFFIXES
         )
 
     def _check_crash_mark(self) -> None:
