@@ -81,3 +81,32 @@ def test_readme_backend_table_quotes_the_committed_run() -> None:
     assert set(quoted) == set(subjects)
     for backend, subject in subjects.items():
         assert quoted[backend] == f"{one_thread[subject]:,.0f}", backend
+
+
+def test_readme_cli_examples_run(tmp_path: Any, request: Any) -> None:
+    """Every ``sessionkit`` line of the README runs, on real stores made as a bot would."""
+    import shlex
+
+    from sessionkit import MsgpackFileStorage, ShelveStorage
+
+    section = README[README.index("The ``sessionkit`` command\n"):README.index("A store is one argument")]
+    lines = [line.strip().split("  #")[0].strip() for line in section.splitlines() if line.startswith("    sessionkit ")]
+    assert len(lines) >= 7
+    store = MsgpackFileStorage(tmp_path / "sessions")
+    for key in ("chat:1", "chat:2", "42"):
+        store.write(key, {"count": 1})
+    store.close()
+    shelf = ShelveStorage(tmp_path / "prefs.db")
+    shelf.write("42", {"lang": "en"})
+    shelf.close()
+    port = request.getfixturevalue("redis_server").port
+    outputs = {}
+    for line in lines:
+        args = shlex.split(line.replace("127.0.0.1:6379", f"127.0.0.1:{port}"))[1:]
+        done = subprocess.run([sys.executable, "-m", "sessionkit", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, (line, done.stderr)
+        outputs[args[0]] = done.stdout
+    assert outputs["ls"].split() == ["chat:1", "chat:2"]
+    assert '"count": 1' in outputs["show"]
+    assert ShelveStorage(tmp_path / "prefs.db").read("42") is None  # rm removed it
