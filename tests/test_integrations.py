@@ -233,14 +233,8 @@ def test_a_handler_that_raises_writes_nothing(make_bot: Any) -> None:
     assert sessions.storage.read("2") is None
 
 
-def test_an_update_without_a_chat_has_no_session(make_bot: Any) -> None:
-    from sessionkit.integrations.telebot import SessionMiddleware, chat_key
-
-    storage = MemoryStorage()
-    sessions = Sessions(storage, initial=dict)
-    bot = make_bot()
-    bot.setup_middleware(SessionMiddleware(sessions))
-    seen: list[tuple[str, Any, str]] = []
+def recorder(seen: list[tuple[str, Any, str]]) -> Any:
+    """A handler body that touches the session and notes (kind, key, what happened)."""
 
     def record(kind: str, session: Session) -> None:
         try:
@@ -249,6 +243,19 @@ def test_an_update_without_a_chat_has_no_session(make_bot: Any) -> None:
         except SessionKeyError:
             outcome = "SessionKeyError"
         seen.append((kind, session.key, outcome))
+
+    return record
+
+
+def test_an_update_without_a_chat_has_no_session(make_bot: Any) -> None:
+    from sessionkit.integrations.telebot import SessionMiddleware, chat_key
+
+    storage = MemoryStorage()
+    sessions = Sessions(storage, initial=dict)
+    bot = make_bot()
+    bot.setup_middleware(SessionMiddleware(sessions))
+    seen: list[tuple[str, Any, str]] = []
+    record = recorder(seen)
 
     @bot.inline_handler(func=lambda query: True)
     def inline(query: Any, session: Session) -> None:
@@ -435,14 +442,7 @@ def test_a_key_function_that_fails_for_updates_without_a_chat(make_bot: Any) -> 
     # messages only: an inline query or a callback query has no .text; "boom" is a bug in it
     SessionMiddleware(by_user, key=lambda obj: {"hi": obj.from_user.id}[obj.text], name="user").install(bot)
     seen: list[tuple[str, Any, str]] = []
-
-    def record(kind: str, session: Session) -> None:
-        try:
-            session["touched"] = True
-            outcome = "stored"
-        except SessionKeyError:
-            outcome = "SessionKeyError"
-        seen.append((kind, session.key, outcome))
+    record = recorder(seen)
 
     @bot.inline_handler(func=lambda query: True)
     def inline(query: Any, session: Session, user: Session) -> None:

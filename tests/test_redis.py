@@ -7,6 +7,7 @@ expiry after a crash, two round trips, a server restarted mid-run, JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -55,6 +56,27 @@ def client_for(kind: str, server: Any, **options: Any) -> Any:
 
 def fresh(kind: str, server: Any, **options: Any) -> RedisStorage:
     return RedisStorage(client_for(kind, server), prefix=f"r{next(_counter)}-{os.getpid()}:", **options)
+
+
+@contextlib.contextmanager
+def held_by_another_thread(storage: RedisStorage, key: str) -> Iterator[None]:
+    """``key`` locked by another thread of this process while the block runs."""
+    held = threading.Event()
+    done = threading.Event()
+
+    def holder() -> None:
+        with storage.lock(key):
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def spec(kind: str, server: Any, prefix: str) -> str:
@@ -301,27 +323,13 @@ def test_listings_skip_helper_keys_of_held_sessions(where: tuple[str, Any]) -> N
     storage = fresh(kind, server)
     storage.write("a", 1)
     storage.write("b*[x]?", 2)  # glob characters in a key
-    held = threading.Event()
-    done = threading.Event()
-
-    def holder() -> None:
-        with storage.lock("a"):
-            held.set()
-            done.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait()
-    try:
+    with held_by_another_thread(storage, "a"):
         names = [k.decode() for k in client_for(kind, server).scan_iter(match=storage.prefix + "*")]
         everything = [k.decode(errors="replace") for k in client_for(kind, server).scan_iter(match="*")]
         assert any("sk-lock" in n for n in everything)  # the held session's lock key is there
         assert sorted(storage.keys()) == ["a", "b*[x]?"]
         assert dict(storage.items()) == {"a": 1, "b*[x]?": 2}
         assert sorted(names) == sorted(storage.prefix + k for k in ("a", "b*[x]?"))
-    finally:
-        done.set()
-        t.join()
     other = RedisStorage(client_for(kind, server), prefix=storage.prefix[:-1])  # a prefix of the prefix
     assert sorted(other.keys()) == [":a", ":b*[x]?"]
 
@@ -692,18 +700,7 @@ def test_the_same_server_by_two_addresses_refuses_a_nested_open(redis_server: An
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_forgets_the_holds_of_the_parents_other_threads(redis_server: Any) -> None:
     storage = fresh("redis", redis_server)
-    held = threading.Event()
-    done = threading.Event()
-
-    def holder() -> None:
-        with storage.lock("k"):
-            held.set()
-            done.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    held.wait()
-    try:
+    with held_by_another_thread(storage, "k"):
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -725,9 +722,6 @@ def test_a_forked_child_forgets_the_holds_of_the_parents_other_threads(redis_ser
             os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.WEXITSTATUS(status) == 0
-    finally:
-        done.set()
-        t.join()
 
 
 def test_the_keep_alive_outlives_a_cluster_outage(tmp_path: Path) -> None:
