@@ -324,29 +324,11 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
         if os.pread(fd, len(rec.MAGIC), 0) != rec.MAGIC:
             scan.error = f"{path} is not a sessionkit log (bad magic)"
             return scan
-        pos = len(rec.MAGIC)
-        pending = b""
-        stop = pos
-        while True:
-            want = min(4 << 20, size - pos - len(pending))
-            data = pending + (os.pread(fd, want, pos + len(pending)) if want > 0 else b"")
-            at_eof = pos + len(data) >= size
-            try:
-                records, stop = rec.parse(data, pos, at_eof)
-            except rec.Damage as damage:
-                scan.broken_at = damage.offset
-                break
-            for record in records:
-                _apply(scan, record, rec.FLAG_DELETE)
-            if at_eof:
-                break
-            pending = data[stop - pos:]
-            pos = stop
-            if len(pending) >= rec.HEADER_SIZE:  # a record longer than a chunk: read it whole at once
-                klen, vlen = rec.HEADER.unpack_from(pending)[1:3]
-                need = min(rec.HEADER_SIZE + klen + vlen, size - pos)
-                if need > len(pending) + (4 << 20):
-                    pending += os.pread(fd, need - len(pending), pos + len(pending))
+        stop = len(rec.MAGIC)
+        try:
+            stop = rec.read_log(fd, stop, size, 4 << 20, lambda record: _apply(scan, record, rec.FLAG_DELETE))
+        except rec.Damage as damage:
+            scan.broken_at = damage.offset
         if scan.broken_at is None and stop < size:
             scan.crashed_tail = size - stop
             _describe_tail(scan, fd, stop)

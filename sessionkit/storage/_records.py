@@ -14,9 +14,10 @@ corrupt, never served and never dropped).
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 MAGIC = b"SKLOG\x001\n"
 HEADER = struct.Struct("<IIIBdI")
@@ -108,6 +109,32 @@ def record_size(data: bytes) -> int:
     if _crc32(data[: HEADER_SIZE - 4]) != header_crc:
         return 0
     return HEADER_SIZE + klen + vlen
+
+
+def read_log(fd: int, start: int, size: int, chunk: int, apply: Callable[[Record], Any]) -> int:
+    """Parse the log open at ``fd`` from ``start`` to ``size``, a chunk at a time,
+    calling ``apply`` on each record in order; returns where the valid log ends
+    (before a crashed append).  Raises ``Damage`` as :func:`parse` does.
+
+    A record longer than a chunk is read whole at once, not grown chunk by
+    chunk (that would be quadratic in its size).
+    """
+    pos = start
+    pending = b""
+    while True:
+        want = min(chunk, size - pos - len(pending))
+        data = pending + (os.pread(fd, want, pos + len(pending)) if want > 0 else b"")
+        at_eof = pos + len(data) >= size
+        records, stop = parse(data, pos, at_eof)
+        for record in records:
+            apply(record)
+        if at_eof:
+            return stop
+        pending = data[stop - pos :]
+        pos = stop
+        need = record_size(pending)
+        if need > len(pending) + chunk:
+            pending += os.pread(fd, min(need, size - pos) - len(pending), pos + len(pending))
 
 
 def value_of(record: bytes) -> bytes | None:

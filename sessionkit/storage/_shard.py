@@ -155,32 +155,13 @@ class Shard:
         self.stale = True  # until the index is whole again
         if reset:
             self.index, self.expiry, self.corrupt, self.live = {}, {}, {}, 0
-        pos = start
-        pending = b""
-        while True:
-            want = min(CHUNK, size - pos - len(pending))
-            chunk = os.pread(self.fd, want, pos + len(pending)) if want > 0 else b""
-            data = pending + chunk
-            at_eof = pos + len(data) >= size
-            try:
-                records, stop = rec.parse(data, pos, at_eof)
-            except rec.Damage as damage:
-                raise CorruptSessionError(
-                    f"{self.path} is damaged at byte {damage.offset}; left as it is for recovery",
-                    path=self.path,
-                ) from None
-            for record in records:
-                self._apply(record)
-            if at_eof:
-                break
-            pending = data[stop - pos :]
-            pos = stop
-            # a record longer than a chunk is read whole at the next step,
-            # not grown chunk by chunk (that is quadratic in its size)
-            need = rec.record_size(pending)
-            if need > len(pending) + CHUNK:
-                more = min(need, size - pos) - len(pending)
-                pending += os.pread(self.fd, more, pos + len(pending))
+        try:
+            stop = rec.read_log(self.fd, start, size, CHUNK, self._apply)
+        except rec.Damage as damage:
+            raise CorruptSessionError(
+                f"{self.path} is damaged at byte {damage.offset}; left as it is for recovery",
+                path=self.path,
+            ) from None
         if stop < size:
             # A crashed append left a partial record: it was never
             # acknowledged, so the log ends before it.  We hold the lock.
