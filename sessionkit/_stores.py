@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from .storage.shelf import _SQLITE_FILES  # the files beside a dbm.sqlite3 shelf
+
 __all__ = [
     "CliError", "StoreSpec", "parse_store", "open_store", "close_store", "require_msgpack_store",
     "shelf_files",
@@ -46,7 +48,6 @@ _REDIS_SCHEMES = {
 }
 _FORMAT_FILE = "FORMAT"
 _FORMAT_FIRST_LINE = b"sessionkit msgpack-log 1"
-_SQLITE_FILES = ("-wal", "-shm", "-journal")
 _DBMS = ("dbm.dumb", "dbm.gnu", "dbm.ndbm", "dbm.sqlite3")  # what shelve:PATH?dbm= may name
 _CONNECT_TIMEOUT = 5.0  # seconds, unless the URL sets socket_connect_timeout
 _SOCKET_TIMEOUT = 30.0  # seconds, unless the URL sets socket_timeout

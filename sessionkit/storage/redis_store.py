@@ -456,10 +456,8 @@ class RedisStorage(EncodedStorage):
             raise
 
     def _take_server(self, key: str, name: bytes, timeout: float | None, fused: bool) -> None:
+        # (re-entry by this thread was refused by the process's queue, _local, already)
         slot = (self._server, name, threading.get_ident())
-        held = _holds.get(slot)
-        if held is not None and held.pid == os.getpid():
-            raise self._reentry(key)
         keys = [name, *(k.encode("utf-8", "surrogatepass") for k in helper_keys(name.decode("utf-8", "surrogatepass")))]
         prefix = _token_prefix()
         token = prefix + os.urandom(_TOKEN_BYTES).hex()
