@@ -33,8 +33,9 @@ def dumps(value: Any, key: str | None = None) -> bytes:
     """Encode ``value``; ``SerializationError`` if msgpack cannot hold it."""
     # A Packer per thread is three times faster than msgpack.packb, which
     # builds a new Packer on every call; a Packer resets itself after errors.
-    packer = getattr(_local, "packer", None)
-    if packer is None:
+    try:
+        packer = _local.packer
+    except AttributeError:  # handled here, so it is never the context of an error below
         packer = _new_packer()
     try:
         return packer.pack(value)  # type: ignore[no-any-return]
