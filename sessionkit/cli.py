@@ -801,10 +801,14 @@ class _NewStore:
 
     def _ours(self, name: str) -> bool:
         """Whether ``name`` (in the store's directory) is one of the files the store creates."""
-        from .storage._shard import log_number
+        from .storage._shard import index_number, log_number
 
         if self.spec.kind == "msgpack":
-            return name in ("FORMAT", "FORMAT.tmp", "sessionkit.lock") or log_number(name) is not None
+            return (
+                name in ("FORMAT", "FORMAT.tmp", "sessionkit.lock")
+                or log_number(name) is not None
+                or index_number(name) is not None
+            )
         path = os.path.join(self.directory, name)
         return path in shelf_files(self.spec.path) or path == self.spec.path + ".lock"
 

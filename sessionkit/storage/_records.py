@@ -14,6 +14,7 @@ corrupt, never served and never dropped).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import zlib
@@ -33,6 +34,27 @@ _crc32 = zlib.crc32
 
 def encode_key(key: str) -> bytes:
     return key.encode("utf-8", "surrogatepass")
+
+
+_blake2b = hashlib.blake2b
+_KEYS: dict[str, tuple[bytes, int, int, int]] = {}
+_KEYS_MAX = 1 << 14
+
+
+def key_info(key: str) -> tuple[bytes, int, int, int]:
+    """``(encoded, h1, h2, crc)`` of a session key: its UTF-8 bytes, a 128-bit
+    hash in two halves (the shared index's key, and ``h1 >> 2`` its lock
+    slot), and the CRC-32 that picks its shard.  Kept for recent keys, so a
+    read-modify-write encodes and hashes its key once."""
+    info = _KEYS.get(key)
+    if info is None:
+        raw = key.encode("utf-8", "surrogatepass")
+        digest = _blake2b(raw, digest_size=16).digest()
+        info = (raw, int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"), _crc32(raw))
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        _KEYS[key] = info
+    return info
 
 
 def decode_key(raw: bytes) -> str:
@@ -137,8 +159,9 @@ def read_log(fd: int, start: int, size: int, chunk: int, apply: Callable[[Record
             pending += os.pread(fd, min(need, size - pos) - len(pending), pos + len(pending))
 
 
-def value_of(record: bytes) -> bytes | None:
-    """The value bytes of a whole record read back from disk, or None if damaged."""
+def value_of(record: bytes, key: bytes | None = None) -> bytes | None:
+    """The value bytes of a whole record read back from disk, or None if it is
+    damaged (or, given ``key``, is not a record of that key)."""
     if len(record) < HEADER_SIZE:
         return None
     body_crc, klen, vlen, _flags, _expiry, header_crc = HEADER.unpack_from(record, 0)
@@ -146,5 +169,7 @@ def value_of(record: bytes) -> bytes | None:
         return None
     body = record[HEADER_SIZE:]
     if _crc32(body) != body_crc:
+        return None
+    if key is not None and body[:klen] != key:
         return None
     return body[klen:]

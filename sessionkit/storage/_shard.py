@@ -1,33 +1,54 @@
-"""One shard of a MsgpackFileStorage: an append-only log and its index.
+"""One shard of a MsgpackFileStorage: an append-only log and its shared index.
 
-Every operation runs inside ``with shard.mutex, shard:``, which takes the
-shard's thread mutex and its slot in the store's lock file (so one thread of
-one process touches the log at a time, for microseconds), then catches up with
-what other processes appended since this process last looked: one ``fstat``
-when nothing changed.  A log that another process compacted has been
-replaced (its link count is 0) and is reopened.
+The log (``shard-NNN.log``, see ``_records``) holds every write as one
+record; the index (``shard-NNN.idx``, see ``_index``) is a hash table that
+every process maps, pointing each key at its newest record.
 
-The index maps a key to ``offset << 32 | length`` of its newest record;
-expiry times live in a second dict only for keys that have one.
+Operations that change the shard run inside ``with shard.mutex, shard:``,
+which takes the shard's thread mutex and its slot in the store's lock file
+(one thread of one process at a time, for microseconds) and checks, in the
+shared header, that the index is current and whole: no system call when it
+is.  A read by a thread that holds the key's own lock needs neither (see
+:meth:`Shard.read_unlocked`).
+
+Merging (compaction) runs in a background thread of the process that
+notices a shard needs it (:class:`Merger`): it copies the live records of
+the log as it was into a new log, and builds a new index for it, without
+the shard's lock; then, under the lock, it adds what was appended meanwhile
+and renames both files into place.  Other processes see ``replaced`` in the
+old index and move to the new files; until then the old files (still open)
+agree with each other.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import threading
-from typing import Any
+import time
+from typing import Any, Iterator
 
+from .. import _fork
 from ..errors import CorruptSessionError, LockTimeout, SerializationError, StorageError
+from . import _index as ix
 from . import _records as rec
 
 log = logging.getLogger("sessionkit")
 
-CHUNK = 4 << 20  # bytes read at a time when loading a log
-SLACK = 64 << 10  # dead bytes a shard may carry beyond its live bytes
-SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds (compaction included)
-_LOW = 0xFFFFFFFF
+CHUNK = 4 << 20  # bytes read at a time when loading or merging a log
+SLACK = 1 << 20  # dead bytes a shard may carry beyond its live bytes before a merge
+SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
+MERGE_CLAIM = 600.0  # seconds a merge keeps other processes from merging the same shard
+_MAX_RECORD = 0xFFFFFFFF  # a slot keeps a record's length in 32 bits
+_LIVE, _DEAD, _CORRUPT, _EMPTY = ix.LIVE, ix.DEAD, ix.CORRUPT, ix.EMPTY
+_COUNTERS = ix.COUNTERS
+_COUNTERS_AT = ix.COUNTERS_AT
+_DIRTY_AT = ix.DIRTY_AT
+_U64 = ix._U64
+_pread = os.pread
+_value_of = rec.value_of
 
 
 def write_all(fd: int, data: bytes, offset: int) -> None:
@@ -54,6 +75,11 @@ def log_name(number: int) -> str:
     return f"shard-{number:03d}.log"
 
 
+def index_name(number: int) -> str:
+    """The file name of shard ``number``'s shared index."""
+    return f"shard-{number:03d}.idx"
+
+
 def log_number(name: str) -> int | None:
     """The shard number of a log's file name, or None for any other file."""
     digits = name[6:-4]
@@ -62,28 +88,48 @@ def log_number(name: str) -> int | None:
     return None
 
 
+def index_number(name: str) -> int | None:
+    """The shard number of an index's file name, or None for any other file."""
+    return log_number(name[:-4] + ".log") if name.endswith(".idx") else None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _Abort(Exception):
+    """A merge gave up (the shard changed under it); nothing was replaced."""
+
+
 class Shard:
-    """An append-only log of records and the in-memory index over it."""
+    """An append-only log of records and the shared index over it."""
 
     def __init__(self, directory: str, number: int, locks: Any, slot: int) -> None:
         self.directory = directory
+        self.number = number
         self.path = os.path.join(directory, log_name(number))
+        self.index_path = os.path.join(directory, index_name(number))
         self.locks = locks  # the store's cross-process locks (see _lockfile)
         self.slot = slot
         self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard.mutex, shard``
         self.durable = False  # set for the whole store once any handle asks for it
-        self.dir_unsynced = False  # durable: a compaction renamed a log, the directory not fsynced since
         self.mutex = threading.Lock()
+        self.closed = False
         self.fd = -1
+        self.log_ident = (0, 0)
+        self.idx: ix.Index | None = None
+        self.table: ix.Table | None = None
+        self.map: Any = None  # self.idx.map, for the hot paths
+        # The header's counters, read on entering (valid inside a section):
         self.end = 0  # where the valid log ends, and the next record goes
-        self.live = 0  # bytes of records the index points at
-        self.index: dict[str, int] = {}
-        self.expiry: dict[str, float] = {}
-        self.corrupt: dict[str, int] = {}  # key -> offset of its damaged record
-        self.retry_compact_at = 0
-        self.stale = False  # a load was cut short (an asynchronous exception): reload all
+        self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
+        self.merging_until = 0.0
+        self.retry_at = 0  # no merge is asked for before the log reaches this size
 
-    # -- entering: lock and catch up ----------------------------------------
+    # -- entering: lock and check ----------------------------------------------
 
     def __enter__(self) -> Shard:
         # The caller holds self.mutex, taken by a ``with`` of its own (a C
@@ -91,8 +137,10 @@ class Shard:
         # asynchronously; a Python __exit__ can, at its first instruction).
         # What such an exception can leak here is the shard's slot, and that
         # is taken again and released by this process's next section.
+        if self.closed:
+            raise StorageError(f"{self.path} is closed", path=self.path)
         try:
-            self.lock_file = self.locks.lock(self.slot, SECTION_WAIT, "")
+            self.lock_file = self.locks.lock(self.slot, SECTION_WAIT, "", True)
         except LockTimeout:
             raise StorageError(
                 f"{self.path} stayed locked by another process for {SECTION_WAIT:.0f} s; an operation "
@@ -110,30 +158,37 @@ class Shard:
         self.locks.unlock(self.lock_file, self.slot)
 
     def _sync(self) -> None:
-        try:
-            if self.fd < 0:
-                self._open()
-                return
-            st = os.fstat(self.fd)
-            if self.stale:
-                self._load(len(rec.MAGIC), st.st_size, reset=True)
-            elif st.st_nlink == 0:  # compacted by another process: reopen
-                os.close(self.fd)
-                self.fd = -1
-                self._open()
-            elif st.st_size != self.end:
-                if st.st_size < self.end:
-                    self._load(len(rec.MAGIC), st.st_size, reset=True)
-                else:
-                    self._load(self.end, st.st_size, reset=False)
-        except OSError as exc:
-            raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
+        table = self.table
+        if table is None:
+            self._open()
+            return
+        c = table.load_counters()
+        if c[5]:  # replaced by a rebuild, a growth or a merge: take the new files
+            self._open()
+        elif c[4]:  # a writer died between its append and its index update
+            self._rebuild("a process stopped while writing to it")
+        else:
+            self.end, self.dir_unsynced, self.merging_until, self.retry_at = c[0], c[8], c[9], c[10]
+
+    def _close_files(self) -> None:
+        if self.idx is not None:
+            self.idx.close()
+        self.idx = self.table = self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def _open(self) -> None:
-        self.stale = True  # until _load() below has indexed the whole log
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """(Re)open the log and its index; rebuild the index unless it is
+        whole, of this log, of this boot, and ends where the log ends."""
+        self._close_files()
         try:
-            size = os.fstat(fd).st_size
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+        try:
+            st = os.fstat(fd)
+            size = st.st_size
             if size == 0:
                 write_all(fd, rec.MAGIC, 0)
                 if self.durable:
@@ -144,224 +199,519 @@ class Shard:
                 raise CorruptSessionError(
                     f"{self.path} is not a sessionkit log (bad magic); left as it is", path=self.path
                 )
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
-        self._load(len(rec.MAGIC), size, reset=True)
-
-    def _load(self, start: int, size: int, reset: bool) -> None:
-        """Index the records from ``start`` to ``size``; drop a crashed tail."""
-        self.stale = True  # until the index is whole again
-        if reset:
-            self.index, self.expiry, self.corrupt, self.live = {}, {}, {}, 0
+        self.log_ident = (st.st_dev, st.st_ino)
+        why = ""
         try:
-            stop = rec.read_log(self.fd, start, size, CHUNK, self._apply)
+            idx = ix.Index(self.index_path)
+        except FileNotFoundError:
+            why = "it has no index yet"
+        except (OSError, ValueError) as exc:
+            why = f"its index cannot be used ({exc})"
+        else:
+            c = idx.table().load_counters()
+            if idx.log_ident != self.log_ident:
+                why = "its index belongs to an earlier log"
+            elif not ix.same_boot(idx.boot):
+                why = "its index was written before the machine restarted"
+            elif c[4] or c[5]:
+                why = "a process stopped while writing to it"
+            elif c[0] != size:
+                why = f"its index ends at byte {c[0]}, the log at {size}"
+            if not why:
+                self._use(idx)
+                return
+            self.idx = idx  # replaced by the rebuild, for every process that maps it
+        self._rebuild(why, reopen=False)
+
+    def _use(self, idx: ix.Index) -> None:
+        self.idx = idx
+        self.map = idx.map
+        self.table = table = idx.table()
+        c = table.load_counters()
+        self.end, self.dir_unsynced, self.merging_until, self.retry_at = c[0], c[8], c[9], c[10]
+
+    def _rebuild(self, why: str, reopen: bool = True) -> None:
+        """Index the whole log anew (dropping a crashed tail), and put the new
+        index in place of the old one for every process."""
+        log.debug("sessionkit: indexing %s anew: %s", self.path, why)
+        old = self.idx
+        self.idx = self.table = self.map = None  # the old one is closed once the new one is in place
+        if reopen:  # the log at the path: a merge may have renamed a new one there
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            self._open_log_only()
+        entries: dict[str, tuple[int, int, int, float]] = {}
+
+        def apply(record: rec.Record) -> None:
+            if not record.ok:
+                state = _CORRUPT
+            elif record.flags & rec.FLAG_DELETE:
+                state = _DEAD
+            else:
+                state = _LIVE
+            entries[record.key] = (record.offset, record.length, state, record.expiry)
+
+        try:
+            size = os.fstat(self.fd).st_size
+            stop = rec.read_log(self.fd, len(rec.MAGIC), size, CHUNK, apply)
         except rec.Damage as damage:
             raise CorruptSessionError(
                 f"{self.path} is damaged at byte {damage.offset}; left as it is for recovery",
                 path=self.path,
             ) from None
-        if stop < size:
-            # A crashed append left a partial record: it was never
-            # acknowledged, so the log ends before it.  We hold the lock.
-            log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
-            os.ftruncate(self.fd, stop)
-        self.end = stop
-        self.stale = False
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
+        try:
+            if stop < size:
+                # A crashed append left a partial record: it was never
+                # acknowledged, so the log ends before it.  We hold the lock.
+                log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
+                os.ftruncate(self.fd, stop)
+            table = ix.Table(ix.capacity_for(sum(1 for e in entries.values() if e[2] != _DEAD)))
+            for key, (offset, length, state, expiry) in entries.items():
+                if state != _DEAD:
+                    _raw, h1, h2, _crc = rec.key_info(key)
+                    table.put(h1, h2, offset, length, state, expiry)
+            self._install(table, stop, old)
+        except OSError as exc:
+            raise StorageError(f"cannot index {self.path}: {exc}", path=self.path) from exc
 
-    def _apply(self, record: rec.Record) -> None:
-        # A key's index entry changes by one assignment (or one deletion), so
-        # an exception raised asynchronously in here never hides a session.
-        key = record.key
-        index = self.index
-        old = index.get(key)
-        if record.ok and not record.flags & rec.FLAG_DELETE:
-            if record.expiry:
-                self.expiry[key] = record.expiry
-            elif self.expiry:
-                self.expiry.pop(key, None)
-            index[key] = record.offset << 32 | record.length
-            self.live += record.length - (0 if old is None else old & _LOW)
-            if self.corrupt:
-                self.corrupt.pop(key, None)
-            return
-        if record.ok:  # a deletion
-            self.corrupt.pop(key, None)
-        else:
-            self.corrupt[key] = record.offset
+    def _open_log_only(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+        st = os.fstat(fd)
+        self.fd = fd
+        self.log_ident = (st.st_dev, st.st_ino)
+
+    def _install(self, table: ix.Table, end: int, old: ix.Index | None) -> None:
+        """Write ``table`` as the index of the current log and rename it into
+        place (the shard is locked); the old mapping is marked replaced."""
+        tmp = f"{self.index_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            table.write(tmp, self.log_ident, end, False)
+            os.replace(tmp, self.index_path)
+        except BaseException:
+            _unlink(tmp)
+            raise
         if old is not None:
-            del index[key]
-            self.live -= old & _LOW
-        self.expiry.pop(key, None)
+            old.set_replaced()
+            old.close()
+        self._use(ix.Index(self.index_path))
 
-    def read_unlocked(self, key: str, now: float) -> bytes | None | bool:
+    # -- reads -----------------------------------------------------------------
+
+    def read_unlocked(self, info: tuple[bytes, int, int, int], now: float) -> bytes | None | bool:
         """Read without the shard's cross-process lock; ``False``: take it.
 
-        Safe for a caller that holds ``key``'s own lock: every write of the
-        key by another process is complete before that process let the key
-        go, so it lies in the file before any append still in flight.  Only
-        records that parse whole and pass their checksums are taken; anything
-        else (an append in flight, a crashed one, damage, a log replaced by
-        compaction) sends the caller to the locked path, which sorts it out.
+        Safe for a caller that holds the key's own lock: every write of the
+        key by another process was indexed before that process let the key
+        go.  Only a record that passes its checksums and holds this key is
+        taken; anything else (an index being replaced or rebuilt, damage)
+        sends the caller to the locked path, which sorts it out.
         """
         with self.mutex:
-            if self.fd < 0:
+            table = self.table
+            if table is None:
+                return False
+            c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
+            if c[4] or c[5]:
                 return False
             try:
-                st = os.fstat(self.fd)
-                if st.st_nlink == 0 or st.st_size < self.end:
-                    return False
-                if st.st_size > self.end:
-                    data = os.pread(self.fd, st.st_size - self.end, self.end)
-                    try:
-                        records, stop = rec.parse(data, self.end, at_eof=False)
-                    except rec.Damage:
-                        return False
-                    for record in records:
-                        if not record.ok:
-                            return False
-                    for record in records:
-                        self._apply(record)
-                    self.end = stop
-                    if stop != st.st_size:
-                        return False
-            except OSError as exc:
-                raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
-            return self.read(key, now)
+                slot = table.get(info[1], info[2])
+            except ValueError:
+                return False
+            if slot is None:
+                return None
+            state = slot[4]
+            if state != _LIVE:
+                return None if state == _DEAD else False
+            if slot[5] and slot[5] <= now:
+                return None
+            try:
+                value = _value_of(_pread(self.fd, slot[3], slot[2]), info[0])
+            except OSError:
+                return False
+            return False if value is None else value
 
-    # -- operations (inside ``with shard.mutex, shard``) ----------------------------------
-
-    def expired(self, key: str, now: float) -> bool:
-        when = self.expiry.get(key)
-        return when is not None and when <= now
-
-    def read(self, key: str, now: float) -> bytes | None:
-        if key in self.corrupt:
-            raise CorruptSessionError(
-                f"the stored record of session {key!r} in {self.path} at byte "
-                f"{self.corrupt[key]} is damaged; it is left in place",
-                key=key,
-                path=self.path,
-            )
-        packed = self.index.get(key)
-        if packed is None or (self.expiry and self.expired(key, now)):
+    def read(self, key: str, info: tuple[bytes, int, int, int], now: float) -> bytes | None:
+        """A key's value (inside a section), or None if absent or expired."""
+        slot = self._slot(info)
+        if slot is None or slot[4] == _DEAD:
+            return None
+        if slot[4] == _CORRUPT:
+            raise self._damaged(key, slot[2])
+        if slot[5] and slot[5] <= now:
             return None
         try:
-            record = os.pread(self.fd, packed & _LOW, packed >> 32)
+            record = os.pread(self.fd, slot[3], slot[2])
         except OSError as exc:
             raise StorageError(f"cannot read session {key!r} from {self.path}: {exc}", key=key, path=self.path) from exc
-        value = rec.value_of(record)
+        value = _value_of(record, info[0])
         if value is None:
-            raise CorruptSessionError(
-                f"the stored record of session {key!r} in {self.path} at byte "
-                f"{packed >> 32} is damaged; it is left in place",
-                key=key,
-                path=self.path,
-            )
+            # The log is the truth: index it anew, once, and look again.
+            self._rebuild(f"the record of {key!r} at byte {slot[2]} does not check out")
+            slot = self._slot(info)
+            if slot is None or slot[4] == _DEAD:
+                return None
+            if slot[4] == _CORRUPT:
+                raise self._damaged(key, slot[2])
+            value = _value_of(os.pread(self.fd, slot[3], slot[2]), info[0])
+            if value is None:
+                raise self._damaged(key, slot[2])
         return value
 
-    def append(self, key: str, value: bytes | None, expiry: float, now: float) -> None:
-        """Append a record (``None``: a deletion) and index it."""
-        kb = rec.encode_key(key)
+    def _slot(self, info: tuple[bytes, int, int, int]) -> tuple[int, int, int, int, int, float] | None:
+        try:
+            return self.table.get(info[1], info[2])  # type: ignore[union-attr]
+        except ValueError:
+            self._rebuild("its index has no free slot")
+            return self.table.get(info[1], info[2])  # type: ignore[union-attr]
+
+    def _damaged(self, key: str, offset: int) -> CorruptSessionError:
+        return CorruptSessionError(
+            f"the stored record of session {key!r} in {self.path} at byte {offset} is damaged; "
+            "it is left in place",
+            key=key,
+            path=self.path,
+        )
+
+    def state(self, info: tuple[bytes, int, int, int]) -> int:
+        """The state of a key's slot (inside a section): ``_index.EMPTY`` when it has none."""
+        slot = self._slot(info)
+        return _EMPTY if slot is None else slot[4]
+
+    def expired_count(self, now: float) -> int:
+        if not self.table.expiring:  # type: ignore[union-attr]
+            return 0
+        return sum(1 for s in ix.slots(self.idx.snapshot()) if s[4] == _LIVE and s[5] and s[5] <= now)  # type: ignore[union-attr]
+
+    def live_records(self, now: float, with_values: bool) -> Iterator[tuple[str, bytes]]:
+        """``(key, value)`` of every live, unexpired record (inside a section);
+        the value is ``b""`` unless ``with_values``."""
+        wanted = sorted((s[2], s[3]) for s in ix.slots(self.idx.snapshot()) if s[4] == _LIVE and not (s[5] and s[5] <= now))  # type: ignore[union-attr]
+        start = 0
+        while start < len(wanted):
+            first = wanted[start][0]
+            stop = start
+            while stop < len(wanted) and wanted[stop][0] + wanted[stop][1] - first <= CHUNK:
+                stop += 1
+            stop = max(stop, start + 1)
+            last = wanted[stop - 1]
+            data = os.pread(self.fd, last[0] + last[1] - first, first)
+            for offset, length in wanted[start:stop]:
+                record = data[offset - first : offset - first + length]
+                value = _value_of(record)
+                klen = rec.HEADER.unpack_from(record, 0)[1] if len(record) >= rec.HEADER_SIZE else 0
+                key = rec.decode_key(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen])
+                if value is None:
+                    raise self._damaged(key, offset)
+                yield key, (value if with_values else b"")
+            start = stop
+
+    # -- writes ----------------------------------------------------------------
+
+    def append(self, key: str, info: tuple[bytes, int, int, int], value: bytes | None, expiry: float) -> None:
+        """Append a record (``None``: a deletion) and index it (inside a section)."""
+        kb = info[0]
         size = rec.HEADER_SIZE + len(kb) + (0 if value is None else len(value))
-        if size > _LOW:  # the index keeps a record's length in 32 bits
+        if size > _MAX_RECORD:
             raise SerializationError(
                 f"cannot store session {key!r}: its record would be {size:,} bytes, and a record holds "
-                f"at most {_LOW:,}; the stored value is unchanged",
+                f"at most {_MAX_RECORD:,}; the stored value is unchanged",
                 key=key,
             )
-        if self.end > max(2 * self.live + SLACK, self.retry_compact_at) and not self.corrupt:
-            try:
-                self.compact(now)
-            except StorageError as exc:
-                # Maintenance only: the append below still succeeds or fails
-                # on its own.  Do not retry before the log has grown again.
-                log.debug("compaction skipped: %s", exc)
-                self.retry_compact_at = self.end + max(SLACK, self.live)
+        table: ix.Table = self.table  # type: ignore[assignment]
         flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if self.durable else 0)
         data = rec.build(kb, value or b"", flags, expiry)
         offset = self.end
+        m = self.map
+        _U64.pack_into(m, _DIRTY_AT, 1)
         try:
             write_all(self.fd, data, offset)
             if self.durable:
                 os.fdatasync(self.fd)
-                if self.dir_unsynced:  # a compaction's rename is not durable yet
+                if self.dir_unsynced:  # a merge's rename is not durable yet
                     fsync_dir(self.directory)
-                    self.dir_unsynced = False
+                    self.dir_unsynced = 0
         except OSError as exc:
             try:
                 os.ftruncate(self.fd, offset)  # leave no partial record behind
+                _U64.pack_into(m, _DIRTY_AT, 0)
             except OSError:
-                pass  # the next reader drops it as a crashed append
+                pass  # the index stays dirty: the next section re-indexes the log
             raise StorageError(
                 f"cannot write session {key!r} to {self.path}: {exc}; the stored value is unchanged",
                 key=key,
                 path=self.path,
             ) from exc
-        self.end = offset + len(data)
-        self._apply(rec.Record(offset, len(data), key, flags, expiry, True))
-
-    def purge(self, now: float) -> int:
-        """Forget expired sessions and rewrite the log without them."""
-        expired = [key for key, when in self.expiry.items() if when <= now]
-        if expired and not self.corrupt:
-            self.compact(now)
-        return len(expired)
-
-    def compact(self, now: float) -> None:
-        """Rewrite the log with only live, unexpired records, then swap it in."""
-        tmp = self.path + ".compact"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.end = end = offset + len(data)
         try:
-            index: dict[str, int] = {}
-            expiry: dict[str, float] = {}
-            parts = [rec.MAGIC]
-            buffered = pos = len(rec.MAGIC)
-            written = 0
-            for key, packed in self.index.items():
-                when = self.expiry.get(key)
-                if when is not None and when <= now:
-                    continue
-                length = packed & _LOW
-                parts.append(os.pread(self.fd, length, packed >> 32))
-                index[key] = pos << 32 | length
-                if when is not None:
-                    expiry[key] = when
+            table.put(info[1], info[2], offset, len(data), _LIVE if value is not None else _DEAD, expiry)
+        except ValueError:
+            self._rebuild("its index has no free slot")
+            return
+        table.store_counters(end, self.dir_unsynced, self.merging_until, self.retry_at)
+        if table.used * 10 > table.capacity * 6 or end - table.live > max(table.live, SLACK):
+            self._maintain(table, end)
+
+    def _maintain(self, table: ix.Table, end: int) -> None:
+        """The index is filling up or the log holds more dead bytes than live
+        ones: ask for a merge; grow the index now if it is nearly full."""
+        if table.used * 20 > table.capacity * 17:
+            old = self.idx
+            grown = ix.Table(ix.capacity_for(table.count + table.corrupt))
+            for s in ix.slots(old.snapshot()):  # type: ignore[union-attr]
+                if s[4] == _LIVE or s[4] == _CORRUPT:
+                    grown.put(s[0], s[1], s[2], s[3], s[4], s[5])
+            self._install(grown, end, old)
+            return
+        if table.corrupt or end < self.retry_at or self.merging_until > time.time():
+            return
+        MERGER.request(self)
+
+    # -- merging ----------------------------------------------------------------
+
+    def needs_merge(self) -> bool:
+        """Whether the log holds more dead bytes than live ones (beyond ``SLACK``),
+        or the index is filling up (inside a section)."""
+        table: ix.Table = self.table  # type: ignore[assignment]
+        return table.used * 10 > table.capacity * 6 or self.end - table.live > max(table.live, SLACK)
+
+    def merge(self, now: float, wait: bool = False, force: bool = False) -> bool:
+        """Rewrite the log without dead and expired records, and index it anew;
+        the shard is locked only at the start and for the swap at the end.
+
+        Returns whether it merged (not when the shard holds a damaged record,
+        another process is merging it, or the shard changed under it).
+        ``wait``: wait for another process's merge to end first.
+        """
+        token = f"{os.getpid()}.{threading.get_ident()}.merge"
+        deadline = time.monotonic() + SECTION_WAIT
+        while True:
+            with self.mutex, self:
+                table: ix.Table = self.table  # type: ignore[assignment]
+                if table.corrupt or not (force or self.needs_merge()):
+                    return False
+                claimed = self.merging_until > time.time()
+                if not claimed:
+                    for leftover in glob.glob(glob.escape(self.path) + ".*.merge*") + glob.glob(
+                        glob.escape(self.index_path) + ".*.merge*"
+                    ):
+                        _unlink(leftover)
+                    self.merging_until = time.time() + MERGE_CLAIM
+                    self.idx.set_merging(self.merging_until)  # type: ignore[union-attr]
+                    start = self.end
+                    snapshot = self.idx.snapshot()  # type: ignore[union-attr]
+                    log_ident = self.log_ident
+                    source = os.dup(self.fd)
+                    durable = self.durable
+                    break
+            if not wait or time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        new_log = f"{self.path}.{token}"
+        new_index = f"{self.index_path}.{token}"
+        target = -1
+        try:
+            target = os.open(new_log, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            live = [s for s in ix.slots(snapshot) if s[4] == _LIVE and not (s[5] and s[5] <= now)]
+            del snapshot
+            live.sort(key=lambda s: s[2])
+            merged = ix.Table(ix.capacity_for(len(live)))
+            pos = self._copy(source, target, live, merged)
+            if durable:
+                os.fsync(target)
+            merged.write(new_index, (0, 0), pos, False)
+            fresh = ix.Index(new_index)
+            try:
+                self._swap(fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable)
+            except BaseException:
+                fresh.close()
+                raise
+            target = -1  # now the shard's log
+            return True
+        except _Abort as why:
+            log.debug("sessionkit: merge of %s given up: %s", self.path, why)
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot merge {self.path}: {exc}", path=self.path) from exc
+        finally:
+            os.close(source)
+            if target >= 0:
+                os.close(target)
+                _unlink(new_log)
+                _unlink(new_index)
+                self._release_claim()
+
+    def _copy(self, source: int, target: int, live: list[Any], merged: ix.Table) -> int:
+        """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``."""
+        write_all(target, rec.MAGIC, 0)
+        pos = len(rec.MAGIC)
+        i = 0
+        while i < len(live):
+            first = live[i][2]
+            j = i
+            while j < len(live) and live[j][2] + live[j][3] - first <= CHUNK:
+                j += 1
+            j = max(j, i + 1)
+            last = live[j - 1]
+            data = os.pread(source, last[2] + last[3] - first, first)  # releases the GIL
+            parts = []
+            for h1, h2, offset, length, _state, expiry in live[i:j]:
+                record = data[offset - first : offset - first + length]
+                if len(record) != length or rec.record_size(record) != length:
+                    raise _Abort(f"the record at byte {offset} is not whole")
+                parts.append(record)
+                merged.put(h1, h2, pos, length, _LIVE, expiry)
                 pos += length
-                buffered += length
-                if buffered >= CHUNK:
-                    write_all(fd, b"".join(parts), written)
-                    written, parts, buffered = pos, [], 0
-            write_all(fd, b"".join(parts), written)
-            if self.durable:
-                os.fsync(fd)
-            os.replace(tmp, self.path)
-        except BaseException as exc:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if isinstance(exc, OSError):
-                raise StorageError(f"cannot compact {self.path}: {exc}", path=self.path) from exc
-            raise
-        # Renamed: from here on the new file is the log, whatever happens next
-        # (writes to the old descriptor would go to an unlinked file).
-        os.close(self.fd)
-        self.fd = fd
-        self.index, self.expiry, self.end = index, expiry, pos
-        self.live = pos - len(rec.MAGIC)
-        if self.durable:
-            try:
-                fsync_dir(self.directory)
-            except OSError as exc:
-                self.dir_unsynced = True  # the next durable write syncs it before it is acknowledged
-                raise StorageError(
-                    f"cannot make the compaction of {self.path} durable: {exc}", path=self.path
-                ) from exc
+            write_all(target, b"".join(parts), pos - sum(len(p) for p in parts))
+            i = j
+        return pos
+
+    def _swap(
+        self, fresh: ix.Index, merged: ix.Table, start: int, pos: int, source: int, target: int,
+        log_ident: tuple[int, int], new_log: str, new_index: str, durable: bool,
+    ) -> None:
+        """Under the lock: add what was appended since ``start``, then rename the new files into place."""
+        with self.mutex, self:
+            if self.closed or self.log_ident != log_ident:
+                raise _Abort("the log was replaced meanwhile")
+            table = fresh.table()
+            tail = os.pread(self.fd, self.end - start, start) if self.end > start else b""
+            records, stop = rec.parse(tail, start, at_eof=False)
+            if stop != self.end or not all(r.ok for r in records):
+                raise _Abort("what was appended meanwhile does not parse")
+            for r in records:
+                piece = tail[r.offset - start : r.offset - start + r.length]
+                write_all(target, piece, pos)
+                _raw, h1, h2, _crc = rec.key_info(r.key)
+                table.put(h1, h2, pos, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
+                pos += r.length
+            if durable:
+                os.fdatasync(target)
+            st = os.fstat(target)
+            ix.FIXED.pack_into(fresh.map, 0, ix.MAGIC, fresh.capacity, st.st_dev, st.st_ino, ix.BOOT_ID)
+            table.store_counters(pos)
+            old = self.idx
+            old.set_dirty(1)  # type: ignore[union-attr]  # a crash before both renames: re-index
+            os.replace(new_log, self.path)
+            os.replace(new_index, self.index_path)
+            old.set_replaced()  # type: ignore[union-attr]
+            old.close()  # type: ignore[union-attr]
+            os.close(self.fd)
+            self.fd = target
+            self.log_ident = (st.st_dev, st.st_ino)
+            fresh.log_ident = self.log_ident
+            self._use(fresh)
+            if durable:
+                try:
+                    fsync_dir(self.directory)
+                except OSError as exc:
+                    # The next durable write syncs it before it is acknowledged.
+                    self.dir_unsynced = 1
+                    table.store_counters(pos, 1)
+                    log.warning("sessionkit: cannot make the merge of %s durable yet: %s", self.path, exc)
+
+    def _release_claim(self) -> None:
+        try:
+            with self.mutex, self:
+                self.merging_until = 0.0
+                self.retry_at = self.end + max(SLACK, self.table.live)  # type: ignore[union-attr]
+                self.table.store_counters(self.end, self.dir_unsynced, 0.0, self.retry_at)  # type: ignore[union-attr]
+        except (StorageError, OSError) as exc:
+            log.debug("sessionkit: cannot release the merge claim of %s: %s", self.path, exc)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.closed = True
+        self._close_files()
+
+
+class Merger:
+    """The process's background merge thread, started when a shard first needs one.
+
+    :meth:`request` runs inside a shard's section, so it takes only
+    ``_mutex``, which nothing holds while it waits for a shard: the fork
+    hooks leave it alone (a child starts with a new one and no merges).
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._pending: list[Shard] = []
+        self._running: Shard | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        _fork.register(self)
+
+    def request(self, shard: Shard) -> None:
+        with self._mutex:
+            if shard in self._pending:
+                return
+            self._pending.append(shard)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._mutex:
+                if self._pending:
+                    shard = self._running = self._pending.pop(0)
+                else:
+                    shard = None
+                    self._wake.clear()
+            if shard is None:
+                if self._wake.wait(30.0):
+                    continue
+                with self._mutex:
+                    if not self._pending:
+                        self._thread = None
+                        return
+                continue
+            try:
+                shard.merge(time.time())
+            except Exception as exc:  # maintenance only: the writes go on without it
+                log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)
+            finally:
+                with self._mutex:
+                    self._running = None
+
+    def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0) -> bool:
+        """Wait until no merge of ``shards`` (default: of any shard) is asked
+        for or running; returns False if ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._mutex:
+                busy = [s for s in (*self._pending, self._running) if s is not None]
+            if shards is not None:
+                busy = [s for s in busy if s in shards]
+            if not busy:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+
+    def _fork_before(self) -> None:
+        pass
+
+    def _fork_after_parent(self) -> None:
+        pass
+
+    def _fork_after_child(self) -> None:
+        self._mutex = threading.Lock()
+        self._pending = []
+        self._thread = self._running = None
+        self._wake = threading.Event()
+
+
+MERGER = Merger()

@@ -6,7 +6,6 @@ import logging
 import os
 import time
 import weakref
-import zlib
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
 
@@ -15,7 +14,8 @@ from ..errors import CorruptSessionError, StorageError
 from . import _records
 from ._lockfile import O_CLOEXEC
 from ._lockfile import SHARD_BASE as _SHARD_BASE
-from ._shard import Shard, fsync_dir, log_name, log_number
+from ._shard import MERGER, Shard, fsync_dir, log_name, log_number
+from . import _index
 from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -26,7 +26,7 @@ log = logging.getLogger("sessionkit")
 FORMAT_FILE = "FORMAT"
 _MAX_SHARDS = 4096  # the most shards a store may have
 LOCK_FILE = "sessionkit.lock"
-_crc32 = zlib.crc32
+_key_info = _records.key_info
 
 
 class _MsgpackStore(StoreState):
@@ -106,6 +106,7 @@ class _MsgpackStore(StoreState):
         return shards or 16
 
     def teardown(self) -> None:
+        MERGER.wait(self.shards)  # a merge under way finishes (or gives up) first
         for shard in self.shards:
             with shard.mutex:
                 shard.close()
@@ -203,7 +204,7 @@ class MsgpackFileStorage(EncodedStorage):
     def _shard(self, key: str) -> Shard:
         if self._closed:
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
-        return self._shards[_crc32(_records.encode_key(key)) % self.shards]
+        return self._shards[_key_info(key)[3] % self.shards]
 
     def _every_shard(self) -> list[Shard]:
         if self._closed:
@@ -219,20 +220,26 @@ class MsgpackFileStorage(EncodedStorage):
     # -- the encoded form, used by Sessions ------------------------------------
 
     def _raw_read(self, key: str) -> bytes | None:
-        shard = self._shard(key)
+        info = _key_info(key)
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
+        shard = self._shards[info[3] % self.shards]
         if key in self._keylocks.held:  # our key lock orders us after every write of it
-            raw = shard.read_unlocked(key, self._clock())
+            raw = shard.read_unlocked(info, self._clock())
             if raw is not False:
                 return raw  # type: ignore[return-value]
         with shard.mutex, shard:
-            return shard.read(key, self._clock())
+            return shard.read(key, info, self._clock())
 
     def _raw_write(self, key: str, raw: bytes) -> None:
-        now = self._clock()
-        shard = self._shard(key)
+        info = _key_info(key)
+        if self._closed:
+            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
+        shard = self._shards[info[3] % self.shards]
+        ttl = self.ttl
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
-            shard.append(key, raw, 0.0 if self.ttl is None else now + self.ttl, now)
+            shard.append(key, info, raw, 0.0 if ttl is None else self._clock() + ttl)
 
     def _raw_loads(self, raw: bytes, key: str) -> Any:
         try:
@@ -248,20 +255,19 @@ class MsgpackFileStorage(EncodedStorage):
     def delete(self, key: str) -> None:
         """Remove ``key``; deleting an absent key is not an error."""
         key = check_key(key)
-        now = self._clock()
+        info = _key_info(key)
         shard = self._shard(key)
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
-            if key in shard.index or key in shard.corrupt:
-                shard.append(key, None, 0.0, now)
+            if shard.state(info) in (_index.LIVE, _index.CORRUPT):
+                shard.append(key, info, None, 0.0)
 
     def keys(self) -> Iterator[str]:
         """The keys of every live session in the store."""
         found: list[str] = []
         for shard in self._every_shard():
             with shard.mutex, shard:
-                now = self._clock()
-                found.extend(k for k in shard.index if not shard.expired(k, now))
+                found.extend(key for key, _ in shard.live_records(self._clock(), False))
         return iter(found)
 
     def items(self) -> Iterator[tuple[str, Any]]:
@@ -269,19 +275,20 @@ class MsgpackFileStorage(EncodedStorage):
         found: list[tuple[str, Any]] = []
         for shard in self._every_shard():
             with shard.mutex, shard:
-                now = self._clock()
-                for key in list(shard.index):
-                    raw = shard.read(key, now)
-                    if raw is not None:
-                        found.append((key, self._raw_loads(raw, key)))
+                raws = list(shard.live_records(self._clock(), True))
+            found.extend((key, self._raw_loads(raw, key)) for key, raw in raws)
         return iter(found)
 
     def purge_expired(self) -> int:
         """Reclaim the space of expired sessions, decoding no value; returns their count."""
         purged = 0
         for shard in self._every_shard():
+            now = self._clock()
             with shard.mutex, shard:
-                purged += shard.purge(self._clock())
+                expired = shard.expired_count(now)
+            if expired:
+                shard.merge(now, wait=True, force=True)
+                purged += expired
         return purged
 
     def close(self) -> None:

@@ -1,0 +1,245 @@
+"""The shared index of one shard log: a hash table in a file every process maps.
+
+``shard-NNN.idx`` sits beside ``shard-NNN.log``.  Every process maps it
+(``MAP_SHARED``), so what one process appends is indexed for all of them:
+no process re-reads another's appends, and opening a store reads no log.
+
+Layout (little-endian)::
+
+    0    magic (8) | capacity u64 | log device u64 | log inode u64 | boot id (16)
+    64   end | live | count | used | dirty | replaced | corrupt | expiring |
+         dir_unsynced (u64 each) | merging_until f64 | retry_merge_at u64
+    4096 capacity slots of 40 bytes:
+         h1 u64 | h2 u64 | offset u64 | length u32 | state u32 | expiry f64
+
+``end`` is where the valid log ends (the next record goes there), ``live``
+the bytes of records the table points at, ``count`` the slots in state
+``LIVE``, ``used`` the slots not ``EMPTY``.  A slot is found by linear
+probing from ``h1``; a key is its 128-bit hash (``_records.key_info``), and a
+read also checks the key stored in the record.  ``DEAD`` slots are deleted
+keys (probing goes on past them); ``CORRUPT`` ones point at a record whose
+checksum failed, kept for the error message.
+
+Rules that keep the table true, for every process:
+
+* It changes only under the shard's cross-process lock, and ``dirty`` is
+  set before the log is appended to and cleared once the slot and the
+  counters are written.  A process killed in between leaves ``dirty`` set,
+  and the next one to take the lock rebuilds the index from the log.
+* It is never rebuilt, grown or merged in place: a new file is written
+  whole and renamed over this one, then ``replaced`` is set in the old one,
+  so a process still mapping it moves on.  Until then the old table and the
+  old log (still open) agree with each other.
+* It belongs to one log (device and inode) and one boot of the machine: an
+  index left by an earlier boot may miss writes the page cache never
+  flushed, so it is rebuilt.  Where the boot cannot be told, every first
+  open in a process rebuilds it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from typing import Any, Iterator
+
+MAGIC = b"SKIDX\x001\n"
+HEADER_SIZE = 4096
+SLOT = struct.Struct("<QQQIId")
+SLOT_SIZE = SLOT.size  # 40
+FIXED = struct.Struct("<8sQQQ16s")
+COUNTERS = struct.Struct("<QQQQQQQQQdQ")
+COUNTERS_AT = 64
+DIRTY_AT = COUNTERS_AT + 4 * 8
+REPLACED_AT = COUNTERS_AT + 5 * 8
+MERGING_AT = COUNTERS_AT + 9 * 8
+_U64 = struct.Struct("<Q")
+_F64 = struct.Struct("<d")
+MIN_CAPACITY = 1 << 10
+
+EMPTY, LIVE, DEAD, CORRUPT = 0, 1, 2, 3
+
+_slot_unpack = SLOT.unpack_from
+_slot_pack = SLOT.pack_into
+
+
+def _read_boot_id() -> bytes:
+    """This boot of the machine: Linux's boot id, else the boot time to the minute (``T``-tagged)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            return bytes.fromhex(f.read().strip().replace(b"-", b"").decode("ascii"))[:16].ljust(16, b"\0")
+    except (OSError, ValueError):
+        minute = int((time.time() - time.monotonic()) // 60)
+        return b"T" + minute.to_bytes(15, "little", signed=True)
+
+
+BOOT_ID = _read_boot_id()
+
+
+def same_boot(boot: bytes) -> bool:
+    """Whether an index written with ``boot`` was written since this machine booted."""
+    if boot == BOOT_ID:
+        return True
+    if boot[:1] == BOOT_ID[:1] == b"T":  # two processes may round the boot time apart
+        return abs(int.from_bytes(boot[1:], "little", signed=True) - int.from_bytes(BOOT_ID[1:], "little", signed=True)) <= 1
+    return False
+
+
+def capacity_for(count: int) -> int:
+    """A table size (a power of two) that holds ``count`` keys at most half full."""
+    cap = MIN_CAPACITY
+    while cap < 2 * count:
+        cap <<= 1
+    return cap
+
+
+class Table:
+    """A table over a buffer: a ``bytearray`` being built (by a rebuild or a
+    merge), or a mapped index while its shard is locked.  Keeps the counters
+    that go with the slots (written to the header by :meth:`store_counters`)."""
+
+    __slots__ = ("buf", "capacity", "mask", "count", "used", "live", "corrupt", "expiring")
+
+    def __init__(self, capacity: int, buf: Any = None) -> None:
+        self.capacity = capacity
+        self.mask = capacity - 1
+        self.buf = bytearray(HEADER_SIZE + capacity * SLOT_SIZE) if buf is None else buf
+        self.count = self.used = self.live = self.corrupt = self.expiring = 0
+
+    def get(self, h1: int, h2: int) -> tuple[int, int, int, int, int, float] | None:
+        """The slot of key ``(h1, h2)``, or None.  ``ValueError`` on a table
+        with no end to a probe (only a damaged file has none)."""
+        buf = self.buf
+        mask = self.mask
+        pos = h1 & mask
+        for _ in range(self.capacity):
+            slot = _slot_unpack(buf, HEADER_SIZE + pos * SLOT_SIZE)
+            if slot[4] == EMPTY:
+                return None
+            if slot[0] == h1 and slot[1] == h2:
+                return slot  # type: ignore[no-any-return]
+            pos = (pos + 1) & mask
+        raise ValueError("an index with no free slot")
+
+    def put(self, h1: int, h2: int, offset: int, length: int, state: int, expiry: float) -> None:
+        """Set a key's slot (``DEAD``: mark it deleted), inserting it if it is new."""
+        buf = self.buf
+        mask = self.mask
+        pos = h1 & mask
+        free = -1
+        for _ in range(self.capacity):
+            slot = _slot_unpack(buf, HEADER_SIZE + pos * SLOT_SIZE)
+            old = slot[4]
+            if old == EMPTY:
+                if state == DEAD:
+                    return  # nothing to delete
+                if free < 0:
+                    self.used += 1
+                else:
+                    pos = free  # reuse the first deleted slot on the path
+                break
+            if slot[0] == h1 and slot[1] == h2:
+                if old == LIVE:
+                    self.count -= 1
+                    self.live -= slot[3]
+                    if slot[5]:
+                        self.expiring -= 1
+                elif old == CORRUPT:
+                    self.corrupt -= 1
+                break
+            if old == DEAD and free < 0:
+                free = pos
+            pos = (pos + 1) & mask
+        else:
+            raise ValueError("an index with no free slot")
+        if state == LIVE:
+            self.count += 1
+            self.live += length
+            if expiry:
+                self.expiring += 1
+        elif state == CORRUPT:
+            self.corrupt += 1
+        _slot_pack(buf, HEADER_SIZE + pos * SLOT_SIZE, h1, h2, offset, length, state, expiry)
+
+    def load_counters(self) -> tuple[Any, ...]:
+        """Read the header's counters into this table; returns them all."""
+        c = COUNTERS.unpack_from(self.buf, COUNTERS_AT)
+        self.live, self.count, self.used, self.corrupt, self.expiring = c[1], c[2], c[3], c[6], c[7]
+        return c  # type: ignore[no-any-return]
+
+    def store_counters(self, end: int, dir_unsynced: int = 0, merging_until: float = 0.0, retry_at: int = 0) -> None:
+        """Write the counters to the header, with ``dirty`` and ``replaced`` clear."""
+        COUNTERS.pack_into(
+            self.buf, COUNTERS_AT, end, self.live, self.count, self.used, 0, 0, self.corrupt, self.expiring,
+            dir_unsynced, merging_until, retry_at,
+        )
+
+    def write(self, path: str, log_ident: tuple[int, int], end: int, durable: bool) -> None:
+        """Write the table (a ``bytearray``) to ``path``, a new file, with its header."""
+        FIXED.pack_into(self.buf, 0, MAGIC, self.capacity, log_ident[0], log_ident[1], BOOT_ID)
+        self.store_counters(end)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with memoryview(self.buf) as view:
+                offset = 0
+                while offset < len(view):
+                    offset += os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Index:
+    """One mapping of a shard's index file."""
+
+    __slots__ = ("path", "map", "capacity", "log_ident", "boot")
+
+    def __init__(self, path: str) -> None:
+        """Map the index file at ``path``; ``ValueError`` if it is not a whole index (``OSError`` if absent)."""
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_SIZE:
+                raise ValueError("too short")
+            magic, capacity, dev, ino, boot = FIXED.unpack(os.pread(fd, FIXED.size, 0))
+            if magic != MAGIC or capacity < 1 or capacity & (capacity - 1) or size != HEADER_SIZE + capacity * SLOT_SIZE:
+                raise ValueError("not a sessionkit index")
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.capacity = capacity
+        self.log_ident = (dev, ino)
+        self.boot = boot
+
+    def table(self) -> Table:
+        """A :class:`Table` over this mapping, its counters read from the header."""
+        table = Table(self.capacity, self.map)
+        table.load_counters()
+        return table
+
+    def set_dirty(self, value: int) -> None:
+        _U64.pack_into(self.map, DIRTY_AT, value)
+
+    def set_replaced(self) -> None:
+        _U64.pack_into(self.map, REPLACED_AT, 1)
+
+    def set_merging(self, until: float) -> None:
+        _F64.pack_into(self.map, MERGING_AT, until)
+
+    def snapshot(self) -> bytes:
+        """Every slot, copied out at once (see :func:`slots`)."""
+        return self.map[HEADER_SIZE:]
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:  # pragma: no cover - a view still open: the collector closes it
+            pass
+
+
+def slots(snapshot: bytes) -> Iterator[tuple[int, int, int, int, int, float]]:
+    """``(h1, h2, offset, length, state, expiry)`` of every slot in an :meth:`Index.snapshot`."""
+    return SLOT.iter_unpack(snapshot)
