@@ -22,6 +22,7 @@ _unpackb = msgpack.unpackb
 # decoding must propagate as itself, not be reported as a damaged session.
 DECODE_ERRORS = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
 _local = threading.local()
+_KEEP_BUFFER = 1 << 20  # a packer that encoded more than this is dropped, with its buffer
 
 
 def _new_packer() -> Any:
@@ -38,7 +39,7 @@ def dumps(value: Any, key: str | None = None) -> bytes:
     except AttributeError:  # handled here, so it is never the context of an error below
         packer = _new_packer()
     try:
-        return packer.pack(value)  # type: ignore[no-any-return]
+        data: bytes = packer.pack(value)
     except (TypeError, ValueError, OverflowError) as exc:
         where = find_unstorable(value, _msgpack_leaf)
         raise SerializationError(
@@ -46,6 +47,9 @@ def dumps(value: Any, key: str | None = None) -> bytes:
             "float, str, bytes, and lists and dicts of these)",
             key=key,
         ) from exc
+    if len(data) > _KEEP_BUFFER:
+        del _local.packer  # it keeps a buffer as large as its largest value: let that go
+    return data
 
 
 def _msgpack_leaf(value: Any) -> str | None:

@@ -1,8 +1,12 @@
-"""A writer killed by tests/test_shelve_faults.py: random keys, sizes and deletes, each logged.
+"""A writer killed by the kill -9 loops: random keys, sizes and deletes, each logged.
 
-``python -m tests.shelf_writer <where> <seed> <log>``: before each write it
-logs ``w <key> <n>`` (``-`` for a delete), after the write returns ``a <key>
-<n>``, so the parent knows every acknowledged value and the one in flight.
+``python -m tests.shelf_writer <where> <seed> <log> [merge-often]``: before
+each write it logs ``w <key> <n>`` (``-`` for a delete), after the write
+returns ``a <key> <n>``, so the parent knows every acknowledged value and the
+one in flight.  ``merge-often`` (a msgpack store): its shards are merged
+after 16 KiB of dead bytes instead of 1 MiB, and each merge logs ``m+ <shard>
+0`` when it starts and ``m- <shard> 0`` when it ends, so the parent knows
+which kills landed inside a background merge.
 """
 
 from __future__ import annotations
@@ -10,14 +14,33 @@ from __future__ import annotations
 import os
 import random
 import sys
+from typing import Any
 
 from tests.workers import open_store
 
 
-def main(where: str, seed: int, log: str) -> None:
+def merge_often(fd: int) -> None:
+    from sessionkit.storage import _shard
+
+    _shard.SLACK = 16 << 10
+    merge = _shard.Shard.merge
+
+    def logged(self: Any, *args: Any, **kwargs: Any) -> bool:
+        os.write(fd, f"m+ {self.number} 0\n".encode())
+        try:
+            return merge(self, *args, **kwargs)
+        finally:
+            os.write(fd, f"m- {self.number} 0\n".encode())
+
+    _shard.Shard.merge = logged  # type: ignore[method-assign]
+
+
+def main(where: str, seed: int, log: str, mode: str = "") -> None:
     rng = random.Random(seed)
-    storage = open_store(where)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    if mode == "merge-often":
+        merge_often(fd)
+    storage = open_store(where)
     n = seed * 1_000_000
     os.write(fd, b"ready\n")
     while True:
@@ -35,4 +58,4 @@ def main(where: str, seed: int, log: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *sys.argv[4:])

@@ -40,3 +40,21 @@ def test_repr_and_close() -> None:
     assert repr(storage) == "MemoryStorage(ttl=5.0, sessions=1)"
     storage.close()
     assert storage.read("k") == 1
+
+
+def test_encoding_one_huge_value_does_not_keep_its_buffer_for_ever() -> None:
+    """A thread's msgpack packer would keep a buffer the size of the largest value it packed."""
+    import subprocess
+    import sys
+
+    code = (
+        "from sessionkit import _codec\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS'): return int(line.split()[1]) // 1024\n"
+        "_codec.dumps({'a': 1}); base = rss()\n"
+        "out = _codec.dumps({'blob': b'x' * (200 << 20)}); del out\n"
+        "print(rss() - base)\n"
+    )
+    kept = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    assert kept < 50, f"{kept} MB kept after encoding a 200 MB value"

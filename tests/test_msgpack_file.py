@@ -572,3 +572,96 @@ def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(t
     finally:
         huge.close()
     assert log.stat().st_size == size and storage.read("k") == "old"
+
+
+# -- kill -9 inside background merges ----------------------------------------------
+
+
+def _writer_log(log: Path) -> tuple[dict[str, int | None], tuple[str, int | None] | None, bool]:
+    """Each key's acknowledged value (None: deleted), the write in flight, and
+    whether the writer died inside a merge."""
+    acked: dict[str, int | None] = {}
+    pending: tuple[str, int | None] | None = None
+    merging = 0
+    for line in log.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue  # "ready", or a line cut short by the kill
+        kind, key, n = parts
+        if kind == "m+":
+            merging += 1
+        elif kind == "m-":
+            merging -= 1
+        elif kind == "w":
+            pending = (key, None if n == "-" else int(n))
+        elif kind == "a":
+            acked[key] = None if n == "-" else int(n)
+            pending = None
+    return acked, pending, merging > 0
+
+
+def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]:
+    """Kill a writer whose shards merge every few dozen writes, ``cycles``
+    times at random moments; after each kill a reader that stayed open and
+    a fresh one must read every acknowledged value (or the one in flight)."""
+    import random
+    import sys
+
+    rng = random.Random(seed)
+    root = Path(__file__).resolve().parent.parent
+    MsgpackFileStorage(directory, shards=2).close()
+    reader = MsgpackFileStorage(directory)
+    acked: dict[str, int | None] = {}
+    counts = {"checks": 0, "in_flight_seen": 0, "killed_in_merge": 0}
+    for cycle in range(cycles):
+        log = directory.parent / f"log{cycle}"
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "tests.shelf_writer", str(directory), str(cycle + 1), str(log), "merge-often"],
+            cwd=root,
+        )
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.read_bytes().startswith(b"ready")):
+            assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.01, 0.15))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(30)
+        mine, pending, in_merge = _writer_log(log)
+        counts["killed_in_merge"] += in_merge
+        acked.update(mine)
+        fresh = MsgpackFileStorage(directory) if cycle % 2 else None
+        for storage in (reader, fresh):
+            if storage is None:
+                continue
+            listed = set(storage.keys())
+            for key, want in acked.items():
+                got = storage.read(key)
+                got_n = None if got is None else got["n"]
+                if got is not None:
+                    assert got["blob"] == bytes([got_n % 251]) * len(got["blob"])
+                if got_n != want:
+                    assert pending == (key, got_n), f"cycle {cycle}: {key} reads {got_n}, acknowledged {want}"
+                    acked[key] = got_n
+                    counts["in_flight_seen"] += 1
+                else:
+                    counts["checks"] += 1
+            live = {key for key, n in acked.items() if n is not None}
+            assert listed == live or (pending is not None and listed ^ live == {pending[0]}), (listed, live)
+        if fresh is not None:
+            fresh.close()
+    reader.close()
+    leftovers = [n for n in os.listdir(directory) if ".merge" in n]
+    assert len(leftovers) <= 4, leftovers  # at most one merge's files per shard, until its next merge
+    return counts
+
+
+def test_kill_9_inside_background_merges_loses_nothing(tmp_path: Path) -> None:
+    counts = msgpack_kill_loop(tmp_path / "store", cycles=40, seed=3)
+    assert counts["checks"] > 0
+    assert counts["killed_in_merge"] >= 3, counts  # the loop did land inside merges
+
+
+@pytest.mark.slow
+def test_kill_9_inside_background_merges_stress(tmp_path: Path) -> None:
+    counts = msgpack_kill_loop(tmp_path / "store", cycles=400, seed=4)
+    assert counts["killed_in_merge"] >= 30, counts
