@@ -184,7 +184,7 @@ class Table:
             with memoryview(self.buf) as view:
                 offset = 0
                 while offset < len(view):
-                    offset += os.pwrite(fd, view[offset : offset + (8 << 20)], offset)
+                    offset += os.pwrite(fd, view[offset : offset + mmap.PAGESIZE], offset)
             if durable:
                 os.fsync(fd)
         finally:
@@ -208,6 +208,10 @@ class Index:
             if magic != MAGIC or capacity < 1 or capacity & (capacity - 1) or size != HEADER_SIZE + capacity * SLOT_SIZE:
                 raise ValueError("not a sessionkit index")
             self.map = mmap.mmap(fd, size)
+            if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                # Lookups touch a slot here and there: without this, read-ahead
+                # maps megabytes around each one into every process.
+                self.map.madvise(mmap.MADV_RANDOM)
         finally:
             os.close(fd)
         self.capacity = capacity
