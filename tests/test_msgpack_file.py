@@ -466,7 +466,7 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
 
 
 def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None:
-    from sessionkit.storage._shard import SLACK
+    from sessionkit.storage._shard import MERGER, OVERDUE, SLACK
 
     shards = 4
     storage = MsgpackFileStorage(directory, shards=shards)
@@ -477,11 +477,15 @@ def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None
             storage.write(f"k{i}", {"pad": pad, "round": round_})
     live = sum(len(_records.build(f"k{i}".encode(), storage._raw_dumps({"pad": pad, "round": 19}))) for i in range(50))
     used = sum(p.stat().st_size for p in shard_files(directory))
-    assert used <= 2 * live + constant
+    assert used <= (OVERDUE + 1) * (live + constant)  # while merges run in the background
+    assert MERGER.wait()
+    used = sum(p.stat().st_size for p in shard_files(directory))
+    assert used <= 2 * live + constant  # once they are done
     for i in range(50):
         storage.delete(f"k{i}")
     for i in range(40):  # later writes compact away the dead bytes
         storage.write(f"small{i}", 1)
+    assert MERGER.wait()
     used = sum(p.stat().st_size for p in shard_files(directory))
     assert used <= constant
     assert sorted(storage.keys()) == sorted(f"small{i}" for i in range(40))
@@ -663,5 +667,6 @@ def test_kill_9_inside_background_merges_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_9_inside_background_merges_stress(tmp_path: Path) -> None:
-    counts = msgpack_kill_loop(tmp_path / "store", cycles=400, seed=4)
-    assert counts["killed_in_merge"] >= 30, counts
+    cycles = int(os.environ.get("SESSIONKIT_KILL_CYCLES", "120"))  # 400 for the figures we publish
+    counts = msgpack_kill_loop(tmp_path / "store", cycles=cycles, seed=4)
+    assert counts["killed_in_merge"] >= cycles // 10, counts

@@ -39,6 +39,7 @@ log = logging.getLogger("sessionkit")
 
 CHUNK = 4 << 20  # bytes read at a time when loading or merging a log
 SLACK = 1 << 20  # dead bytes a shard may carry beyond its live bytes before a merge
+OVERDUE = 4  # dead bytes past OVERDUE * max(live, SLACK): the writer merges itself
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
 MERGE_CLAIM = 600.0  # seconds a merge keeps other processes from merging the same shard
 _MAX_RECORD = 0xFFFFFFFF  # a slot keeps a record's length in 32 bits
@@ -128,6 +129,7 @@ class Shard:
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.merging_until = 0.0
         self.retry_at = 0  # no merge is asked for before the log reaches this size
+        self.overdue = False  # a write found the log far past its bound
 
     # -- entering: lock and check ----------------------------------------------
 
@@ -477,7 +479,19 @@ class Shard:
             return
         if table.corrupt or end < self.retry_at or self.merging_until > time.time():
             return
+        if end - table.live > OVERDUE * max(table.live, SLACK):
+            self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
         MERGER.request(self)
+
+    def merge_if_overdue(self) -> None:
+        """Merge now, in the calling thread, if a write found the log far past
+        its bound (called outside any section, after a write)."""
+        if self.overdue:
+            self.overdue = False
+            try:
+                self.merge(time.time())
+            except StorageError as exc:
+                log.debug("sessionkit: merge of %s failed: %s", self.path, exc)
 
     # -- merging ----------------------------------------------------------------
 

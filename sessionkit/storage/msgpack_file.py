@@ -240,6 +240,8 @@ class MsgpackFileStorage(EncodedStorage):
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             shard.append(key, info, raw, 0.0 if ttl is None else self._clock() + ttl)
+        if shard.overdue:
+            shard.merge_if_overdue()
 
     def _raw_loads(self, raw: bytes, key: str) -> Any:
         try:
@@ -261,6 +263,8 @@ class MsgpackFileStorage(EncodedStorage):
             self._keylocks.check_held(key, self.directory)
             if shard.state(info) in (_index.LIVE, _index.CORRUPT):
                 shard.append(key, info, None, 0.0)
+        if shard.overdue:
+            shard.merge_if_overdue()
 
     def keys(self) -> Iterator[str]:
         """The keys of every live session in the store."""
