@@ -367,7 +367,8 @@ def test_hostile_keys_stay_inside_and_list_back(tmp_path: Path) -> None:
     everything = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")}
     assert all(p.startswith("inner") for p in everything)
     names = {p.name for p in Path(directory).iterdir()}
-    assert names <= {"FORMAT", "sessionkit.lock", "sessionkit.lock.d"} | {f"shard-{n:03d}.{e}" for n in range(16) for e in ("log", "idx")}
+    files = {f"shard-{n:03d}.{e}" for n in range(16) for e in ("log", "idx")}
+    assert names <= {"FORMAT", "sessionkit.lock", "sessionkit.lock.d"} | files
 
 
 def test_files_are_private(directory: str) -> None:

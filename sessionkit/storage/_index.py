@@ -82,7 +82,8 @@ def same_boot(boot: bytes) -> bool:
     if boot == BOOT_ID:
         return True
     if boot[:1] == BOOT_ID[:1] == b"T":  # two processes may round the boot time apart
-        return abs(int.from_bytes(boot[1:], "little", signed=True) - int.from_bytes(BOOT_ID[1:], "little", signed=True)) <= 1
+        theirs = int.from_bytes(boot[1:], "little", signed=True)
+        return abs(theirs - int.from_bytes(BOOT_ID[1:], "little", signed=True)) <= 1
     return False
 
 
@@ -205,7 +206,8 @@ class Index:
             if size < HEADER_SIZE:
                 raise ValueError("too short")
             magic, capacity, dev, ino, boot = FIXED.unpack(os.pread(fd, FIXED.size, 0))
-            if magic != MAGIC or capacity < 1 or capacity & (capacity - 1) or size != HEADER_SIZE + capacity * SLOT_SIZE:
+            whole = size == HEADER_SIZE + capacity * SLOT_SIZE
+            if magic != MAGIC or capacity < 1 or capacity & (capacity - 1) or not whole:
                 raise ValueError("not a sessionkit index")
             self.map = mmap.mmap(fd, size)
             if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_RANDOM"):

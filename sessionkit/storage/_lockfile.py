@@ -512,7 +512,9 @@ class StripedLocks:
             stripe = self._stripes[n] = _Stripe(lock)
         return stripe
 
-    def lock(self, slot: int, timeout: float | None, key: str, quick: bool = False) -> StripedLocks:
+    def lock(
+        self, slot: int, timeout: float | None, key: str, quick: bool = False
+    ) -> StripedLocks:
         self._check_identity(key)
         n = self._name(slot)
         deadline = None if timeout is None else _monotonic() + timeout

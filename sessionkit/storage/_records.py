@@ -41,6 +41,12 @@ _KEYS: dict[str, tuple[bytes, int, int, int]] = {}
 _KEYS_MAX = 1 << 14
 
 
+def key_hash(raw: bytes) -> tuple[int, int]:
+    """The two halves of an encoded key's 128-bit hash (see :func:`key_info`)."""
+    digest = _blake2b(raw, digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
 def key_info(key: str) -> tuple[bytes, int, int, int]:
     """``(encoded, h1, h2, crc)`` of a session key: its UTF-8 bytes, a 128-bit
     hash in two halves (the shared index's key, and ``h1 >> 2`` its lock

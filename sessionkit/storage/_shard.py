@@ -101,6 +101,34 @@ def _unlink(path: str) -> None:
         pass
 
 
+CATCH_UP = 8 << 10  # bytes appended during a merge that its swap adds under the lock
+PACE = 20e-6  # seconds of work between pauses of a background merge
+PAUSE = 200e-6  # seconds of each pause
+
+
+class _Pace:
+    """Called in a background merge's loops: sleeps ``PAUSE`` after each
+    ``PACE`` of work, so a thread waiting for the GIL waits at most about
+    ``PACE``, instead of the interpreter's switch interval (5 ms).  Once
+    ``behind()`` says the writes are outrunning the merge, it stops pausing."""
+
+    __slots__ = ("_next", "_behind", "_hurry")
+
+    def __init__(self, behind: Any) -> None:
+        self._next = time.perf_counter() + PACE
+        self._behind = behind
+        self._hurry = False
+
+    def __call__(self) -> None:
+        if self._hurry or time.perf_counter() < self._next:
+            return
+        if self._behind():
+            self._hurry = True
+            return
+        time.sleep(PAUSE)
+        self._next = time.perf_counter() + PACE
+
+
 class _Abort(Exception):
     """A merge gave up (the shard changed under it); nothing was replaced."""
 
@@ -280,7 +308,7 @@ class Shard:
             table = ix.Table(ix.capacity_for(sum(1 for e in entries.values() if e[2] != _DEAD)))
             for key, (offset, length, state, expiry) in entries.items():
                 if state != _DEAD:
-                    _raw, h1, h2, _crc = rec.key_info(key)
+                    h1, h2 = rec.key_hash(rec.encode_key(key))
                     table.put(h1, h2, offset, length, state, expiry)
             self._install(table, stop, old)
         except OSError as exc:
@@ -395,12 +423,14 @@ class Shard:
     def expired_count(self, now: float) -> int:
         if not self.table.expiring:  # type: ignore[union-attr]
             return 0
-        return sum(1 for s in ix.slots(self.idx.snapshot()) if s[4] == _LIVE and s[5] and s[5] <= now)  # type: ignore[union-attr]
+        snapshot = self.idx.snapshot()  # type: ignore[union-attr]
+        return sum(1 for s in ix.slots(snapshot) if s[4] == _LIVE and 0 < s[5] <= now)
 
     def live_records(self, now: float, with_values: bool) -> Iterator[tuple[str, bytes]]:
         """``(key, value)`` of every live, unexpired record (inside a section);
         the value is ``b""`` unless ``with_values``."""
-        wanted = sorted((s[2], s[3]) for s in ix.slots(self.idx.snapshot()) if s[4] == _LIVE and not (s[5] and s[5] <= now))  # type: ignore[union-attr]
+        snapshot = self.idx.snapshot()  # type: ignore[union-attr]
+        wanted = sorted((s[2], s[3]) for s in ix.slots(snapshot) if s[4] == _LIVE and not 0 < s[5] <= now)
         start = 0
         while start < len(wanted):
             first = wanted[start][0]
@@ -501,13 +531,15 @@ class Shard:
         table: ix.Table = self.table  # type: ignore[assignment]
         return table.used * 10 > table.capacity * 6 or self.end - table.live > max(table.live, SLACK)
 
-    def merge(self, now: float, wait: bool = False, force: bool = False) -> bool:
+    def merge(self, now: float, wait: bool = False, force: bool = False, paced: bool = False) -> bool:
         """Rewrite the log without dead and expired records, and index it anew;
         the shard is locked only at the start and for the swap at the end.
 
         Returns whether it merged (not when the shard holds a damaged record,
         another process is merging it, or the shard changed under it).
-        ``wait``: wait for another process's merge to end first.
+        ``wait``: wait for another process's merge to end first.  ``paced``
+        (the background thread): pause every ``PACE`` seconds of work, so the
+        threads that serve requests get the GIL back at once.
         """
         token = f"{os.getpid()}.{threading.get_ident()}.merge"
         deadline = time.monotonic() + SECTION_WAIT
@@ -538,11 +570,17 @@ class Shard:
         target = -1
         try:
             target = os.open(new_log, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            live = [s for s in ix.slots(snapshot) if s[4] == _LIVE and not (s[5] and s[5] <= now)]
+            pace = _Pace(lambda: self._grown_since(start)) if paced else None
+            live = []
+            for s in ix.slots(snapshot):
+                if s[4] == _LIVE and not (s[5] and s[5] <= now):
+                    live.append(s)
+                if pace is not None:
+                    pace()
             del snapshot
             live.sort(key=lambda s: s[2])
             merged = ix.Table(ix.capacity_for(len(live)))
-            pos = self._copy(source, target, live, merged)
+            pos = self._copy(source, target, live, merged, pace)
             if durable:
                 os.fsync(target)
             merged.write(new_index, (0, 0), pos, False)
@@ -567,7 +605,7 @@ class Shard:
                 _unlink(new_index)
                 self._release_claim()
 
-    def _copy(self, source: int, target: int, live: list[Any], merged: ix.Table) -> int:
+    def _copy(self, source: int, target: int, live: list[Any], merged: ix.Table, pace: Any) -> int:
         """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``."""
         write_all(target, rec.MAGIC, 0)
         pos = len(rec.MAGIC)
@@ -588,6 +626,8 @@ class Shard:
                 parts.append(record)
                 merged.put(h1, h2, pos, length, _LIVE, expiry)
                 pos += length
+                if pace is not None:
+                    pace()
             write_all(target, b"".join(parts), pos - sum(len(p) for p in parts))
             i = j
         return pos
@@ -597,20 +637,12 @@ class Shard:
         log_ident: tuple[int, int], new_log: str, new_index: str, durable: bool,
     ) -> None:
         """Under the lock: add what was appended since ``start``, then rename the new files into place."""
+        table = fresh.table()
+        start, pos = self._catch_up(source, target, table, start, pos)
         with self.mutex, self:
             if self.closed or self.log_ident != log_ident:
                 raise _Abort("the log was replaced meanwhile")
-            table = fresh.table()
-            tail = os.pread(self.fd, self.end - start, start) if self.end > start else b""
-            records, stop = rec.parse(tail, start, at_eof=False)
-            if stop != self.end or not all(r.ok for r in records):
-                raise _Abort("what was appended meanwhile does not parse")
-            for r in records:
-                piece = tail[r.offset - start : r.offset - start + r.length]
-                write_all(target, piece, pos)
-                _raw, h1, h2, _crc = rec.key_info(r.key)
-                table.put(h1, h2, pos, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
-                pos += r.length
+            start, pos = self._replay(self.fd, target, table, start, self.end, pos, None)
             if durable:
                 os.fdatasync(target)
             st = os.fstat(target)
@@ -621,8 +653,7 @@ class Shard:
             os.replace(new_log, self.path)
             os.replace(new_index, self.index_path)
             old.set_replaced()  # type: ignore[union-attr]
-            old.close()  # type: ignore[union-attr]
-            os.close(self.fd)
+            retired = (old, self.fd)  # closed after the lock: freeing the old log's blocks takes a while
             self.fd = target
             self.log_ident = (st.st_dev, st.st_ino)
             fresh.log_ident = self.log_ident
@@ -635,6 +666,49 @@ class Shard:
                     self.dir_unsynced = 1
                     table.store_counters(pos, 1)
                     log.warning("sessionkit: cannot make the merge of %s durable yet: %s", self.path, exc)
+        retired[0].close()  # type: ignore[union-attr]
+        os.close(retired[1])
+
+    def _grown_since(self, start: int) -> bool:
+        """Whether the log has grown by more than its bound allows since ``start`` (a merge is falling behind)."""
+        with self.mutex:
+            if self.map is None:
+                return True
+            c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
+        return bool(c[0] - start > max(c[1], SLACK))
+
+    def _catch_up(self, source: int, target: int, table: ix.Table, start: int, pos: int) -> tuple[int, int]:
+        """Outside the lock: add to the merged log what was appended since
+        ``start``, until little is left for the swap to add under the lock."""
+        pace = _Pace(lambda: self._grown_since(start))
+        for _ in range(8):
+            with self.mutex:  # the thread mutex only: another thread may swap the mapping
+                if self.map is None:
+                    break
+                c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
+            if c[4] or c[5] or c[0] - start < CATCH_UP:
+                break  # being written, replaced, or little left
+            start, pos = self._replay(source, target, table, start, c[0], pos, pace)
+        return start, pos
+
+    def _replay(
+        self, source: int, target: int, table: ix.Table, start: int, end: int, pos: int, pace: Any
+    ) -> tuple[int, int]:
+        """Copy the records from ``start`` to ``end`` of the log open at
+        ``source`` to the merged log at ``pos``, indexing them in ``table``."""
+        if end <= start:
+            return start, pos
+        tail = os.pread(source, end - start, start)
+        records, stop = rec.parse(tail, start, at_eof=False)
+        if stop != end or not all(r.ok for r in records):
+            raise _Abort("what was appended meanwhile does not parse")
+        write_all(target, tail, pos)  # the records are contiguous: one write
+        for r in records:
+            h1, h2 = rec.key_hash(rec.encode_key(r.key))
+            table.put(h1, h2, pos + r.offset - start, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
+            if pace is not None:
+                pace()
+        return end, pos + len(tail)
 
     def _release_claim(self) -> None:
         try:
@@ -693,7 +767,7 @@ class Merger:
                         return
                 continue
             try:
-                shard.merge(time.time())
+                shard.merge(time.time(), paced=True)
             except Exception as exc:  # maintenance only: the writes go on without it
                 log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)
             finally:
