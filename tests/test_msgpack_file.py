@@ -671,3 +671,25 @@ def test_kill_9_inside_background_merges_stress(tmp_path: Path) -> None:
     cycles = int(os.environ.get("SESSIONKIT_KILL_CYCLES", "120"))  # 400 for the figures we publish
     counts = msgpack_kill_loop(tmp_path / "store", cycles=cycles, seed=4)
     assert counts["killed_in_merge"] >= cycles // 10, counts
+
+
+def test_background_merges_expire_by_the_storages_clock(directory: str) -> None:
+    """A merge in the background drops only what the storage's own clock says has expired."""
+    from sessionkit.storage._shard import MERGER
+
+    clock = FakeClock(start=1_000_000_000.0)  # far behind the real clock
+    storage = MsgpackFileStorage(directory, shards=1, ttl=3600, clock=clock)
+    for i in range(20):
+        storage.write(f"keep{i}", {"i": i})
+    for n in range(400):  # enough dead bytes for several merges
+        storage.write("churn", {"n": n, "pad": "x" * 10_000})
+    assert MERGER.wait()
+    assert [storage.read(f"keep{i}") for i in range(20)] == [{"i": i} for i in range(20)]
+    clock.tick(3601)
+    for n in range(400):
+        storage.write("churn", {"n": n, "pad": "x" * 10_000})
+    assert MERGER.wait()
+    assert storage.read("keep0") is None
+    assert sorted(storage.keys()) == ["churn"]
+    size = shard_files(directory)[0].stat().st_size
+    assert size < 4 << 20  # merged, without the expired sessions

@@ -158,6 +158,9 @@ class Shard:
         self.merging_until = 0.0
         self.retry_at = 0  # no merge is asked for before the log reaches this size
         self.overdue = False  # a write found the log far past its bound
+        # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
+        # one, so merges in the background expire sessions by the same clock.
+        self.skew = 0.0
 
     # -- entering: lock and check ----------------------------------------------
 
@@ -519,7 +522,7 @@ class Shard:
         if self.overdue:
             self.overdue = False
             try:
-                self.merge(time.time())
+                self.merge(time.time() + self.skew)
             except StorageError as exc:
                 log.debug("sessionkit: merge of %s failed: %s", self.path, exc)
 
@@ -767,7 +770,7 @@ class Merger:
                         return
                 continue
             try:
-                shard.merge(time.time(), paced=True)
+                shard.merge(time.time() + shard.skew, paced=True)
             except Exception as exc:  # maintenance only: the writes go on without it
                 log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)
             finally:

@@ -27,6 +27,7 @@ FORMAT_FILE = "FORMAT"
 _MAX_SHARDS = 4096  # the most shards a store may have
 LOCK_FILE = "sessionkit.lock"
 _key_info = _records.key_info
+_time = time.time
 
 
 class _MsgpackStore(StoreState):
@@ -119,26 +120,39 @@ class MsgpackFileStorage(EncodedStorage):
     """Sessions as msgpack in one directory, shared by threads and processes.
 
     The directory holds ``shards`` append-only logs (a session's key picks
-    its shard), an in-memory index per process, and one lock file.  A write
-    appends one record with one ``pwrite``; a read is one ``pread``.  A log
-    is rewritten without its dead records once they outweigh the live ones,
-    so disk use stays within about twice the live data plus a constant.
+    its shard), beside each log a shared index, and one lock file.  A write
+    appends one record with one ``pwrite`` and updates the index; a read
+    looks the key up in the index and reads its record with one ``pread``.
+    Every process maps the same index files, so a process never re-reads
+    what another appended, and opening a store reads no log: the first
+    session of a million-session store is read in about a millisecond.
 
-    Crash safety: every record carries checksums.  A record cut short by a
-    crash (``kill -9`` mid-write) is dropped on the next open, so a key reads
-    as its last acknowledged value; damaged bytes elsewhere raise
-    ``CorruptSessionError`` naming the key and file and are never dropped.
-    ``durable=True`` also ``fdatasync``\\ s each write (and the directory when
-    a log is created or replaced), so an acknowledged write survives power
-    loss.
+    Dead records are merged away once they outweigh the live ones (beyond
+    1 MiB per shard) by a background thread of the process that noticed:
+    it copies the live records to a new log without the shard's lock, then
+    takes the lock only to add what was appended meanwhile and rename the
+    new files into place.  Disk use stays within about twice the live data
+    plus a constant; a process whose writes outrun its merge thread merges
+    in the writing thread.  ``close()`` waits for a merge under way.
+
+    Crash safety: every record carries checksums, and the index is a cache
+    of the log that is rebuilt from it whenever it may be stale (a process
+    killed while writing, a crash inside a merge, a restart of the machine,
+    a damaged or missing index file).  A record cut short by a crash
+    (``kill -9`` mid-write) is dropped, so a key reads as its last
+    acknowledged value; damaged bytes elsewhere raise
+    ``CorruptSessionError`` naming the key and file and are never dropped or
+    merged away.  ``durable=True`` also ``fdatasync``\\ s each write (and
+    the directory when a log is created or replaced), so an acknowledged
+    write survives power loss.
 
     Lock scope: process.  ``lock(key)`` excludes other threads (a per-key
     thread lock) and other processes (a byte-range lock on one byte of the
     lock file, chosen by a 62-bit hash of the key; two keys share a lock only
     on a hash collision).  A key held open never delays a different key.
-    Each storage operation also holds its shard's lock for the microseconds
-    of its I/O.  Local filesystems only: byte-range locks over NFS are not
-    trusted.
+    Each write also holds its shard's lock for the microseconds of its I/O.
+    Local filesystems only: byte-range locks and shared mappings over NFS
+    are not trusted.
 
     ``ttl`` (seconds or ``timedelta``) expires a session that long after its
     last write; ``purge_expired()`` reclaims expired sessions without
@@ -237,6 +251,8 @@ class MsgpackFileStorage(EncodedStorage):
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
         shard = self._shards[info[3] % self.shards]
         ttl = self.ttl
+        if self._clock is not _time:
+            shard.skew = self._clock() - _time()
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             shard.append(key, info, raw, 0.0 if ttl is None else self._clock() + ttl)
