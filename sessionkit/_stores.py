@@ -47,7 +47,7 @@ _REDIS_SCHEMES = {
     "rediss+cluster": ("rediss", True),
 }
 _FORMAT_FILE = "FORMAT"
-_FORMAT_FIRST_LINE = b"sessionkit msgpack-log 1"
+_FORMAT_FIRST_LINES = (b"sessionkit msgpack-log 1", b"sessionkit msgpack-log 2")
 _DBMS = ("dbm.dumb", "dbm.gnu", "dbm.ndbm", "dbm.sqlite3")  # what shelve:PATH?dbm= may name
 _CONNECT_TIMEOUT = 5.0  # seconds, unless the URL sets socket_connect_timeout
 _SOCKET_TIMEOUT = 30.0  # seconds, unless the URL sets socket_timeout
@@ -99,7 +99,7 @@ def _is_msgpack_store(path: str) -> bool:
     """Whether ``path`` holds a msgpack store's FORMAT file."""
     try:
         with open(os.path.join(path, _FORMAT_FILE), "rb") as f:
-            return f.readline().rstrip(b"\n") == _FORMAT_FIRST_LINE
+            return f.readline().rstrip(b"\n") in _FORMAT_FIRST_LINES
     except OSError:
         return False
 

@@ -294,7 +294,8 @@ def _format_count(directory: str) -> tuple[int, str]:
     try:
         with open(path, "rb") as f:
             lines = f.read().split(b"\n")
-        if len(lines) < 2 or lines[0] != b"sessionkit msgpack-log 1" or not lines[1].startswith(b"shards "):
+        known = (b"sessionkit msgpack-log 1", b"sessionkit msgpack-log 2")
+        if len(lines) < 2 or lines[0] not in known or not lines[1].startswith(b"shards "):
             raise ValueError("not a sessionkit store format file")
         count = int(lines[1][len(b"shards "):].decode("ascii"))
         if not 1 <= count <= 4096:

@@ -8,7 +8,7 @@ Layout (little-endian)::
 
     0    magic (8) | capacity u64 | log device u64 | log inode u64 | boot id (16)
     64   end | live | count | used | dirty | replaced | corrupt | expiring |
-         dir_unsynced (u64 each) | merging_until f64 | retry_merge_at u64
+         dir_unsynced (u64 each) | two reserved words
     4096 capacity slots of 40 bytes:
          h1 u64 | h2 u64 | offset u64 | length u32 | state u32 | expiry f64
 
@@ -38,9 +38,11 @@ Rules that keep the table true, for every process:
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import struct
+import sys
 import time
 from typing import Any, Iterator
 
@@ -53,9 +55,7 @@ COUNTERS = struct.Struct("<QQQQQQQQQdQ")
 COUNTERS_AT = 64
 DIRTY_AT = COUNTERS_AT + 4 * 8
 REPLACED_AT = COUNTERS_AT + 5 * 8
-MERGING_AT = COUNTERS_AT + 9 * 8
 _U64 = struct.Struct("<Q")
-_F64 = struct.Struct("<d")
 MIN_CAPACITY = 1 << 10
 
 EMPTY, LIVE, DEAD, CORRUPT = 0, 1, 2, 3
@@ -159,8 +159,10 @@ class Table:
             self.live += length
             if expiry:
                 self.expiring += 1
-        elif state == CORRUPT:
-            self.corrupt += 1
+        else:
+            length = 0  # only a LIVE slot has a length: see check()
+            if state == CORRUPT:
+                self.corrupt += 1
         _slot_pack(buf, HEADER_SIZE + pos * SLOT_SIZE, h1, h2, offset, length, state, expiry)
 
     def load_counters(self) -> tuple[Any, ...]:
@@ -169,11 +171,11 @@ class Table:
         self.live, self.count, self.used, self.corrupt, self.expiring = c[1], c[2], c[3], c[6], c[7]
         return c  # type: ignore[no-any-return]
 
-    def store_counters(self, end: int, dir_unsynced: int = 0, merging_until: float = 0.0, retry_at: int = 0) -> None:
+    def store_counters(self, end: int, dir_unsynced: int = 0) -> None:
         """Write the counters to the header, with ``dirty`` and ``replaced`` clear."""
         COUNTERS.pack_into(
             self.buf, COUNTERS_AT, end, self.live, self.count, self.used, 0, 0, self.corrupt, self.expiring,
-            dir_unsynced, merging_until, retry_at,
+            dir_unsynced, 0.0, 0,
         )
 
     def write(self, path: str, log_ident: tuple[int, int], end: int, durable: bool) -> None:
@@ -190,6 +192,27 @@ class Table:
                 os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check(data: bytes, capacity: int) -> str:
+    """Why the counters and slots in ``data`` (an index from byte
+    ``COUNTERS_AT`` on) do not agree, or ``""``.  Zeroed or overwritten
+    slots would hide sessions; their counts give them away."""
+    c = COUNTERS.unpack_from(data, 0)
+    if c[4] or c[5]:
+        return ""  # being written, or replaced: the caller looks at those itself
+    words = array.array("I")
+    words.frombytes(data[HEADER_SIZE - COUNTERS_AT :])
+    if sys.byteorder == "big":
+        words.byteswap()
+    if len(words) != capacity * (SLOT_SIZE // 4):
+        return "its table is cut short"
+    states = words[7 :: SLOT_SIZE // 4].tolist()
+    used = capacity - states.count(EMPTY)
+    live = sum(words[6 :: SLOT_SIZE // 4])
+    if (states.count(LIVE), used, states.count(CORRUPT), live) != (c[2], c[3], c[6], c[1]):
+        return "its slots do not match its counters"
+    return ""
 
 
 class Index:
@@ -209,6 +232,11 @@ class Index:
             whole = size == HEADER_SIZE + capacity * SLOT_SIZE
             if magic != MAGIC or capacity < 1 or capacity & (capacity - 1) or not whole:
                 raise ValueError("not a sessionkit index")
+            # Read with pread, not through the mapping: the check reads every
+            # slot, and pages read through a mapping stay in this process.
+            why = check(os.pread(fd, size - COUNTERS_AT, COUNTERS_AT), capacity)
+            if why:
+                raise ValueError(why)
             self.map = mmap.mmap(fd, size)
             if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 # Lookups touch a slot here and there: without this, read-ahead
@@ -231,9 +259,6 @@ class Index:
 
     def set_replaced(self) -> None:
         _U64.pack_into(self.map, REPLACED_AT, 1)
-
-    def set_merging(self, until: float) -> None:
-        _F64.pack_into(self.map, MERGING_AT, until)
 
     def snapshot(self) -> bytes:
         """Every slot, copied out at once (see :func:`slots`)."""

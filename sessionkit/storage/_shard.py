@@ -41,7 +41,7 @@ CHUNK = 4 << 20  # bytes read at a time when loading or merging a log
 SLACK = 1 << 20  # dead bytes a shard may carry beyond its live bytes before a merge
 OVERDUE = 4  # dead bytes past OVERDUE * max(live, SLACK): the writer merges itself
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
-MERGE_CLAIM = 600.0  # seconds a merge keeps other processes from merging the same shard
+MERGE_SLOTS = 1 << 20  # a shard's merge slot is its slot plus this
 _MAX_RECORD = 0xFFFFFFFF  # a slot keeps a record's length in 32 bits
 _LIVE, _DEAD, _CORRUPT, _EMPTY = ix.LIVE, ix.DEAD, ix.CORRUPT, ix.EMPTY
 _COUNTERS = ix.COUNTERS
@@ -50,6 +50,7 @@ _DIRTY_AT = ix.DIRTY_AT
 _U64 = ix._U64
 _pread = os.pread
 _value_of = rec.value_of
+_MAGIC_SIZE = len(rec.MAGIC)
 
 
 def write_all(fd: int, data: bytes, offset: int) -> None:
@@ -133,6 +134,15 @@ class _Abort(Exception):
     """A merge gave up (the shard changed under it); nothing was replaced."""
 
 
+class _Stale(_Abort):
+    """A merge found the index not matching the log: it is indexed anew."""
+
+
+# Descriptors a merge under way holds (closed in a forked child, whose copy
+# of the merge thread does not exist).
+_MERGE_FDS: set[int] = set()
+
+
 class Shard:
     """An append-only log of records and the shared index over it."""
 
@@ -155,9 +165,13 @@ class Shard:
         # The header's counters, read on entering (valid inside a section):
         self.end = 0  # where the valid log ends, and the next record goes
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
-        self.merging_until = 0.0
-        self.retry_at = 0  # no merge is asked for before the log reaches this size
         self.overdue = False  # a write found the log far past its bound
+        self.merge_mutex = threading.Lock()  # a merge under way in this process
+        self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
+        self.next_request = 0.0  # monotonic time before which no merge is asked for
+        self.private = False  # indexed in memory only: its index file could not be written
+        self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
+        self.retry_private = 0.0
         # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
         # one, so merges in the background expire sessions by the same clock.
         self.skew = 0.0
@@ -195,13 +209,27 @@ class Shard:
         if table is None:
             self._open()
             return
+        if self.private:
+            self._sync_private()
+            return
         c = table.load_counters()
         if c[5]:  # replaced by a rebuild, a growth or a merge: take the new files
             self._open()
         elif c[4]:  # a writer died between its append and its index update
             self._rebuild("a process stopped while writing to it")
         else:
-            self.end, self.dir_unsynced, self.merging_until, self.retry_at = c[0], c[8], c[9], c[10]
+            self.end, self.dir_unsynced = c[0], c[8]
+
+    def _sync_private(self) -> None:
+        """A shard indexed in memory only (see :meth:`_rebuild`): index the
+        log anew if it changed, and try to write the index out now and then."""
+        try:
+            size = os.fstat(self.fd).st_size
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
+        if size != self.end or time.monotonic() >= self.retry_private:
+            self.private = False
+            self._rebuild("its index could not be written before", reopen=True)
 
     def _close_files(self) -> None:
         if self.idx is not None:
@@ -266,9 +294,10 @@ class Shard:
     def _use(self, idx: ix.Index) -> None:
         self.idx = idx
         self.map = idx.map
+        self.private = False
         self.table = table = idx.table()
         c = table.load_counters()
-        self.end, self.dir_unsynced, self.merging_until, self.retry_at = c[0], c[8], c[9], c[10]
+        self.end, self.dir_unsynced = c[0], c[8]
 
     def _rebuild(self, why: str, reopen: bool = True) -> None:
         """Index the whole log anew (dropping a crashed tail), and put the new
@@ -313,9 +342,19 @@ class Shard:
                 if state != _DEAD:
                     h1, h2 = rec.key_hash(rec.encode_key(key))
                     table.put(h1, h2, offset, length, state, expiry)
-            self._install(table, stop, old)
         except OSError as exc:
             raise StorageError(f"cannot index {self.path}: {exc}", path=self.path) from exc
+        try:
+            self._install(table, stop, old)
+        except OSError as exc:
+            # No room for an index file (a full disk): serve reads from this
+            # table, kept in this process only, and refuse writes until a
+            # later section manages to write it (see _sync).
+            log.warning("sessionkit: cannot write the index of %s (%s); reading it from memory", self.path, exc)
+            table.store_counters(stop)
+            self.private = True
+            self.table, self.map, self.end = table, table.buf, stop
+            self.retry_private = time.monotonic() + 1.0
 
     def _open_log_only(self) -> None:
         try:
@@ -354,7 +393,7 @@ class Shard:
         """
         with self.mutex:
             table = self.table
-            if table is None:
+            if table is None or self.private:
                 return False
             c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
             if c[4] or c[5]:
@@ -370,6 +409,8 @@ class Shard:
                 return None if state == _DEAD else False
             if slot[5] and slot[5] <= now:
                 return None
+            if not _MAGIC_SIZE <= slot[2] <= c[0] - slot[3]:
+                return False  # a damaged slot: the locked path indexes the log anew
             try:
                 value = _value_of(_pread(self.fd, slot[3], slot[2]), info[0])
             except OSError:
@@ -385,11 +426,16 @@ class Shard:
             raise self._damaged(key, slot[2])
         if slot[5] and slot[5] <= now:
             return None
-        try:
-            record = os.pread(self.fd, slot[3], slot[2])
-        except OSError as exc:
-            raise StorageError(f"cannot read session {key!r} from {self.path}: {exc}", key=key, path=self.path) from exc
-        value = _value_of(record, info[0])
+        if _MAGIC_SIZE <= slot[2] <= self.end - slot[3]:
+            try:
+                record = os.pread(self.fd, slot[3], slot[2])
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot read session {key!r} from {self.path}: {exc}", key=key, path=self.path
+                ) from exc
+            value = _value_of(record, info[0])
+        else:
+            value = None  # a damaged slot
         if value is None:
             # The log is the truth: index it anew, once, and look again.
             self._rebuild(f"the record of {key!r} at byte {slot[2]} does not check out")
@@ -398,7 +444,9 @@ class Shard:
                 return None
             if slot[4] == _CORRUPT:
                 raise self._damaged(key, slot[2])
-            value = _value_of(os.pread(self.fd, slot[3], slot[2]), info[0])
+            value = None
+            if _MAGIC_SIZE <= slot[2] <= self.end - slot[3]:
+                value = _value_of(os.pread(self.fd, slot[3], slot[2]), info[0])
             if value is None:
                 raise self._damaged(key, slot[2])
         return value
@@ -426,13 +474,13 @@ class Shard:
     def expired_count(self, now: float) -> int:
         if not self.table.expiring:  # type: ignore[union-attr]
             return 0
-        snapshot = self.idx.snapshot()  # type: ignore[union-attr]
+        snapshot = self.map[ix.HEADER_SIZE :]
         return sum(1 for s in ix.slots(snapshot) if s[4] == _LIVE and 0 < s[5] <= now)
 
     def live_records(self, now: float, with_values: bool) -> Iterator[tuple[str, bytes]]:
         """``(key, value)`` of every live, unexpired record (inside a section);
         the value is ``b""`` unless ``with_values``."""
-        snapshot = self.idx.snapshot()  # type: ignore[union-attr]
+        snapshot = self.map[ix.HEADER_SIZE :]
         wanted = sorted((s[2], s[3]) for s in ix.slots(snapshot) if s[4] == _LIVE and not 0 < s[5] <= now)
         start = 0
         while start < len(wanted):
@@ -465,6 +513,13 @@ class Shard:
                 f"at most {_MAX_RECORD:,}; the stored value is unchanged",
                 key=key,
             )
+        if self.private:
+            raise StorageError(
+                f"cannot write session {key!r} to {self.path}: its index could not be written (is the disk "
+                "full?); it is read from memory until it can be, and the stored value is unchanged",
+                key=key,
+                path=self.path,
+            )
         table: ix.Table = self.table  # type: ignore[assignment]
         flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if self.durable else 0)
         data = rec.build(kb, value or b"", flags, expiry)
@@ -495,22 +550,26 @@ class Shard:
         except ValueError:
             self._rebuild("its index has no free slot")
             return
-        table.store_counters(end, self.dir_unsynced, self.merging_until, self.retry_at)
+        table.store_counters(end, self.dir_unsynced)
         if table.used * 10 > table.capacity * 6 or end - table.live > max(table.live, SLACK):
             self._maintain(table, end)
 
     def _maintain(self, table: ix.Table, end: int) -> None:
         """The index is filling up or the log holds more dead bytes than live
         ones: ask for a merge; grow the index now if it is nearly full."""
-        if table.used * 20 > table.capacity * 17:
+        if table.used * 20 > table.capacity * 17 and time.monotonic() >= self.next_grow:
             old = self.idx
             grown = ix.Table(ix.capacity_for(table.count + table.corrupt))
             for s in ix.slots(old.snapshot()):  # type: ignore[union-attr]
                 if s[4] == _LIVE or s[4] == _CORRUPT:
                     grown.put(s[0], s[1], s[2], s[3], s[4], s[5])
-            self._install(grown, end, old)
+            try:
+                self._install(grown, end, old)
+            except OSError as exc:  # the write is made; a write a second from now tries again
+                log.warning("sessionkit: cannot grow the index of %s: %s", self.path, exc)
+                self.next_grow = time.monotonic() + 1.0
             return
-        if table.corrupt or end < self.retry_at or self.merging_until > time.time():
+        if table.corrupt or time.monotonic() < self.next_request:
             return
         if end - table.live > OVERDUE * max(table.live, SLACK):
             self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
@@ -523,7 +582,7 @@ class Shard:
             self.overdue = False
             try:
                 self.merge(time.time() + self.skew)
-            except StorageError as exc:
+            except Exception as exc:  # maintenance only: the write was made
                 log.debug("sessionkit: merge of %s failed: %s", self.path, exc)
 
     # -- merging ----------------------------------------------------------------
@@ -539,48 +598,67 @@ class Shard:
         the shard is locked only at the start and for the swap at the end.
 
         Returns whether it merged (not when the shard holds a damaged record,
-        another process is merging it, or the shard changed under it).
-        ``wait``: wait for another process's merge to end first.  ``paced``
-        (the background thread): pause every ``PACE`` seconds of work, so the
-        threads that serve requests get the GIL back at once.
+        needs no merge, another thread or process is merging it, or the
+        shard changed under it).  ``force``: merge even if few records are
+        dead.  ``wait``: wait (up to a minute) for another merge to end.
+        ``paced`` (the background thread): pause every ``PACE`` seconds of
+        work, so the threads that serve requests get the GIL back at once.
+
+        A merge is claimed by the shard's ``merge_mutex`` (threads) and a
+        lock on its merge slot (processes), held throughout: the kernel
+        drops the latter when a merging process dies.
         """
-        token = f"{os.getpid()}.{threading.get_ident()}.merge"
-        deadline = time.monotonic() + SECTION_WAIT
-        while True:
-            with self.mutex, self:
-                table: ix.Table = self.table  # type: ignore[assignment]
-                if table.corrupt or not (force or self.needs_merge()):
-                    return False
-                claimed = self.merging_until > time.time()
-                if not claimed:
-                    for leftover in glob.glob(glob.escape(self.path) + ".*.merge*") + glob.glob(
-                        glob.escape(self.index_path) + ".*.merge*"
-                    ):
-                        _unlink(leftover)
-                    self.merging_until = time.time() + MERGE_CLAIM
-                    self.idx.set_merging(self.merging_until)  # type: ignore[union-attr]
-                    start = self.end
-                    snapshot = self.idx.snapshot()  # type: ignore[union-attr]
-                    log_ident = self.log_ident
-                    source = os.dup(self.fd)
-                    durable = self.durable
-                    break
-            if not wait or time.monotonic() > deadline:
+        if not (self.merge_mutex.acquire(True, SECTION_WAIT) if wait else self.merge_mutex.acquire(False)):
+            return False
+        try:
+            try:
+                claim = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
+            except LockTimeout:
+                self.next_request = time.monotonic() + 0.1  # another process is merging it
                 return False
-            time.sleep(0.01)
+            try:
+                return self._merge(now, force, paced)
+            finally:
+                self.locks.unlock(claim, self.merge_slot)
+        finally:
+            self.merge_mutex.release()
+
+    def _merge(self, now: float, force: bool, paced: bool) -> bool:
+        token = f"{os.getpid()}.{threading.get_ident()}.merge"
+        with self.mutex, self:
+            table: ix.Table = self.table  # type: ignore[assignment]
+            if self.private or table.corrupt or not (force or self.needs_merge()):
+                return False
+            # Left by merges or index rebuilds that died: none is under way
+            # (this one holds the claim, and the shard is locked).
+            for leftover in glob.glob(glob.escape(self.path) + ".*.merge") + glob.glob(
+                glob.escape(self.index_path) + ".*"
+            ):
+                _unlink(leftover)
+            start = self.end
+            data = self.map[ix.COUNTERS_AT :]
+            capacity = self.idx.capacity  # type: ignore[union-attr]
+            log_ident = self.log_ident
+            durable = self.durable
+            source = os.dup(self.fd)
+            _MERGE_FDS.add(source)
         new_log = f"{self.path}.{token}"
         new_index = f"{self.index_path}.{token}"
         target = -1
         try:
+            why = ix.check(data, capacity)
+            if why:
+                raise _Stale(why)
             target = os.open(new_log, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _MERGE_FDS.add(target)
             pace = _Pace(lambda: self._grown_since(start)) if paced else None
             live = []
-            for s in ix.slots(snapshot):
-                if s[4] == _LIVE and not (s[5] and s[5] <= now):
+            for s in ix.slots(data[ix.HEADER_SIZE - ix.COUNTERS_AT :]):
+                if s[4] == _LIVE and not 0 < s[5] <= now:
                     live.append(s)
                 if pace is not None:
                     pace()
-            del snapshot
+            del data
             live.sort(key=lambda s: s[2])
             merged = ix.Table(ix.capacity_for(len(live)))
             pos = self._copy(source, target, live, merged, pace)
@@ -593,20 +671,32 @@ class Shard:
             except BaseException:
                 fresh.close()
                 raise
+            _MERGE_FDS.discard(target)
             target = -1  # now the shard's log
             return True
+        except _Stale as why:
+            # The index does not match the log: never merge by it (the
+            # records it lost would be left behind); index the log anew.
+            log.warning("sessionkit: %s: %s; indexing its log anew", self.index_path, why)
+            with self.mutex, self:
+                if self.log_ident == log_ident:
+                    self._rebuild(str(why))
+            return False
         except _Abort as why:
             log.debug("sessionkit: merge of %s given up: %s", self.path, why)
+            self.next_request = time.monotonic() + 1.0
             return False
         except OSError as exc:
+            self.next_request = time.monotonic() + 1.0
             raise StorageError(f"cannot merge {self.path}: {exc}", path=self.path) from exc
         finally:
+            _MERGE_FDS.discard(source)
             os.close(source)
             if target >= 0:
+                _MERGE_FDS.discard(target)
                 os.close(target)
                 _unlink(new_log)
                 _unlink(new_index)
-                self._release_claim()
 
     def _copy(self, source: int, target: int, live: list[Any], merged: ix.Table, pace: Any) -> int:
         """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``."""
@@ -625,7 +715,10 @@ class Shard:
             for h1, h2, offset, length, _state, expiry in live[i:j]:
                 record = data[offset - first : offset - first + length]
                 if len(record) != length or rec.record_size(record) != length:
-                    raise _Abort(f"the record at byte {offset} is not whole")
+                    raise _Stale(f"its slot for byte {offset} does not point at a whole record")
+                klen = rec.HEADER.unpack_from(record, 0)[1]
+                if rec.key_hash(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen]) != (h1, h2):
+                    raise _Stale(f"its slot for byte {offset} does not match the key recorded there")
                 parts.append(record)
                 merged.put(h1, h2, pos, length, _LIVE, expiry)
                 pos += length
@@ -708,19 +801,15 @@ class Shard:
         write_all(target, tail, pos)  # the records are contiguous: one write
         for r in records:
             h1, h2 = rec.key_hash(rec.encode_key(r.key))
-            table.put(h1, h2, pos + r.offset - start, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
+            try:
+                table.put(h1, h2, pos + r.offset - start, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
+            except ValueError:
+                raise _Abort("the merged index filled up") from None
+            if table.used * 20 > table.capacity * 17:
+                raise _Abort("the merged index filled up with keys added meanwhile")
             if pace is not None:
                 pace()
         return end, pos + len(tail)
-
-    def _release_claim(self) -> None:
-        try:
-            with self.mutex, self:
-                self.merging_until = 0.0
-                self.retry_at = self.end + max(SLACK, self.table.live)  # type: ignore[union-attr]
-                self.table.store_counters(self.end, self.dir_unsynced, 0.0, self.retry_at)  # type: ignore[union-attr]
-        except (StorageError, OSError) as exc:
-            log.debug("sessionkit: cannot release the merge claim of %s: %s", self.path, exc)
 
     def close(self) -> None:
         self.closed = True
@@ -803,6 +892,12 @@ class Merger:
         self._pending = []
         self._thread = self._running = None
         self._wake = threading.Event()
+        for fd in list(_MERGE_FDS):  # the parent's merge under way: its copies here would pin its files
+            _MERGE_FDS.discard(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 MERGER = Merger()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import weakref
 from datetime import timedelta
@@ -24,6 +25,7 @@ __all__ = ["MsgpackFileStorage"]
 log = logging.getLogger("sessionkit")
 
 FORMAT_FILE = "FORMAT"
+FORMAT_LINE = "sessionkit msgpack-log 2"
 _MAX_SHARDS = 4096  # the most shards a store may have
 LOCK_FILE = "sessionkit.lock"
 _key_info = _records.key_info
@@ -48,7 +50,13 @@ class _MsgpackStore(StoreState):
         self.shards = [Shard(self.directory, n, self.locks, _SHARD_BASE + n) for n in range(self.count)]
 
     def _read_format(self, shards: int | None) -> int:
-        """The shard count recorded in the directory, recorded on first use."""
+        """The shard count recorded in the directory, recorded on first use.
+
+        ``FORMAT`` says ``sessionkit msgpack-log 2``: the logs have shared
+        indexes.  A store of version 1 (logs only) is upgraded as it is
+        opened, so that no process of an older sessionkit, which would append
+        without indexing, opens it any more.
+        """
         path = os.path.join(self.directory, FORMAT_FILE)
         held = self.locks.lock(_SHARD_BASE - 1, None, "")
         try:
@@ -57,23 +65,35 @@ class _MsgpackStore(StoreState):
                     raw = f.read()
             except FileNotFoundError:
                 count = self._count_for_new_format(shards)
-                tmp = path + ".tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o600)
-                try:
-                    os.write(fd, f"sessionkit msgpack-log 1\nshards {count}\n".encode("ascii"))
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-                fsync_dir(self.directory)
+                self._write_format(path, count)
                 return count
+            count, version = self._parse_format(path, raw)
+            if version == 1:
+                self._write_format(path, count)
+            return count
         except OSError as exc:
             raise StorageError(f"cannot set up {self.directory}: {exc}", path=self.directory) from exc
         finally:
             self.locks.unlock(held, _SHARD_BASE - 1)
+
+    def _write_format(self, path: str, count: int) -> None:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{FORMAT_LINE}\nshards {count}\n".encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(self.directory)
+
+    @staticmethod
+    def _parse_format(path: str, raw: bytes) -> tuple[int, int]:
+        """``(shard count, version)`` from a FORMAT file's bytes."""
         lines = raw.split(b"\n")
         try:
-            if len(lines) < 2 or lines[0] != b"sessionkit msgpack-log 1" or not lines[1].startswith(b"shards "):
+            versions = {b"sessionkit msgpack-log 1": 1, FORMAT_LINE.encode("ascii"): 2}
+            if len(lines) < 2 or lines[0] not in versions or not lines[1].startswith(b"shards "):
                 raise ValueError("not a sessionkit store format file")
             count = int(lines[1][len(b"shards "):].decode("ascii"))
             if not 1 <= count <= _MAX_SHARDS:
@@ -84,7 +104,7 @@ class _MsgpackStore(StoreState):
                 "(it records the store's shard count)",
                 path=path,
             ) from exc
-        return count
+        return count, versions[lines[0]]
 
     def _count_for_new_format(self, shards: int | None) -> int:
         """The shard count to record when the directory has no FORMAT file.
@@ -114,6 +134,12 @@ class _MsgpackStore(StoreState):
 
     def mutexes(self) -> list[Any]:
         return [shard.mutex for shard in self.shards]
+
+    def _fork_after_child(self) -> None:
+        super()._fork_after_child()
+        # A merge under way in the parent goes on there, not here.
+        for shard in self.shards:
+            shard.merge_mutex = threading.Lock()
 
 
 class MsgpackFileStorage(EncodedStorage):
@@ -306,8 +332,7 @@ class MsgpackFileStorage(EncodedStorage):
             now = self._clock()
             with shard.mutex, shard:
                 expired = shard.expired_count(now)
-            if expired:
-                shard.merge(now, wait=True, force=True)
+            if expired and shard.merge(now, wait=True, force=True):
                 purged += expired
         return purged
 
