@@ -801,8 +801,9 @@ class Shard:
         write_all(target, tail, pos)  # the records are contiguous: one write
         for r in records:
             h1, h2 = rec.key_hash(rec.encode_key(r.key))
+            state = _DEAD if r.flags & rec.FLAG_DELETE else _LIVE
             try:
-                table.put(h1, h2, pos + r.offset - start, r.length, _DEAD if r.flags & rec.FLAG_DELETE else _LIVE, r.expiry)
+                table.put(h1, h2, pos + r.offset - start, r.length, state, r.expiry)
             except ValueError:
                 raise _Abort("the merged index filled up") from None
             if table.used * 20 > table.capacity * 17:
