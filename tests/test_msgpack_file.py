@@ -862,3 +862,83 @@ def test_an_index_that_cannot_be_written_is_read_from_memory(tiny_fs: Path) -> N
     storage.write("new", 1)
     assert storage.read("new") == 1 and len(list(storage.keys())) == len(made) + 1
     storage.close()
+
+
+_ALTERNATE_WRITER = """
+import sys
+from sessionkit import MsgpackFileStorage
+storage = MsgpackFileStorage(sys.argv[1])
+for line in sys.stdin:
+    n = int(line)
+    storage.write(f"a{n}", {"by": "A", "n": n})
+    print("ok", flush=True)
+"""
+
+
+@pytest.mark.parametrize("change", ["deleted", "slots zeroed"])
+def test_two_processes_on_one_log_never_write_over_each_other(directory: str, change: str) -> None:
+    """An index deleted or damaged while this process maps it: another process
+    indexes the log anew; whichever index each one uses, no write lands on
+    another's record (every write checks that the log ends where its index says)."""
+    mine = MsgpackFileStorage(directory, shards=1)
+    for i in range(20):
+        mine.write(f"pre{i}", {"i": i})
+    index = _index_files(directory)[0]
+    if change == "deleted":
+        index.unlink()
+    else:
+        _zero_slots(index, 1.0)
+    other = subprocess.Popen(
+        [os.sys.executable, "-c", _ALTERNATE_WRITER, directory], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdin is not None and other.stdout is not None
+    acked: dict[str, Any] = {f"pre{i}": {"i": i} for i in range(20)}
+    try:
+        for n in range(10):  # acknowledged writes, taking turns
+            other.stdin.write(f"{n}\n")
+            other.stdin.flush()
+            assert other.stdout.readline().strip() == "ok"
+            acked[f"a{n}"] = {"by": "A", "n": n}
+            mine.write(f"b{n}", {"by": "B", "n": n})
+            acked[f"b{n}"] = {"by": "B", "n": n}
+    finally:
+        other.stdin.close()
+        other.wait(30)
+        other.stdout.close()
+    mine.close()
+    fresh = MsgpackFileStorage(directory)
+    assert {key: fresh.read(key) for key in acked} == acked
+
+
+def test_purge_expired_counts_each_session_once(directory: str) -> None:
+    clock = FakeClock()
+    storage = MsgpackFileStorage(directory, shards=1, ttl=10, clock=clock)
+    for i in range(2000):
+        storage.write(f"k{i}", i)
+    clock.tick(11)
+    counts: list[int] = []
+    threads = [threading.Thread(target=lambda: counts.append(storage.purge_expired())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(counts) == [0, 2000]
+    assert storage.purge_expired() == 0
+
+
+def test_a_large_damaged_index_is_found_by_the_merge_thread(directory: str) -> None:
+    """Indexes too large to check while opening are checked in the background."""
+    from sessionkit.storage import _index
+    from sessionkit.storage._shard import MERGER
+
+    storage = MsgpackFileStorage(directory, shards=1)
+    for i in range(20_000):
+        storage._raw_write(f"k{i}", storage._raw_dumps(i, None))
+    storage.close()
+    index = _index_files(directory)[0]
+    assert (index.stat().st_size - _index.HEADER_SIZE) // _index.SLOT_SIZE > _index.CHECK_AT_OPEN
+    _zero_slots(index, 0.5)
+    storage = MsgpackFileStorage(directory)
+    storage.read("k0")  # maps the index; the check runs in the background
+    assert MERGER.wait()
+    assert [storage.read(f"k{i}") for i in range(0, 20_000, 7)] == list(range(0, 20_000, 7))

@@ -194,6 +194,13 @@ class Table:
             os.close(fd)
 
 
+CHECK_AT_OPEN = 1 << 15  # slots: a larger table is checked by the merge thread, not while opening
+
+
+class Damaged(ValueError):
+    """An index whose slots do not match its counters."""
+
+
 def check(data: bytes, capacity: int) -> str:
     """Why the counters and slots in ``data`` (an index from byte
     ``COUNTERS_AT`` on) do not agree, or ``""``.  Zeroed or overwritten
@@ -220,8 +227,11 @@ class Index:
 
     __slots__ = ("path", "map", "capacity", "log_ident", "boot")
 
-    def __init__(self, path: str) -> None:
-        """Map the index file at ``path``; ``ValueError`` if it is not a whole index (``OSError`` if absent)."""
+    def __init__(self, path: str, checked: bool = True) -> None:
+        """Map the index file at ``path``; ``ValueError`` if it is not a whole
+        index (``OSError`` if absent).  ``checked``: also :func:`check` its
+        slots against its counters first (for tables up to ``CHECK_AT_OPEN``
+        slots; larger ones are checked in the background)."""
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -234,9 +244,10 @@ class Index:
                 raise ValueError("not a sessionkit index")
             # Read with pread, not through the mapping: the check reads every
             # slot, and pages read through a mapping stay in this process.
-            why = check(os.pread(fd, size - COUNTERS_AT, COUNTERS_AT), capacity)
-            if why:
-                raise ValueError(why)
+            if checked and capacity <= CHECK_AT_OPEN:
+                why = check(os.pread(fd, size - COUNTERS_AT, COUNTERS_AT), capacity)
+                if why:
+                    raise Damaged(why)
             self.map = mmap.mmap(fd, size)
             if hasattr(self.map, "madvise") and hasattr(mmap, "MADV_RANDOM"):
                 # Lookups touch a slot here and there: without this, read-ahead

@@ -170,7 +170,9 @@ class Shard:
         self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
         self.next_request = 0.0  # monotonic time before which no merge is asked for
         self.private = False  # indexed in memory only: its index file could not be written
+        self.stale_idx: ix.Index | None = None  # while private: the index file that others may still map
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
+        self.verify_pending = False  # a large index mapped, to be checked by the merge thread
         self.retry_private = 0.0
         # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
         # one, so merges in the background expire sessions by the same clock.
@@ -225,9 +227,11 @@ class Shard:
         log anew if it changed, and try to write the index out now and then."""
         try:
             size = os.fstat(self.fd).st_size
+            st = os.stat(self.path)
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
-        if size != self.end or time.monotonic() >= self.retry_private:
+        moved = (st.st_dev, st.st_ino) != self.log_ident  # merged by another process
+        if moved or size != self.end or time.monotonic() >= self.retry_private:
             self.private = False
             self._rebuild("its index could not be written before", reopen=True)
 
@@ -273,6 +277,12 @@ class Shard:
             idx = ix.Index(self.index_path)
         except FileNotFoundError:
             why = "it has no index yet"
+        except ix.Damaged as exc:
+            why = f"its index cannot be used ({exc})"
+            try:  # mapped by other processes: the rebuild marks it replaced for them
+                self.idx = ix.Index(self.index_path, checked=False)
+            except (OSError, ValueError):
+                pass
         except (OSError, ValueError) as exc:
             why = f"its index cannot be used ({exc})"
         else:
@@ -296,6 +306,9 @@ class Shard:
         self.map = idx.map
         self.private = False
         self.table = table = idx.table()
+        if idx.capacity > ix.CHECK_AT_OPEN and not self.verify_pending:
+            self.verify_pending = True
+            MERGER.request(self)
         c = table.load_counters()
         self.end, self.dir_unsynced = c[0], c[8]
 
@@ -303,7 +316,7 @@ class Shard:
         """Index the whole log anew (dropping a crashed tail), and put the new
         index in place of the old one for every process."""
         log.debug("sessionkit: indexing %s anew: %s", self.path, why)
-        old = self.idx
+        old = self.idx or self.stale_idx
         self.idx = self.table = self.map = None  # the old one is closed once the new one is in place
         if reopen:  # the log at the path: a merge may have renamed a new one there
             if self.fd >= 0:
@@ -353,6 +366,7 @@ class Shard:
             log.warning("sessionkit: cannot write the index of %s (%s); reading it from memory", self.path, exc)
             table.store_counters(stop)
             self.private = True
+            self.stale_idx = old  # marked replaced once a new one is in place
             self.table, self.map, self.end = table, table.buf, stop
             self.retry_private = time.monotonic() + 1.0
 
@@ -371,6 +385,8 @@ class Shard:
         tmp = f"{self.index_path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             table.write(tmp, self.log_ident, end, False)
+            if old is not None:
+                old.set_dirty(1)  # killed before the replaced mark below: they index anew too
             os.replace(tmp, self.index_path)
         except BaseException:
             _unlink(tmp)
@@ -378,7 +394,8 @@ class Shard:
         if old is not None:
             old.set_replaced()
             old.close()
-        self._use(ix.Index(self.index_path))
+        self.stale_idx = None
+        self._use(ix.Index(self.index_path, checked=False))
 
     # -- reads -----------------------------------------------------------------
 
@@ -520,6 +537,17 @@ class Shard:
                 key=key,
                 path=self.path,
             )
+        try:
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            raise StorageError(f"cannot write session {key!r} to {self.path}: {exc}", key=key, path=self.path) from exc
+        if st.st_size != self.end or not st.st_nlink:
+            # Appended to or replaced behind this index's back (an index
+            # deleted while the store was open, a process of an older
+            # release): never write over a record; index the log anew.
+            self._rebuild(f"the log is not where its index says (size {st.st_size}, index {self.end})")
+            if self.private:
+                return self.append(key, info, value, expiry)  # refused, with the reason
         table: ix.Table = self.table  # type: ignore[assignment]
         flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if self.durable else 0)
         data = rec.build(kb, value or b"", flags, expiry)
@@ -593,7 +621,27 @@ class Shard:
         table: ix.Table = self.table  # type: ignore[assignment]
         return table.used * 10 > table.capacity * 6 or self.end - table.live > max(table.live, SLACK)
 
-    def merge(self, now: float, wait: bool = False, force: bool = False, paced: bool = False) -> bool:
+    def verify(self) -> None:
+        """Check a large index against its counters (see ``_index.check``),
+        off the path of every request: indexes up to ``CHECK_AT_OPEN`` slots
+        are checked as they are mapped.  One that fails is indexed anew."""
+        self.verify_pending = False
+        with self.mutex, self:
+            idx = self.idx
+            if idx is None:
+                return
+            data = self.map[ix.COUNTERS_AT :]
+        why = ix.check(data, idx.capacity)
+        if why:
+            log.warning("sessionkit: %s: %s; indexing its log anew", self.index_path, why)
+            with self.mutex, self:
+                if self.idx is idx:
+                    self._rebuild(why)
+
+    def merge(
+        self, now: float, wait: bool = False, force: bool = False, paced: bool = False,
+        dropped: list[int] | None = None,
+    ) -> bool:
         """Rewrite the log without dead and expired records, and index it anew;
         the shard is locked only at the start and for the swap at the end.
 
@@ -603,6 +651,7 @@ class Shard:
         dead.  ``wait``: wait (up to a minute) for another merge to end.
         ``paced`` (the background thread): pause every ``PACE`` seconds of
         work, so the threads that serve requests get the GIL back at once.
+        ``dropped`` gets the number of expired sessions the merge dropped.
 
         A merge is claimed by the shard's ``merge_mutex`` (threads) and a
         lock on its merge slot (processes), held throughout: the kernel
@@ -617,13 +666,13 @@ class Shard:
                 self.next_request = time.monotonic() + 0.1  # another process is merging it
                 return False
             try:
-                return self._merge(now, force, paced)
+                return self._merge(now, force, paced, dropped)
             finally:
                 self.locks.unlock(claim, self.merge_slot)
         finally:
             self.merge_mutex.release()
 
-    def _merge(self, now: float, force: bool, paced: bool) -> bool:
+    def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None) -> bool:
         token = f"{os.getpid()}.{threading.get_ident()}.merge"
         with self.mutex, self:
             table: ix.Table = self.table  # type: ignore[assignment]
@@ -653,9 +702,13 @@ class Shard:
             _MERGE_FDS.add(target)
             pace = _Pace(lambda: self._grown_since(start)) if paced else None
             live = []
+            expired = 0
             for s in ix.slots(data[ix.HEADER_SIZE - ix.COUNTERS_AT :]):
-                if s[4] == _LIVE and not 0 < s[5] <= now:
-                    live.append(s)
+                if s[4] == _LIVE:
+                    if 0 < s[5] <= now:
+                        expired += 1
+                    else:
+                        live.append(s)
                 if pace is not None:
                     pace()
             del data
@@ -665,7 +718,7 @@ class Shard:
             if durable:
                 os.fsync(target)
             merged.write(new_index, (0, 0), pos, False)
-            fresh = ix.Index(new_index)
+            fresh = ix.Index(new_index, checked=False)
             try:
                 self._swap(fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable)
             except BaseException:
@@ -673,6 +726,8 @@ class Shard:
                 raise
             _MERGE_FDS.discard(target)
             target = -1  # now the shard's log
+            if dropped is not None:
+                dropped.append(expired)
             return True
         except _Stale as why:
             # The index does not match the log: never merge by it (the
@@ -860,6 +915,8 @@ class Merger:
                         return
                 continue
             try:
+                if shard.verify_pending:
+                    shard.verify()
                 shard.merge(time.time() + shard.skew, paced=True)
             except Exception as exc:  # maintenance only: the writes go on without it
                 log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)

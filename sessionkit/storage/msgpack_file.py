@@ -332,8 +332,9 @@ class MsgpackFileStorage(EncodedStorage):
             now = self._clock()
             with shard.mutex, shard:
                 expired = shard.expired_count(now)
-            if expired and shard.merge(now, wait=True, force=True):
-                purged += expired
+            dropped: list[int] = []
+            if expired and shard.merge(now, wait=True, force=True, dropped=dropped):
+                purged += sum(dropped)
         return purged
 
     def close(self) -> None:
