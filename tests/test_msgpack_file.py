@@ -889,7 +889,10 @@ def test_two_processes_on_one_log_never_write_over_each_other(directory: str, ch
     else:
         _zero_slots(index, 1.0)
     other = subprocess.Popen(
-        [os.sys.executable, "-c", _ALTERNATE_WRITER, directory], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [os.sys.executable, "-c", _ALTERNATE_WRITER, directory],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert other.stdin is not None and other.stdout is not None
     acked: dict[str, Any] = {f"pre{i}": {"i": i} for i in range(20)}

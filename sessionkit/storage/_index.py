@@ -201,23 +201,35 @@ class Damaged(ValueError):
     """An index whose slots do not match its counters."""
 
 
-def check(data: bytes, capacity: int) -> str:
+def check(data: bytes, capacity: int, pause: Any = None) -> str:
     """Why the counters and slots in ``data`` (an index from byte
     ``COUNTERS_AT`` on) do not agree, or ``""``.  Zeroed or overwritten
-    slots would hide sessions; their counts give them away."""
+    slots would hide sessions; their counts give them away.  ``pause`` is
+    called between slices of the table (a background check lets other
+    threads have the GIL there)."""
     c = COUNTERS.unpack_from(data, 0)
     if c[4] or c[5]:
         return ""  # being written, or replaced: the caller looks at those itself
-    words = array.array("I")
-    words.frombytes(data[HEADER_SIZE - COUNTERS_AT :])
-    if sys.byteorder == "big":
-        words.byteswap()
-    if len(words) != capacity * (SLOT_SIZE // 4):
+    words_per_slot = SLOT_SIZE // 4
+    table = memoryview(data)[HEADER_SIZE - COUNTERS_AT :]
+    if len(table) != capacity * SLOT_SIZE:
         return "its table is cut short"
-    states = words[7 :: SLOT_SIZE // 4].tolist()
-    used = capacity - states.count(EMPTY)
-    live = sum(words[6 :: SLOT_SIZE // 4])
-    if (states.count(LIVE), used, states.count(CORRUPT), live) != (c[2], c[3], c[6], c[1]):
+    live = used = corrupt = count = 0
+    step = 8192 * SLOT_SIZE
+    for start in range(0, len(table), step):
+        words = array.array("I")
+        words.frombytes(table[start : start + step])
+        if sys.byteorder == "big":
+            words.byteswap()
+        states = words[7::words_per_slot]
+        count += states.count(LIVE)
+        corrupt += states.count(CORRUPT)
+        used += len(states) - states.count(EMPTY)
+        live += sum(words[6::words_per_slot])
+        if pause is not None:
+            pause()
+    table.release()
+    if (count, used, corrupt, live) != (c[2], c[3], c[6], c[1]):
         return "its slots do not match its counters"
     return ""
 
@@ -225,7 +237,7 @@ def check(data: bytes, capacity: int) -> str:
 class Index:
     """One mapping of a shard's index file."""
 
-    __slots__ = ("path", "map", "capacity", "log_ident", "boot")
+    __slots__ = ("path", "fd", "map", "capacity", "log_ident", "boot")
 
     def __init__(self, path: str, checked: bool = True) -> None:
         """Map the index file at ``path``; ``ValueError`` if it is not a whole
@@ -253,8 +265,10 @@ class Index:
                 # Lookups touch a slot here and there: without this, read-ahead
                 # maps megabytes around each one into every process.
                 self.map.madvise(mmap.MADV_RANDOM)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.fd = fd  # kept for reading the whole table without mapping its pages here
         self.capacity = capacity
         self.log_ident = (dev, ino)
         self.boot = boot
@@ -271,15 +285,19 @@ class Index:
     def set_replaced(self) -> None:
         _U64.pack_into(self.map, REPLACED_AT, 1)
 
-    def snapshot(self) -> bytes:
-        """Every slot, copied out at once (see :func:`slots`)."""
-        return self.map[HEADER_SIZE:]
+    def read_table(self) -> bytes:
+        """The counters and every slot (from ``COUNTERS_AT``), read with
+        ``pread``: pages read through the mapping would stay in this process."""
+        return os.pread(self.fd, HEADER_SIZE - COUNTERS_AT + self.capacity * SLOT_SIZE, COUNTERS_AT)
 
     def close(self) -> None:
         try:
             self.map.close()
         except BufferError:  # pragma: no cover - a view still open: the collector closes it
             pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def slots(snapshot: bytes) -> Iterator[tuple[int, int, int, int, int, float]]:

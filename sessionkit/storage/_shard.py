@@ -488,16 +488,22 @@ class Shard:
         slot = self._slot(info)
         return _EMPTY if slot is None else slot[4]
 
+    def _slots(self) -> bytes:
+        """Every slot of the index (inside a section), read without mapping its pages here."""
+        if self.idx is None:  # indexed in memory only
+            return bytes(self.map[ix.HEADER_SIZE :])
+        return self.idx.read_table()[ix.HEADER_SIZE - ix.COUNTERS_AT :]
+
     def expired_count(self, now: float) -> int:
         if not self.table.expiring:  # type: ignore[union-attr]
             return 0
-        snapshot = self.map[ix.HEADER_SIZE :]
+        snapshot = self._slots()
         return sum(1 for s in ix.slots(snapshot) if s[4] == _LIVE and 0 < s[5] <= now)
 
     def live_records(self, now: float, with_values: bool) -> Iterator[tuple[str, bytes]]:
         """``(key, value)`` of every live, unexpired record (inside a section);
         the value is ``b""`` unless ``with_values``."""
-        snapshot = self.map[ix.HEADER_SIZE :]
+        snapshot = self._slots()
         wanted = sorted((s[2], s[3]) for s in ix.slots(snapshot) if s[4] == _LIVE and not 0 < s[5] <= now)
         start = 0
         while start < len(wanted):
@@ -588,7 +594,7 @@ class Shard:
         if table.used * 20 > table.capacity * 17 and time.monotonic() >= self.next_grow:
             old = self.idx
             grown = ix.Table(ix.capacity_for(table.count + table.corrupt))
-            for s in ix.slots(old.snapshot()):  # type: ignore[union-attr]
+            for s in ix.slots(self._slots()):
                 if s[4] == _LIVE or s[4] == _CORRUPT:
                     grown.put(s[0], s[1], s[2], s[3], s[4], s[5])
             try:
@@ -630,8 +636,8 @@ class Shard:
             idx = self.idx
             if idx is None:
                 return
-            data = self.map[ix.COUNTERS_AT :]
-        why = ix.check(data, idx.capacity)
+            data = idx.read_table()
+        why = ix.check(data, idx.capacity, lambda: time.sleep(PAUSE))
         if why:
             log.warning("sessionkit: %s: %s; indexing its log anew", self.index_path, why)
             with self.mutex, self:
@@ -685,7 +691,7 @@ class Shard:
             ):
                 _unlink(leftover)
             start = self.end
-            data = self.map[ix.COUNTERS_AT :]
+            data = self.idx.read_table()  # type: ignore[union-attr]
             capacity = self.idx.capacity  # type: ignore[union-attr]
             log_ident = self.log_ident
             durable = self.durable
