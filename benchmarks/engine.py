@@ -127,7 +127,7 @@ from typing import Any, Callable, Iterable, Sequence
 import msgpack
 
 from .cell import disk_bytes, rss_mb
-from .redis_bench import _fmt, _jsonable, percentile, progress, rotated
+from .redis_bench import _fmt, _jsonable, percentile, progress, rotated, targets_section
 from .report import filesystem_of
 
 REPO = Path(os.path.abspath(__file__)).parent.parent  # the checkout this module was imported from
@@ -1329,12 +1329,7 @@ def markdown(results: dict[str, Any]) -> str:
             lead = next(iter(rows))
             out += [f"### durable {key}: {SCENARIOS[key]}", ""]
             out += keyed_table(rows, lead) + [""]
-    found = results.get("targets") or []
-    if found:
-        out += ["## Targets", "", "| target | measured | met |", "|---|---:|---|"]
-        for t in found:
-            out.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
-        out.append("")
+    out += targets_section(results)
     return "\n".join(out)
 
 

@@ -787,16 +787,19 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {_fmt(row['lost'])} of {_fmt(row['holds'])} | {row['overlaps']} | {_errors(row)} |"
             )
         out.append("")
-    found = results.get("targets") or []
-    if found:
-        out.append("## Targets")
-        out.append("")
-        out.append("| target | measured | met |")
-        out.append("|---|---:|---|")
-        for t in found:
-            out.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
-        out.append("")
+    out += targets_section(results)
     return "\n".join(out)
+
+
+def targets_section(results: dict[str, Any]) -> list[str]:
+    """The report's "Targets" table: each target, what was measured, and whether it was met."""
+    found = results.get("targets") or []
+    if not found:
+        return []
+    out = ["## Targets", "", "| target | measured | met |", "|---|---:|---|"]
+    for t in found:
+        out.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    return out + [""]
 
 
 # -- the run -------------------------------------------------------------------------

@@ -130,6 +130,23 @@ class _Pace:
         self._next = time.perf_counter() + PACE
 
 
+def _in_runs(fd: int, entries: list[Any], at: int) -> Iterator[tuple[Any, bytes]]:
+    """``(entry, record)`` for each of ``entries`` (sorted by offset; an entry's
+    offset at ``at`` and its length after it), reading runs of up to ``CHUNK``
+    bytes with one ``pread`` each (which lets other threads have the GIL)."""
+    i = 0
+    while i < len(entries):
+        first = entries[i][at]
+        j = i + 1
+        while j < len(entries) and entries[j][at] + entries[j][at + 1] - first <= CHUNK:
+            j += 1
+        last = entries[j - 1]
+        data = os.pread(fd, last[at] + last[at + 1] - first, first)
+        for entry in entries[i:j]:
+            yield entry, data[entry[at] - first : entry[at] - first + entry[at + 1]]
+        i = j
+
+
 class _Abort(Exception):
     """A merge gave up (the shard changed under it); nothing was replaced."""
 
@@ -505,24 +522,13 @@ class Shard:
         the value is ``b""`` unless ``with_values``."""
         snapshot = self._slots()
         wanted = sorted((s[2], s[3]) for s in ix.slots(snapshot) if s[4] == _LIVE and not 0 < s[5] <= now)
-        start = 0
-        while start < len(wanted):
-            first = wanted[start][0]
-            stop = start
-            while stop < len(wanted) and wanted[stop][0] + wanted[stop][1] - first <= CHUNK:
-                stop += 1
-            stop = max(stop, start + 1)
-            last = wanted[stop - 1]
-            data = os.pread(self.fd, last[0] + last[1] - first, first)
-            for offset, length in wanted[start:stop]:
-                record = data[offset - first : offset - first + length]
-                value = _value_of(record)
-                klen = rec.HEADER.unpack_from(record, 0)[1] if len(record) >= rec.HEADER_SIZE else 0
-                key = rec.decode_key(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen])
-                if value is None:
-                    raise self._damaged(key, offset)
-                yield key, (value if with_values else b"")
-            start = stop
+        for (offset, _length), record in _in_runs(self.fd, wanted, 0):
+            value = _value_of(record)
+            klen = rec.HEADER.unpack_from(record, 0)[1] if len(record) >= rec.HEADER_SIZE else 0
+            key = rec.decode_key(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen])
+            if value is None:
+                raise self._damaged(key, offset)
+            yield key, (value if with_values else b"")
 
     # -- writes ----------------------------------------------------------------
 
@@ -730,7 +736,6 @@ class Shard:
             except BaseException:
                 fresh.close()
                 raise
-            _MERGE_FDS.discard(target)
             target = -1  # now the shard's log
             if dropped is not None:
                 dropped.append(expired)
@@ -763,30 +768,23 @@ class Shard:
         """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``."""
         write_all(target, rec.MAGIC, 0)
         pos = len(rec.MAGIC)
-        i = 0
-        while i < len(live):
-            first = live[i][2]
-            j = i
-            while j < len(live) and live[j][2] + live[j][3] - first <= CHUNK:
-                j += 1
-            j = max(j, i + 1)
-            last = live[j - 1]
-            data = os.pread(source, last[2] + last[3] - first, first)  # releases the GIL
-            parts = []
-            for h1, h2, offset, length, _state, expiry in live[i:j]:
-                record = data[offset - first : offset - first + length]
-                if len(record) != length or rec.record_size(record) != length:
-                    raise _Stale(f"its slot for byte {offset} does not point at a whole record")
-                klen = rec.HEADER.unpack_from(record, 0)[1]
-                if rec.key_hash(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen]) != (h1, h2):
-                    raise _Stale(f"its slot for byte {offset} does not match the key recorded there")
-                parts.append(record)
-                merged.put(h1, h2, pos, length, _LIVE, expiry)
-                pos += length
-                if pace is not None:
-                    pace()
-            write_all(target, b"".join(parts), pos - sum(len(p) for p in parts))
-            i = j
+        parts: list[bytes] = []
+        written = pos
+        for (h1, h2, offset, length, _state, expiry), record in _in_runs(source, live, 2):
+            if len(record) != length or rec.record_size(record) != length:
+                raise _Stale(f"its slot for byte {offset} does not point at a whole record")
+            klen = rec.HEADER.unpack_from(record, 0)[1]
+            if rec.key_hash(record[rec.HEADER_SIZE : rec.HEADER_SIZE + klen]) != (h1, h2):
+                raise _Stale(f"its slot for byte {offset} does not match the key recorded there")
+            parts.append(record)
+            merged.put(h1, h2, pos, length, _LIVE, expiry)
+            pos += length
+            if pos - written >= CHUNK:
+                write_all(target, b"".join(parts), written)
+                parts, written = [], pos
+            if pace is not None:
+                pace()
+        write_all(target, b"".join(parts), written)
         return pos
 
     def _swap(
@@ -811,6 +809,7 @@ class Shard:
             os.replace(new_index, self.index_path)
             old.set_replaced()  # type: ignore[union-attr]
             retired = (old, self.fd)  # closed after the lock: freeing the old log's blocks takes a while
+            _MERGE_FDS.discard(target)  # the shard's log from now on: a forked child keeps it
             self.fd = target
             self.log_ident = (st.st_dev, st.st_ino)
             fresh.log_ident = self.log_ident
