@@ -935,7 +935,7 @@ def test_a_large_damaged_index_is_found_by_the_merge_thread(directory: str) -> N
     from sessionkit.storage._shard import MERGER
 
     storage = MsgpackFileStorage(directory, shards=1)
-    for i in range(20_000):
+    for i in range(30_000):  # past 85% of 32,768 slots: grown to 65,536 at least
         storage._raw_write(f"k{i}", storage._raw_dumps(i, None))
     storage.close()
     index = _index_files(directory)[0]
@@ -944,4 +944,4 @@ def test_a_large_damaged_index_is_found_by_the_merge_thread(directory: str) -> N
     storage = MsgpackFileStorage(directory)
     storage.read("k0")  # maps the index; the check runs in the background
     assert MERGER.wait()
-    assert [storage.read(f"k{i}") for i in range(0, 20_000, 7)] == list(range(0, 20_000, 7))
+    assert [storage.read(f"k{i}") for i in range(0, 30_000, 7)] == list(range(0, 30_000, 7))

@@ -50,6 +50,9 @@ _DIRTY_AT = ix.DIRTY_AT
 _U64 = ix._U64
 _pread = os.pread
 _value_of = rec.value_of
+_pwrite = os.pwrite
+_slot_unpack = ix.SLOT.unpack_from
+_slot_pack = ix.SLOT.pack_into
 _MAGIC_SIZE = len(rec.MAGIC)
 
 
@@ -171,6 +174,9 @@ class Shard:
         self.locks = locks  # the store's cross-process locks (see _lockfile)
         self.slot = slot
         self.lock_file: Any = None  # what locks.lock() returned, while inside ``with shard.mutex, shard``
+        # (h1, slot number) of the key the last read without the lock found:
+        # its write-back updates that slot without probing (after checking it).
+        self.hint: tuple[int, int] | None = None
         self.durable = False  # set for the whole store once any handle asks for it
         self.mutex = threading.Lock()
         self.closed = False
@@ -322,6 +328,7 @@ class Shard:
         self.idx = idx
         self.map = idx.map
         self.private = False
+        self.hint = None
         self.table = table = idx.table()
         if idx.capacity > ix.CHECK_AT_OPEN and not self.verify_pending:
             self.verify_pending = True
@@ -384,7 +391,7 @@ class Shard:
             table.store_counters(stop)
             self.private = True
             self.stale_idx = old  # marked replaced once a new one is in place
-            self.table, self.map, self.end = table, table.buf, stop
+            self.table, self.map, self.end, self.hint = table, table.buf, stop, None
             self.retry_private = time.monotonic() + 1.0
 
     def _open_log_only(self) -> None:
@@ -432,12 +439,20 @@ class Shard:
             c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
             if c[4] or c[5]:
                 return False
-            try:
-                slot = table.get(info[1], info[2])
-            except ValueError:
-                return False
-            if slot is None:
-                return None
+            h1 = info[1]
+            mask = table.mask
+            pos = h1 & mask
+            m = self.map
+            for _ in range(table.capacity):
+                slot = _slot_unpack(m, ix.HEADER_SIZE + pos * ix.SLOT_SIZE)
+                if slot[4] == _EMPTY:
+                    return None
+                if slot[0] == h1 and slot[1] == info[2]:
+                    break
+                pos = (pos + 1) & mask
+            else:
+                return False  # no end to the probe: a damaged table
+            self.hint = (h1, pos)
             state = slot[4]
             if state != _LIVE:
                 return None if state == _DEAD else False
@@ -567,7 +582,8 @@ class Shard:
         m = self.map
         _U64.pack_into(m, _DIRTY_AT, 1)
         try:
-            write_all(self.fd, data, offset)
+            if _pwrite(self.fd, data, offset) != len(data):
+                write_all(self.fd, data, offset)  # a short write (a full disk): the rest, or ENOSPC
             if self.durable:
                 os.fdatasync(self.fd)
                 if self.dir_unsynced:  # a merge's rename is not durable yet
@@ -585,11 +601,21 @@ class Shard:
                 path=self.path,
             ) from exc
         self.end = end = offset + len(data)
-        try:
-            table.put(info[1], info[2], offset, len(data), _LIVE if value is not None else _DEAD, expiry)
-        except ValueError:
-            self._rebuild("its index has no free slot")
-            return
+        hint = self.hint
+        pos = hint[1] if hint is not None and hint[0] == info[1] and hint[1] < table.capacity else -1
+        slot = _slot_unpack(m, ix.HEADER_SIZE + pos * ix.SLOT_SIZE) if pos >= 0 else None
+        if slot is not None and slot[4] == _LIVE and value is not None and slot[0] == info[1] and slot[1] == info[2]:
+            # The slot the read found for this key: an overwrite in place.
+            table.live += len(data) - slot[3]
+            if bool(slot[5]) != bool(expiry):
+                table.expiring += 1 if expiry else -1
+            _slot_pack(m, ix.HEADER_SIZE + pos * ix.SLOT_SIZE, info[1], info[2], offset, len(data), _LIVE, expiry)
+        else:
+            try:
+                table.put(info[1], info[2], offset, len(data), _LIVE if value is not None else _DEAD, expiry)
+            except ValueError:
+                self._rebuild("its index has no free slot")
+                return
         table.store_counters(end, self.dir_unsynced)
         if table.used * 10 > table.capacity * 6 or end - table.live > max(table.live, SLACK):
             self._maintain(table, end)
