@@ -250,11 +250,23 @@ def increment_until(spec: str, key: str, ready: Any, start: Any, after: Any, sto
     on; any other exception is recorded as unexpected.  ``after_acked``
     counts the acknowledged increments made once ``after`` was set.
     """
-    storage = open_store(spec)
-    sessions = Sessions(storage, initial=dict, lock_timeout=10)
     acked = after_acked = 0
     refused: dict[str, int] = {}
     unexpected: list[str] = []
+    while True:
+        # A process that starts while the lock file is missing and others
+        # have the store open is refused by design: it tries again.
+        try:
+            storage = open_store(spec)
+            break
+        except SessionError as exc:
+            refused[_describe(exc)] = refused.get(_describe(exc), 0) + 1
+        ready.set()
+        if stop.is_set():
+            write_result(result, {"acked": 0, "after": 0, "refused": refused, "unexpected": unexpected})
+            return
+        time.sleep(0.01)
+    sessions = Sessions(storage, initial=dict, lock_timeout=10)
     ready.set()
     start.wait(60)
     while not stop.is_set():
