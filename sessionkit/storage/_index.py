@@ -27,13 +27,20 @@ Rules that keep the table true, for every process:
   counters are written.  A process killed in between leaves ``dirty`` set,
   and the next one to take the lock rebuilds the index from the log.
 * It is never rebuilt, grown or merged in place: a new file is written
-  whole and renamed over this one, then ``replaced`` is set in the old one,
-  so a process still mapping it moves on.  Until then the old table and the
-  old log (still open) agree with each other.
+  whole, ``dirty`` is set in the old one, the new one is renamed over it,
+  then ``replaced`` is set in the old one, so a process still mapping it
+  moves on (or, if the renaming process died in between, rebuilds).  Until
+  then the old table and the old log (still open) agree with each other.
 * It belongs to one log (device and inode) and one boot of the machine: an
   index left by an earlier boot may miss writes the page cache never
-  flushed, so it is rebuilt.  Where the boot cannot be told, every first
-  open in a process rebuilds it.
+  flushed, so it is rebuilt.  The boot is Linux's boot id, elsewhere the
+  boot time to the minute.
+* Its slots must agree with its counters (:func:`check`): zeroed or
+  overwritten slots would hide sessions, so an index that fails the check is
+  rebuilt, and a merge never copies the log by it.  Only ``LIVE`` slots
+  carry a length, so the counters can be checked with a few C-level passes.
+* It is only ever mapped, never truncated: a process reading a mapping whose
+  file was cut short would be killed with ``SIGBUS``.
 """
 
 from __future__ import annotations
