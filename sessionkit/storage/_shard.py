@@ -8,8 +8,16 @@ Operations that change the shard run inside ``with shard.mutex, shard:``,
 which takes the shard's thread mutex and its slot in the store's lock file
 (one thread of one process at a time, for microseconds) and checks, in the
 shared header, that the index is current and whole: no system call when it
-is.  A read by a thread that holds the key's own lock needs neither (see
+is.  An append also checks, with one ``fstat``, that the log ends where the
+index says and was not replaced, so a write never lands on a record that an
+index it cannot see (an older release's, a deleted index's) points at.  A
+read by a thread that holds the key's own lock needs neither (see
 :meth:`Shard.read_unlocked`).
+
+A background merge is claimed by the shard's ``merge_mutex`` (threads) and
+a lock on its merge slot (processes; the kernel drops it when a merging
+process dies); it paces itself so that request threads get the GIL back
+within microseconds.
 
 Merging (compaction) runs in a background thread of the process that
 notices a shard needs it (:class:`Merger`): it copies the live records of
