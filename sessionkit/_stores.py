@@ -47,7 +47,6 @@ _REDIS_SCHEMES = {
     "rediss+cluster": ("rediss", True),
 }
 _FORMAT_FILE = "FORMAT"
-_FORMAT_FIRST_LINES = (b"sessionkit msgpack-log 1", b"sessionkit msgpack-log 2")
 _DBMS = ("dbm.dumb", "dbm.gnu", "dbm.ndbm", "dbm.sqlite3")  # what shelve:PATH?dbm= may name
 _CONNECT_TIMEOUT = 5.0  # seconds, unless the URL sets socket_connect_timeout
 _SOCKET_TIMEOUT = 30.0  # seconds, unless the URL sets socket_timeout
@@ -97,9 +96,11 @@ def _hide_password(name: str) -> str:
 
 def _is_msgpack_store(path: str) -> bool:
     """Whether ``path`` holds a msgpack store's FORMAT file."""
+    from .storage.msgpack_file import FORMAT_VERSIONS
+
     try:
         with open(os.path.join(path, _FORMAT_FILE), "rb") as f:
-            return f.readline().rstrip(b"\n") in _FORMAT_FIRST_LINES
+            return f.readline().rstrip(b"\n") in FORMAT_VERSIONS
     except OSError:
         return False
 

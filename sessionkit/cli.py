@@ -290,18 +290,16 @@ class _LogScan:
 
 def _format_count(directory: str) -> tuple[int, str]:
     """The shard count in a msgpack store's FORMAT file, or 0 and why it cannot be read."""
+    from .storage.msgpack_file import parse_format
+
     path = os.path.join(directory, "FORMAT")
     try:
         with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-        known = (b"sessionkit msgpack-log 1", b"sessionkit msgpack-log 2")
-        if len(lines) < 2 or lines[0] not in known or not lines[1].startswith(b"shards "):
-            raise ValueError("not a sessionkit store format file")
-        count = int(lines[1][len(b"shards "):].decode("ascii"))
-        if not 1 <= count <= 4096:
-            raise ValueError(f"a shard count of {count}")
-    except (OSError, ValueError) as exc:
+            count, _version = parse_format(path, f.read())
+    except OSError as exc:
         return 0, f"{path} cannot be read: {exc}"
+    except CorruptSessionError as exc:
+        return 0, f"{path} cannot be read: {exc.__cause__}"
     return count, ""
 
 

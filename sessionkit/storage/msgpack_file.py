@@ -26,10 +26,31 @@ log = logging.getLogger("sessionkit")
 
 FORMAT_FILE = "FORMAT"
 FORMAT_LINE = "sessionkit msgpack-log 2"
+# A FORMAT file's first line -> its version (1: logs only; 2: logs and shared indexes)
+FORMAT_VERSIONS = {b"sessionkit msgpack-log 1": 1, FORMAT_LINE.encode("ascii"): 2}
 _MAX_SHARDS = 4096  # the most shards a store may have
 LOCK_FILE = "sessionkit.lock"
 _key_info = _records.key_info
 _time = time.time
+
+
+def parse_format(path: str, raw: bytes) -> tuple[int, int]:
+    """``(shard count, version)`` from the bytes of the FORMAT file at ``path``;
+    ``CorruptSessionError`` (its cause a ``ValueError`` saying why) if they are not one."""
+    lines = raw.split(b"\n")
+    try:
+        if len(lines) < 2 or lines[0] not in FORMAT_VERSIONS or not lines[1].startswith(b"shards "):
+            raise ValueError("not a sessionkit store format file")
+        count = int(lines[1][len(b"shards "):].decode("ascii"))
+        if not 1 <= count <= _MAX_SHARDS:
+            raise ValueError(f"a shard count of {count}")
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise CorruptSessionError(
+            f"{path} is damaged ({exc}); nothing was read or written: restore it from a backup "
+            "(it records the store's shard count)",
+            path=path,
+        ) from exc
+    return count, FORMAT_VERSIONS[lines[0]]
 
 
 class _MsgpackStore(StoreState):
@@ -67,7 +88,7 @@ class _MsgpackStore(StoreState):
                 count = self._count_for_new_format(shards)
                 self._write_format(path, count)
                 return count
-            count, version = self._parse_format(path, raw)
+            count, version = parse_format(path, raw)
             if version == 1:
                 self._write_format(path, count)
             return count
@@ -86,25 +107,6 @@ class _MsgpackStore(StoreState):
             os.close(fd)
         os.replace(tmp, path)
         fsync_dir(self.directory)
-
-    @staticmethod
-    def _parse_format(path: str, raw: bytes) -> tuple[int, int]:
-        """``(shard count, version)`` from a FORMAT file's bytes."""
-        lines = raw.split(b"\n")
-        try:
-            versions = {b"sessionkit msgpack-log 1": 1, FORMAT_LINE.encode("ascii"): 2}
-            if len(lines) < 2 or lines[0] not in versions or not lines[1].startswith(b"shards "):
-                raise ValueError("not a sessionkit store format file")
-            count = int(lines[1][len(b"shards "):].decode("ascii"))
-            if not 1 <= count <= _MAX_SHARDS:
-                raise ValueError(f"a shard count of {count}")
-        except ValueError as exc:  # UnicodeDecodeError included
-            raise CorruptSessionError(
-                f"{path} is damaged ({exc}); nothing was read or written: restore it from a backup "
-                "(it records the store's shard count)",
-                path=path,
-            ) from exc
-        return count, versions[lines[0]]
 
     def _count_for_new_format(self, shards: int | None) -> int:
         """The shard count to record when the directory has no FORMAT file.
