@@ -14,9 +14,34 @@ from __future__ import annotations
 import os
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 from tests.workers import open_store
+
+
+def read_log(path: Path) -> tuple[dict[str, int | None], tuple[str, int | None] | None, bool]:
+    """What a killed writer's log says: each key's last acknowledged value
+    (None: deleted), the write in flight (or None), and whether it died inside
+    a merge (``merge-often`` only)."""
+    acked: dict[str, int | None] = {}
+    pending: tuple[str, int | None] | None = None
+    merging = 0
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue  # "ready", or a line cut short by the kill
+        kind, key, n = parts
+        if kind == "m+":
+            merging += 1
+        elif kind == "m-":
+            merging -= 1
+        elif kind == "w":
+            pending = (key, None if n == "-" else int(n))
+        elif kind == "a":
+            acked[key] = None if n == "-" else int(n)
+            pending = None
+    return acked, pending, merging > 0
 
 
 def merge_often(fd: int) -> None:

@@ -28,6 +28,7 @@ from sessionkit import (
 from sessionkit.storage import _records
 
 from . import workers
+from .shelf_writer import read_log
 from .helpers import tmpfs
 from .helpers import FakeClock
 
@@ -582,29 +583,6 @@ def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(t
 # -- kill -9 inside background merges ----------------------------------------------
 
 
-def _writer_log(log: Path) -> tuple[dict[str, int | None], tuple[str, int | None] | None, bool]:
-    """Each key's acknowledged value (None: deleted), the write in flight, and
-    whether the writer died inside a merge."""
-    acked: dict[str, int | None] = {}
-    pending: tuple[str, int | None] | None = None
-    merging = 0
-    for line in log.read_text().splitlines():
-        parts = line.split()
-        if len(parts) != 3:
-            continue  # "ready", or a line cut short by the kill
-        kind, key, n = parts
-        if kind == "m+":
-            merging += 1
-        elif kind == "m-":
-            merging -= 1
-        elif kind == "w":
-            pending = (key, None if n == "-" else int(n))
-        elif kind == "a":
-            acked[key] = None if n == "-" else int(n)
-            pending = None
-    return acked, pending, merging > 0
-
-
 def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]:
     """Kill a writer whose shards merge every few dozen writes, ``cycles``
     times at random moments; after each kill a reader that stayed open and
@@ -631,7 +609,7 @@ def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]
         time.sleep(rng.uniform(0.01, 0.15))
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(30)
-        mine, pending, in_merge = _writer_log(log)
+        mine, pending, in_merge = read_log(log)
         counts["killed_in_merge"] += in_merge
         acked.update(mine)
         fresh = MsgpackFileStorage(directory) if cycle % 2 else None

@@ -23,6 +23,7 @@ from sessionkit.storage import shelf
 
 from .conftest import SHELVE_DBM, make_shelf, shelf_spec
 from .helpers import tmpfs
+from .shelf_writer import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -37,24 +38,6 @@ def blob(n: int, size: int) -> dict[str, Any]:
 
 
 # -- kill -9 ---------------------------------------------------------------------------
-
-
-def _expected(log: Path) -> tuple[dict[str, int | None], tuple[str, int | None] | None]:
-    """Each key's last acknowledged value (None: deleted) and the write in flight."""
-    acked: dict[str, int | None] = {}
-    pending: tuple[str, int | None] | None = None
-    for line in log.read_text().splitlines():
-        parts = line.split()
-        if len(parts) != 3:
-            continue  # "ready", or a line cut short by the kill
-        kind, key, n = parts
-        value = None if n == "-" else int(n)
-        if kind == "w":
-            pending = (key, value)
-        else:
-            acked[key] = value
-            pending = None
-    return acked, pending
 
 
 def kill_loop(path: str, cycles: int, seed: int) -> dict[str, int]:
@@ -76,7 +59,7 @@ def kill_loop(path: str, cycles: int, seed: int) -> dict[str, int]:
         time.sleep(rng.uniform(0.002, 0.06))
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(30)
-        mine, pending = _expected(log)
+        mine, pending, _in_merge = read_log(log)
         acked.update(mine)
         try:
             listed = set(reader.keys())  # always at least one operation, even with nothing acknowledged
