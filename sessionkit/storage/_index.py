@@ -115,9 +115,9 @@ class Table:
         self.buf = bytearray(HEADER_SIZE + capacity * SLOT_SIZE) if buf is None else buf
         self.count = self.used = self.live = self.corrupt = self.expiring = 0
 
-    def get(self, h1: int, h2: int) -> tuple[int, int, int, int, int, float] | None:
-        """The slot of key ``(h1, h2)``, or None.  ``ValueError`` on a table
-        with no end to a probe (only a damaged file has none)."""
+    def find(self, h1: int, h2: int) -> tuple[int, tuple[int, int, int, int, int, float]] | None:
+        """``(slot number, slot)`` of key ``(h1, h2)``, or None.  ``ValueError``
+        on a table with no end to a probe (only a damaged file has none)."""
         buf = self.buf
         mask = self.mask
         pos = h1 & mask
@@ -126,7 +126,7 @@ class Table:
             if slot[4] == EMPTY:
                 return None
             if slot[0] == h1 and slot[1] == h2:
-                return slot  # type: ignore[no-any-return]
+                return pos, slot
             pos = (pos + 1) & mask
         raise ValueError("an index with no free slot")
 

@@ -447,20 +447,14 @@ class Shard:
             c = _COUNTERS.unpack_from(self.map, _COUNTERS_AT)
             if c[4] or c[5]:
                 return False
-            h1 = info[1]
-            mask = table.mask
-            pos = h1 & mask
-            m = self.map
-            for _ in range(table.capacity):
-                slot = _slot_unpack(m, ix.HEADER_SIZE + pos * ix.SLOT_SIZE)
-                if slot[4] == _EMPTY:
-                    return None
-                if slot[0] == h1 and slot[1] == info[2]:
-                    break
-                pos = (pos + 1) & mask
-            else:
+            try:
+                found = table.find(info[1], info[2])
+            except ValueError:
                 return False  # no end to the probe: a damaged table
-            self.hint = (h1, pos)
+            if found is None:
+                return None
+            pos, slot = found
+            self.hint = (info[1], pos)
             state = slot[4]
             if state != _LIVE:
                 return None if state == _DEAD else False
@@ -510,10 +504,11 @@ class Shard:
 
     def _slot(self, info: tuple[bytes, int, int, int]) -> tuple[int, int, int, int, int, float] | None:
         try:
-            return self.table.get(info[1], info[2])  # type: ignore[union-attr]
+            found = self.table.find(info[1], info[2])  # type: ignore[union-attr]
         except ValueError:
             self._rebuild("its index has no free slot")
-            return self.table.get(info[1], info[2])  # type: ignore[union-attr]
+            found = self.table.find(info[1], info[2])  # type: ignore[union-attr]
+        return None if found is None else found[1]
 
     def _damaged(self, key: str, offset: int) -> CorruptSessionError:
         return CorruptSessionError(
