@@ -76,7 +76,6 @@ if fcntl is not None and sys.platform.startswith("linux") and struct.calcsize("P
     _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
     _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
     _HAVE_OFD = True
-    _WRLCK = fcntl.F_WRLCK
 else:  # pragma: no cover - other platforms
     _HAVE_OFD = False
 _BUSY = (errno.EACCES, errno.EAGAIN)
@@ -361,21 +360,6 @@ class OfdLocks:
         exclude those that lock a new one, so this process stops using the
         store until it is the store's only user again (see :meth:`_replace`).
         """
-        f = self.file
-        if f.fd >= 0:  # the common case, inlined: the byte is free and the file current
-            try:
-                fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(_WRLCK, os.SEEK_SET, slot, 1, 0))
-            except OSError:
-                pass  # taken, or an error: the loop below waits or reports it
-            else:
-                try:
-                    current = f.is_linked() if quick else f.is_current()
-                except BaseException:
-                    self.unlock(f, slot)
-                    raise
-                if current:
-                    return f
-                self.unlock(f, slot)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             f = self.file
