@@ -243,10 +243,15 @@ class MsgpackFileStorage(EncodedStorage):
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             os.chmod(self.directory, 0o700)
 
-    def _shard(self, key: str) -> Shard:
+    def _locate(self, key: str) -> tuple[Shard, tuple[bytes, int, int, int]]:
+        """``key``'s shard and its ``_records.key_info`` (encoded and hashed once)."""
+        info = _key_info(key)
         if self._closed:
             raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
-        return self._shards[_key_info(key)[3] % self.shards]
+        return self._shards[info[3] % self.shards], info
+
+    def _shard(self, key: str) -> Shard:
+        return self._locate(key)[0]
 
     def _every_shard(self) -> list[Shard]:
         if self._closed:
@@ -262,10 +267,7 @@ class MsgpackFileStorage(EncodedStorage):
     # -- the encoded form, used by Sessions ------------------------------------
 
     def _raw_read(self, key: str) -> bytes | None:
-        info = _key_info(key)
-        if self._closed:
-            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
-        shard = self._shards[info[3] % self.shards]
+        shard, info = self._locate(key)
         if key in self._keylocks.held:  # our key lock orders us after every write of it
             raw = shard.read_unlocked(info, self._clock())
             if raw is not False:
@@ -274,10 +276,7 @@ class MsgpackFileStorage(EncodedStorage):
             return shard.read(key, info, self._clock())
 
     def _raw_write(self, key: str, raw: bytes) -> None:
-        info = _key_info(key)
-        if self._closed:
-            raise StorageError(f"{self!r} is closed", key=key, path=self.directory)
-        shard = self._shards[info[3] % self.shards]
+        shard, info = self._locate(key)
         ttl = self.ttl
         if self._clock is not _time:
             shard.skew = self._clock() - _time()
@@ -301,8 +300,7 @@ class MsgpackFileStorage(EncodedStorage):
     def delete(self, key: str) -> None:
         """Remove ``key``; deleting an absent key is not an error."""
         key = check_key(key)
-        info = _key_info(key)
-        shard = self._shard(key)
+        shard, info = self._locate(key)
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             if shard.state(info) in (_index.LIVE, _index.CORRUPT):
