@@ -620,7 +620,7 @@ class Shard:
                 self._rebuild("its index has no free slot")
                 return
         table.store_counters(end, self.dir_unsynced)
-        if table.used * 10 > table.capacity * 6 or end - table.live > max(table.live, SLACK):
+        if self.needs_merge():
             self._maintain(table, end)
 
     def _maintain(self, table: ix.Table, end: int) -> None:
