@@ -3,10 +3,18 @@
 A key is in the table only while a thread holds it (``_held``: key -> owner
 thread id) or waits for it (``_waiting``: key -> [waiters, condition]).  The
 uncontended path is two atomic dict operations and no lock object at all;
-threads that find the key taken register as waiters under one mutex and sleep
-on that key's condition until the holder releases it.  A thread that asks
-again for a key it already holds gets a :class:`SessionError` instead of a
-silent deadlock.
+threads that find the key taken queue for it (first come, first served)
+under one mutex and sleep until a release wakes the head of the queue.  A
+thread that asks again for a key it already holds gets a
+:class:`SessionError` instead of a silent deadlock.
+
+Fairness: a release wakes the longest waiter, but does not reserve the key
+for it, so a thread that releases and asks again at once (a tight loop) may
+take it first: that keeps the lock cheap when the holds are short.  Once the
+head of the queue has waited :data:`HANDOFF_AFTER` seconds, a release hands
+the key to it directly instead, so no waiter starves: under contention a
+waiter's wait is bounded by roughly its place in the queue times
+``HANDOFF_AFTER`` plus the holds ahead of it.
 
 After ``os.fork()`` (see ``_fork``) keys held or awaited by the parent's
 other threads are free in the child's view; keys the forking thread held
@@ -18,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -31,6 +40,20 @@ _monotonic = time.monotonic
 # entry left by an earlier call.  Elsewhere, fall back to comparing values.
 FRESH_IDENTS = _get_ident() is not _get_ident()
 _RECHECK = 1.0  # seconds a waiter sleeps before looking at the key again
+#: Seconds the longest waiter for a key waits before a release hands the key
+#: to it instead of letting whoever asks first take it (see the module's text).
+HANDOFF_AFTER = 0.001
+
+
+class _Waiter:
+    """One thread queued for a key: who it is, since when, and how to wake it alone."""
+
+    __slots__ = ("ident", "since", "wake")
+
+    def __init__(self, ident: int, wake: threading.Condition) -> None:
+        self.ident = ident
+        self.since = _monotonic()
+        self.wake = wake
 
 
 class LockContext:
@@ -60,7 +83,7 @@ class KeyLocks(LockContext):
 
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
-        self._waiting: dict[str, list[Any]] = {}
+        self._waiting: dict[str, deque[_Waiter]] = {}
         self._mutex = threading.Lock()
         _fork.register(self)
 
@@ -110,35 +133,41 @@ class KeyLocks(LockContext):
         held = self._held
         deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
         with self._mutex:
-            entry = self._waiting.get(key)
-            if entry is None:
-                entry = self._waiting[key] = [0, threading.Condition(self._mutex)]
-            entry[0] += 1
+            queue = self._waiting.get(key)
+            if queue is None:
+                queue = self._waiting[key] = deque()
+            mine = _Waiter(me, threading.Condition(self._mutex))
+            queue.append(mine)
             try:
+                # the key may have been handed to us (see _wake): then it is
+                # already ours and setdefault leaves it so
                 while held.setdefault(key, me) != me:
                     if deadline is None:
                         # Bounded, so a wake-up lost to an exception raised
                         # asynchronously in a releasing thread costs a
                         # second, not a hang.
-                        entry[1].wait(_RECHECK)
+                        mine.wake.wait(_RECHECK)
                     else:
                         left = deadline - _monotonic()
                         if left <= 0:
                             raise LockTimeout(
                                 f"could not lock session {key!r} within {timeout} s", key=key
                             )
-                        entry[1].wait(min(left, _RECHECK))
+                        mine.wake.wait(min(left, _RECHECK))
             except BaseException:
+                queue.remove(mine)
                 # The key was not ours on entry (re-entry is refused before
-                # waiting), so holding it now means this call took it.
+                # waiting), so holding it now means this call took it (or
+                # was handed it): pass it on.
                 if held.get(key) == me:
                     del held[key]
-                    entry[1].notify()
-                raise
-            finally:
-                entry[0] -= 1
-                if not entry[0]:
+                    self._wake(key, queue)
+                if not queue:
                     del self._waiting[key]
+                raise
+            queue.remove(mine)
+            if not queue:
+                del self._waiting[key]
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""
@@ -148,11 +177,20 @@ class KeyLocks(LockContext):
             self.notify(key)
 
     def notify(self, key: str) -> None:
-        """Wake one waiter of ``key`` (call after removing it from ``_held``)."""
+        """Wake the longest waiter of ``key`` (call after removing it from ``_held``)."""
         with self._mutex:
-            entry = self._waiting.get(key)
-            if entry is not None:
-                entry[1].notify()
+            queue = self._waiting.get(key)
+            if queue:
+                self._wake(key, queue)
+
+    def _wake(self, key: str, queue: Any) -> None:
+        """Wake the head of ``queue``, handing it ``key`` if it has waited long (mutex held)."""
+        head = queue[0]
+        if _monotonic() - head.since >= HANDOFF_AFTER:
+            # Only if no other thread took the key since it was let go;
+            # if one did, its own release comes back here.
+            self._held.setdefault(key, head.ident)
+        head.wake.notify()
 
     def held_by_me(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""
