@@ -193,8 +193,16 @@ def test_durable_writes_round_trip(directory: str) -> None:
 
 
 @pytest.mark.parametrize("durable", [True, False])
-def test_damage_to_the_newest_record_of_a_durable_store_is_kept_not_cut(directory: str, durable: bool) -> None:
-    """A whole last record with a bad checksum: a crashed append without durable, damage with it."""
+@pytest.mark.parametrize("restarted", [False, True], ids=["same-boot", "after-a-restart"])
+def test_damage_to_the_newest_record_is_kept_unless_a_machine_crash_explains_it(
+    directory: str, durable: bool, restarted: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole last record with a bad checksum.  Since this boot, its index vouches that the record
+    was written whole and acknowledged: damage, reported and kept.  After a restart without
+    ``durable``, an operating-system crash can leave such a record: the append never happened.
+    With ``durable`` the record was fsynced before it was acknowledged: damage either way."""
+    from sessionkit.storage import _index
+
     storage = MsgpackFileStorage(directory, shards=1, durable=durable)
     storage.write("k", {"v": 1})
     storage.write("k", {"v": "newest"})
@@ -202,12 +210,14 @@ def test_damage_to_the_newest_record_of_a_durable_store_is_kept_not_cut(director
     path = shard_files(directory)[0]
     _flip_last_byte_of(path, b"newest")
     size = path.stat().st_size
+    if restarted:
+        monkeypatch.setattr(_index, "BOOT_ID", bytes(16))
     storage = MsgpackFileStorage(directory, durable=durable)
-    if durable:  # fsynced before it was acknowledged: only damage can do this
+    if durable or not restarted:
         with pytest.raises(CorruptSessionError) as info:
             storage.read("k")
         assert info.value.key == "k" and path.stat().st_size == size
-    else:  # an operating-system crash can leave such a record: the append never happened
+    else:
         assert storage.read("k") == {"v": 1}
     storage.close()
 

@@ -94,16 +94,17 @@ class Damage(Exception):
         self.offset = offset
 
 
-def parse(data: bytes, base: int, at_eof: bool = True) -> tuple[list[Record], int]:
+def parse(data: bytes, base: int, at_eof: bool = True, vouched: int = 0) -> tuple[list[Record], int]:
     """Parse the records in ``data`` (which starts at file offset ``base``).
 
     Returns the records and the file offset where parsing stopped.  With
     ``at_eof`` (``data`` runs to the end of the file) a record cut short at
     the end is a crashed append and the valid log ends before it, and so is
     a whole last record whose body fails its checksum, unless a durable
-    store wrote it (``FLAG_DURABLE``: then it is damage, kept); otherwise
-    parsing just stops there and the caller reads on.  A damaged header that
-    is not at the end raises ``Damage``.
+    store wrote it (``FLAG_DURABLE``) or it ends by byte ``vouched`` (an
+    index that can be believed says the log was whole that far): then it is
+    damage, kept.  Otherwise parsing just stops there and the caller reads
+    on.  A damaged header that is not at the end raises ``Damage``.
     """
     records = []
     pos = 0
@@ -122,7 +123,7 @@ def parse(data: bytes, base: int, at_eof: bool = True) -> tuple[list[Record], in
             break  # the body was cut short: a crashed append
         body = data[pos + HEADER_SIZE : end]
         ok = _crc32(body) == body_crc
-        if not ok and end == size and at_eof and not flags & FLAG_DURABLE:
+        if not ok and end == size and at_eof and not flags & FLAG_DURABLE and base + end > vouched:
             break  # last record damaged: treat as a crashed append
         records.append(Record(base + pos, end - pos, decode_key(body[:klen]), flags, expiry, ok))
         pos = end
@@ -139,10 +140,13 @@ def record_size(data: bytes) -> int:
     return HEADER_SIZE + klen + vlen
 
 
-def read_log(fd: int, start: int, size: int, chunk: int, apply: Callable[[Record], Any]) -> int:
+def read_log(
+    fd: int, start: int, size: int, chunk: int, apply: Callable[[Record], Any], vouched: int = 0
+) -> int:
     """Parse the log open at ``fd`` from ``start`` to ``size``, a chunk at a time,
     calling ``apply`` on each record in order; returns where the valid log ends
-    (before a crashed append).  Raises ``Damage`` as :func:`parse` does.
+    (before a crashed append).  Raises ``Damage`` as :func:`parse` does
+    (``vouched``: as there).
 
     A record longer than a chunk is read whole at once, not grown chunk by
     chunk (that would be quadratic in its size).
@@ -153,7 +157,7 @@ def read_log(fd: int, start: int, size: int, chunk: int, apply: Callable[[Record
         want = min(chunk, size - pos - len(pending))
         data = pending + (os.pread(fd, want, pos + len(pending)) if want > 0 else b"")
         at_eof = pos + len(data) >= size
-        records, stop = parse(data, pos, at_eof)
+        records, stop = parse(data, pos, at_eof, vouched)
         for record in records:
             apply(record)
         if at_eof:

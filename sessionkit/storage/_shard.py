@@ -366,9 +366,10 @@ class Shard:
                 state = _LIVE
             entries[record.key] = (record.offset, record.length, state, record.expiry)
 
+        vouched = self._vouched(old) if old is not None else None
         try:
             size = os.fstat(self.fd).st_size
-            stop = rec.read_log(self.fd, len(rec.MAGIC), size, CHUNK, apply)
+            stop = rec.read_log(self.fd, len(rec.MAGIC), size, CHUNK, apply, vouched[0] if vouched else 0)
         except rec.Damage as damage:
             raise CorruptSessionError(
                 f"{self.path} is damaged at byte {damage.offset}; left as it is for recovery",
@@ -376,17 +377,20 @@ class Shard:
             ) from None
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
+        lost = self._lost(vouched, stop) if vouched else []
         try:
             if stop < size:
                 # A crashed append left a partial record: it was never
                 # acknowledged, so the log ends before it.  We hold the lock.
                 log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
                 os.ftruncate(self.fd, stop)
-            table = ix.Table(ix.capacity_for(sum(1 for e in entries.values() if e[2] != _DEAD)))
+            table = ix.Table(ix.capacity_for(len(lost) + sum(1 for e in entries.values() if e[2] != _DEAD)))
             for key, (offset, length, state, expiry) in entries.items():
                 if state != _DEAD:
                     h1, h2 = rec.key_hash(rec.encode_key(key))
                     table.put(h1, h2, offset, length, state, expiry)
+            for h1, h2, offset, expiry in lost:
+                table.put(h1, h2, offset, 0, _CORRUPT, expiry)
         except OSError as exc:
             raise StorageError(f"cannot index {self.path}: {exc}", path=self.path) from exc
         try:
@@ -401,6 +405,55 @@ class Shard:
             self.stale_idx = old  # marked replaced once a new one is in place
             self.table, self.map, self.end, self.hint = table, table.buf, stop, None
             self.retry_private = time.monotonic() + 1.0
+
+    def _vouched(self, old: ix.Index) -> tuple[int, bytes] | None:
+        """``(end, slots)`` of ``old``, the index being replaced, if it can be
+        believed: one of this very log, of this boot, whose slots agree with
+        its counters.  Its writers updated it only after a record was whole
+        in the log, so the log was whole up to ``end``, and every slot before
+        ``end`` is a record (or a deletion) that was acknowledged."""
+        if old.log_ident != self.log_ident or not ix.same_boot(old.boot):
+            return None
+        try:
+            data = old.read_table()
+        except (OSError, ValueError):
+            return None
+        if ix.check(data, old.capacity):
+            return None  # a damaged index tells nothing
+        return ix.COUNTERS.unpack_from(data, 0)[0], data[ix.HEADER_SIZE - ix.COUNTERS_AT :]
+
+    def _lost(self, vouched: tuple[int, bytes], stop: int) -> list[tuple[int, int, int, float]]:
+        """``(h1, h2, offset, expiry)`` of each key whose newest record or
+        deletion, by a believed index (see :meth:`_vouched`), is not in the
+        log that now ends at ``stop``; and of each key that index had as
+        damaged.
+
+        Such records were whole once and have been cut away since: the log
+        was truncated or replaced behind the store's back.  Indexing the log
+        alone would serve such a key's older value, or bring back a deleted
+        one, without a word; marked damaged instead, reading it raises
+        :class:`CorruptSessionError` until it is written or deleted anew.
+        """
+        end, slots = vouched
+        # A slot at or past the index's end is a write that was under way when
+        # its writer died (the index is dirty): not acknowledged, not lost.
+        lost = [
+            (s[0], s[1], s[2], s[5])
+            for s in ix.slots(slots)
+            if s[2] < end
+            and (
+                s[4] == _CORRUPT
+                or (s[4] == _LIVE and s[2] + s[3] > stop)
+                or (s[4] == _DEAD and s[2] >= stop)
+            )
+        ]
+        if lost:
+            log.warning(
+                "sessionkit: %s ends at byte %d, before %d session record(s) its index holds; "
+                "the log was cut or replaced: those sessions are reported as damaged",
+                self.path, stop, sum(1 for entry in lost if entry[2] >= stop),
+            )
+        return lost
 
     def _open_log_only(self) -> None:
         try:
@@ -511,6 +564,14 @@ class Shard:
         return None if found is None else found[1]
 
     def _damaged(self, key: str, offset: int) -> CorruptSessionError:
+        if offset >= self.end:
+            return CorruptSessionError(
+                f"the stored record of session {key!r} was at byte {offset} of {self.path}, which now ends "
+                f"at byte {self.end}: the log was cut short or replaced; write or delete the session to "
+                "go on without it",
+                key=key,
+                path=self.path,
+            )
         return CorruptSessionError(
             f"the stored record of session {key!r} in {self.path} at byte {offset} is damaged; "
             "it is left in place",
