@@ -463,7 +463,10 @@ def test_a_committed_compaction_is_finished_even_without_its_mark(tmp_path: Path
 
 
 @dumb_only
-def test_an_older_index_copied_over_a_running_shelf_is_read_anew(tmp_path: Path) -> None:
+def test_an_older_index_copied_over_a_running_shelf_is_refused_until_accepted(tmp_path: Path) -> None:
+    """A shorter ``.dir`` put back under running processes cannot be told from one cut short: its
+    missing lines would be sessions read as absent.  It is refused, in this process and in a new
+    one, until ``clear_crash_mark`` takes the files as they are; then every process reads them anew."""
     path = str(tmp_path / "s")
     storage = ShelveStorage(path, dbm="dumb")
     storage.write("a", 1)
@@ -473,6 +476,11 @@ def test_an_older_index_copied_over_a_running_shelf_is_read_anew(tmp_path: Path)
     storage.write("c", 3)
     Path(path + ".dir").write_bytes(backup)  # cp keeps the inode: "restore" under a running process
     code = f"from sessionkit import ShelveStorage; ShelveStorage({path!r}).write('d', 4)"
+    refused = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode and "CorruptSessionError" in refused.stderr and "cut short" in refused.stderr
+    with pytest.raises(CorruptSessionError, match="cut short"):
+        storage.write("e", 5)
+    ShelveStorage.clear_crash_mark(path)
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
     assert storage.read("a") == 1 and storage.read("c") is None and storage.read("d") == 4
     storage.write("e", 5)

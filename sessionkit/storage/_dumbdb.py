@@ -31,6 +31,7 @@ from __future__ import annotations
 import ast
 import errno
 import os
+from typing import Callable
 
 from ..errors import CorruptSessionError, StorageError
 from ._shard import fsync_dir, write_all
@@ -95,8 +96,12 @@ class DumbDb:
     uses: ``get``, ``in``, ``keys()``, ``[k] = v``, ``del [k]``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, written: Callable[[], tuple[int, int]] | None = None) -> None:
+        """Open the files at ``path`` (+ ``.dat``, ``.dir``).  ``written``: what
+        the shelf recorded of the ``.dir`` (``(bytes, inode)``, see
+        :meth:`dir_written`); a ``.dir`` shorter than that was cut short."""
         self.path = path
+        self._written = written
         self.dirpath = path + ".dir"
         self.datpath = path + ".dat"
         self._dir_fd = self._dat_fd = -1
@@ -117,10 +122,32 @@ class DumbDb:
         self.writable = True
         self._open_files()
         try:
+            self._check_length()
             self._load()
         except BaseException:
             self.close()
             raise
+
+    def _check_length(self) -> None:
+        """Refuse a ``.dir`` shorter than it had grown: its lost lines are lost sessions."""
+        if self._written is None:
+            return
+        length, ino = self._written()
+        if not length or ino != self._inos[0]:
+            return  # nothing recorded, or for another file (a compaction renamed a new one in)
+        size = os.fstat(self._dir_fd).st_size
+        if size < length:
+            raise CorruptSessionError(
+                f"{self.dirpath} is {size:,} bytes, but {length:,} bytes of it were written: it was cut "
+                "short (or an older copy was put in its place), and the sessions its lost lines indexed "
+                "would read as absent; nothing was changed: restore the shelf from a backup, or call "
+                "ShelveStorage.clear_crash_mark(path) to take the files as they are",
+                path=self.dirpath,
+            )
+
+    def dir_written(self) -> tuple[int, int]:
+        """``(bytes, inode)`` of the ``.dir`` as this process last wrote or read it whole."""
+        return self._dir_end, self._inos[0]
 
     # -- files -----------------------------------------------------------------------
 
@@ -167,8 +194,12 @@ class DumbDb:
         """Read the index lines other processes appended since this process last looked.
 
         Files replaced at the path (a compaction this process was not told
-        of, a backup put back) are read anew instead.
+        of, a backup put back) are read anew instead, and so is everything
+        after a reload that failed (files refused as cut short).
         """
+        if self._dir_fd < 0:
+            self._start()
+            return
         try:
             replaced = self._replaced(*self._at_path())
         except OSError:
@@ -199,6 +230,8 @@ class DumbDb:
         (a backup restored, the directory cleaned) would be acknowledged and
         lost; a replaced file is read anew instead, a missing one is an error.
         """
+        if self._dir_fd < 0:  # a reload failed: open and read everything again
+            self._start()
         try:
             d, t = self._at_path()
         except FileNotFoundError as exc:

@@ -17,6 +17,7 @@ from typing import Any, Callable, ContextManager, Iterator
 from ..errors import CorruptSessionError, SerializationError, SessionError, StorageError
 from . import _gnudb
 from ._dumbdb import ACCESS_ERRNOS, DumbDb, recover_compaction
+from ._index import BOOT_ID, same_boot
 from ._lockfile import SHARD_BASE, make_locks
 from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
@@ -45,6 +46,9 @@ _STORE_LOCK = SHARD_BASE  # the lock-file byte that guards the dbm itself
 #   16  ...  the lock file's own header (_lockfile: magic and locking method)
 #   40  14B  dbm.gnu's record: the key count and the write in flight (_gnudb)
 #   56  16B  the shelf's dbm, as "dbm.gnu" padded with zero bytes
+#   72  32B  dbm.dumb: how long its .dir had grown, the .dir's inode and the
+#            boot that wrote them (after each section that wrote); a .dir
+#            found shorter is reported, not read as it is (_dumbdb.DumbDb)
 #   4096 ... dbm.gnu's undo: the old value of the store in flight (_gnudb)
 _HEAD = struct.Struct("<QB")
 _MARK = 8
@@ -72,6 +76,8 @@ _SHELF_SUFFIXES = frozenset(
     + _SQLITE_FILES
 )
 _DBM_AT, _DBM_NAME = 56, 16  # the lock file records the shelf's dbm here
+_DIR_RECORD = struct.Struct("<QQ16s")  # dbm.dumb's .dir: bytes written, its inode, the boot
+_DIR_RECORD_AT = 72
 
 
 def available_dbms() -> list[str]:
@@ -244,6 +250,8 @@ class ShelveStorage(EncodedStorage):
                 os.pwrite(locks.fd, b"\0", _MARK)
                 # the key count of dbm.gnu's record is recounted at the next write
                 os.pwrite(locks.fd, bytes(_gnudb.RECORD.size), _gnudb.RECORD_AT)
+                # dbm.dumb's .dir is taken as it is now
+                os.pwrite(locks.fd, bytes(_DIR_RECORD.size), _DIR_RECORD_AT)
             finally:
                 locks.unlock(held, _STORE_LOCK)
         finally:
@@ -502,6 +510,15 @@ class _ShelfState(StoreState):
         raw = os.pread(self.locks.fd, _HEADER.size, 0)
         return _HEADER.unpack(raw) if len(raw) == _HEADER.size else (0, 0, 0)
 
+    def _dir_record(self) -> tuple[int, int]:
+        """dbm.dumb: ``(bytes, inode)`` its ``.dir`` had reached after the last section
+        that wrote it, in this boot of the machine; ``(0, 0)`` when unknown."""
+        raw = os.pread(self.locks.fd, _DIR_RECORD.size, _DIR_RECORD_AT)
+        if len(raw) != _DIR_RECORD.size:
+            return 0, 0
+        length, ino, boot = _DIR_RECORD.unpack(raw)
+        return (length, ino) if same_boot(boot) else (0, 0)
+
     def _bump_epoch(self) -> None:
         self._epoch = (self._read_head()[2] + 1) & 0xFFFFFFFF
         os.pwrite(self.locks.fd, _EPOCH.pack(self._epoch), _EPOCH_AT)
@@ -563,7 +580,7 @@ class _ShelfState(StoreState):
         self._close_db()
         try:
             if self.dbm == "dbm.dumb":
-                self._db = DumbDb(self.path)
+                self._db = DumbDb(self.path, self._dir_record)
             elif self.dbm == "dbm.sqlite3":
                 from ._sqlitedb import SqliteDb  # any thread may use it; dbm.sqlite3's may not
 
@@ -806,6 +823,12 @@ class _StoreSection:
         try:
             if s._dirty:
                 s._dirty = False
+                if s.dbm == "dbm.dumb" and s._db is not None:
+                    length, ino = s._db.dir_written()
+                    try:
+                        os.pwrite(s.locks.fd, _DIR_RECORD.pack(length, ino, BOOT_ID), _DIR_RECORD_AT)
+                    except OSError:
+                        pass  # only a guard against a .dir cut short later: the write itself is done
                 try:
                     if s.dbm == "dbm.ndbm" and not s._failed:
                         s._close_verified()
