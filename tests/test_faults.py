@@ -1,0 +1,498 @@
+"""Faults that docs/reliability.rst lists and no other test file covered.
+
+Each test makes the fault for real: a process that runs without root's
+power to ignore file modes, a read-only mount, a truncated file, a process
+stopped with ``SIGSTOP`` past its lock's expiry, a Redis server out of
+memory, a fork while another thread holds a key.  The check is always the
+same: the caller gets a value it wrote or a ``SessionError``, never a raw
+exception, and no acknowledged write goes missing without an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from sessionkit import (
+    CorruptSessionError,
+    LockLost,
+    MemoryStorage,
+    MsgpackFileStorage,
+    RedisStorage,
+    SessionError,
+    Sessions,
+    ShelveStorage,
+    StorageError,
+)
+
+from . import redis_servers
+from .conftest import redis_client
+from .helpers import tmpfs
+
+ROOT = Path(__file__).resolve().parent.parent
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+SETPRIV = shutil.which("setpriv")
+needs_setpriv = pytest.mark.skipif(
+    not IS_ROOT or SETPRIV is None, reason="needs root and setpriv to drop the power to ignore file modes"
+)
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="this platform has no os.fork")
+
+
+def run_without_root_powers(code: str, *args: str) -> dict[str, Any]:
+    """Run ``code`` in a process that obeys file modes (no CAP_DAC_OVERRIDE); its last line is JSON."""
+    assert SETPRIV is not None
+    argv = [SETPRIV, "--bounding-set", "-dac_override,-dac_read_search", "--",
+            sys.executable, "-c", code, *args]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]  # not even from a background thread
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# A worker that tries every operation and reports what each one did: a value,
+# the name of a SessionError subclass (with the path it names), or "raw ..."
+# for any other exception, which is a defect.
+_TRY_EVERYTHING = r"""
+import json, sys
+from sessionkit import MsgpackFileStorage, ShelveStorage, SessionError
+kind, path = sys.argv[1], sys.argv[2]
+report = {}
+
+def attempt(name, fn):
+    try:
+        report[name] = ["ok", fn()]
+    except SessionError as exc:
+        report[name] = [type(exc).__name__, exc.path]
+    except Exception as exc:
+        report[name] = ["raw " + type(exc).__name__, str(exc)]
+
+opened = []
+attempt("open", lambda: opened.append((MsgpackFileStorage if kind == "msgpack" else ShelveStorage)(path)))
+if opened:
+    storage = opened[0]
+    attempt("read", lambda: storage.read("a"))
+    attempt("write", lambda: storage.write("a", 2))
+    attempt("new key", lambda: storage.write("new", 3))
+    attempt("delete", lambda: storage.delete("b"))
+    acked = None
+    refused = 0
+    for i in range(300):  # enough dead bytes for a merge (msgpack) or a compaction (dbm.dumb)
+        try:
+            storage.write("hot", {"i": i, "pad": "x" * 2000})
+            acked = i
+        except SessionError:
+            refused += 1
+    report["hot"] = [acked, refused]
+    attempt("read again", lambda: [storage.read("a"), storage.read("hot")["i"]])
+    storage.close()
+print(json.dumps(report))
+"""
+
+
+def store_path(kind: str, tmp_path: Path) -> Path:
+    return tmp_path / "store" if kind == "msgpack" else tmp_path / "shelf" / "sessions"
+
+
+def make(kind: str, path: Path) -> Any:
+    return MsgpackFileStorage(path, shards=1) if kind == "msgpack" else ShelveStorage(path, dbm="dumb")
+
+
+def raw_errors(report: dict[str, Any]) -> list[Any]:
+    return [(name, outcome) for name, outcome in report.items() if str(outcome[0]).startswith("raw")]
+
+
+# -- permission denied ---------------------------------------------------------------
+
+
+@needs_setpriv
+@pytest.mark.parametrize("mode", [0o000, 0o400], ids=["no-access", "read-only-files"])
+def test_msgpack_files_the_process_may_not_use_are_storage_errors(tmp_path: Path, mode: int) -> None:
+    """Store files this process may not open give StorageError naming the path; the data stays."""
+    path = store_path("msgpack", tmp_path)
+    storage = make("msgpack", path)
+    storage.write("a", 1)
+    storage.write("b", 1)
+    storage.close()
+    files = [p for p in path.iterdir() if p.is_file() and p.name != "sessionkit.lock"]
+    for p in files:
+        os.chmod(p, mode)
+    try:
+        report = run_without_root_powers(_TRY_EVERYTHING, "msgpack", str(path))
+    finally:
+        for p in files:
+            os.chmod(p, 0o600)
+    assert raw_errors(report) == []
+    if mode == 0:  # even the FORMAT file: the store does not open
+        assert report["open"] == ["StorageError", str(path)]
+    else:  # opened, but a log opens for reading and writing, so every operation on it is refused
+        assert report["open"][0] == "ok"
+        for name in ("read", "write", "new key", "delete"):
+            assert report[name][0] == "StorageError" and str(path) in report[name][1], (name, report)
+        assert report["hot"] == [None, 300]
+    again = MsgpackFileStorage(path)
+    assert (again.read("a"), again.read("b"), again.read("hot")) == (1, 1, None)
+
+
+# -- read-only directory -----------------------------------------------------------
+
+
+@needs_setpriv
+@pytest.mark.parametrize("kind", ["msgpack", "shelve-dumb"])
+def test_a_read_only_directory_refuses_only_what_needs_a_new_file(tmp_path: Path, kind: str) -> None:
+    """A store directory the process may not write in: existing files still work; nothing is lost."""
+    backend = kind.split("-")[0]
+    path = store_path(backend, tmp_path)
+    storage = make(backend, path)
+    storage.write("a", 1)
+    storage.write("b", 1)
+    storage.close()
+    directory = path if backend == "msgpack" else path.parent
+    os.chmod(directory, 0o500)
+    try:
+        report = run_without_root_powers(_TRY_EVERYTHING, backend, str(path))
+    finally:
+        os.chmod(directory, 0o700)
+    assert raw_errors(report) == []
+    assert report["open"][0] == "ok" and report["read"] == ["ok", 1]
+    assert report["write"] == ["ok", None]  # the log (or .dat and .dir) exists and may be written
+    acked, refused = report["hot"]
+    assert acked is not None
+    after = make(backend, path)
+    assert after.read("a") == 2 and after.read("b") is None
+    assert after.read("hot")["i"] == acked  # the last acknowledged rewrite, merged or not
+    # the new key lands in a file that exists (one msgpack shard, or the
+    # shelf's .dat and .dir); a merge or compaction that cannot create its
+    # new files is put off, and no write is refused
+    assert report["new key"] == ["ok", None] and refused == 0
+    assert after.read("new") == 3
+    after.close()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
+def test_a_shelf_on_a_read_only_file_system_is_refused_and_kept(tmp_path: Path) -> None:
+    """The lock file must open for writing: on a read-only mount the shelf does not open at all."""
+    with tmpfs(tmp_path / "fs", "1m") as mount:
+        path = mount / "sessions"
+        storage = ShelveStorage(path, dbm="dumb")
+        storage.write("a", 1)
+        storage.close()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        try:
+            with pytest.raises(StorageError) as info:
+                ShelveStorage(path)
+            assert info.value.path == str(path) + ".lock" and isinstance(info.value.__cause__, OSError)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)
+        assert ShelveStorage(path).read("a") == 1
+
+
+# -- truncated files ------------------------------------------------------------------
+
+
+def test_a_shelf_data_file_cut_short_is_corrupt_session_error(tmp_path: Path) -> None:
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    for i in range(20):
+        storage.write(f"k{i}", {"i": i})
+    storage.close()
+    dat = Path(path + ".dat")
+    os.truncate(dat, dat.stat().st_size // 2)
+    storage = ShelveStorage(path)
+    assert storage.read("k0") == {"i": 0}  # its value lies before the cut
+    with pytest.raises(CorruptSessionError) as info:
+        storage.read("k19")
+    assert info.value.path == str(dat) and "cut short" in str(info.value)
+    with pytest.raises(CorruptSessionError):
+        list(storage.keys())
+    storage.close()
+
+
+def test_a_shelf_index_file_cut_short_is_not_a_silent_loss(tmp_path: Path) -> None:
+    """A ``.dir`` shorter than the shelf recorded it had grown is refused, in a new process's open and
+    in one that had the shelf open; ``clear_crash_mark`` takes the files as they are."""
+    path = str(tmp_path / "s")
+    storage = ShelveStorage(path, dbm="dumb")
+    for i in range(20):
+        storage.write(f"k{i}", {"i": i})
+    index = Path(path + ".dir")
+    os.truncate(index, index.stat().st_size // 2)
+    with pytest.raises(CorruptSessionError, match="cut short"):
+        storage.write("k0", {"i": "new"})  # never appended after a hole where lines were
+    storage.close()
+    with pytest.raises(CorruptSessionError, match="cut short"):
+        ShelveStorage(path).read("k19")
+    ShelveStorage.clear_crash_mark(path)
+    again = ShelveStorage(path)
+    assert again.read("k0") == {"i": 0} and again.read("k19") is None
+    again.write("k19", {"i": "again"})
+    again.close()
+    assert ShelveStorage(path).read("k19") == {"i": "again"}
+
+
+def test_a_msgpack_log_whose_newest_record_was_cut_reports_that_session(tmp_path: Path) -> None:
+    """A cut inside the newest record of a log whose index is whole is damage, not a crashed append:
+    the index was updated after the record was written, so the write was acknowledged.  The session
+    is reported, not served at its older value; every other session reads back."""
+    path = store_path("msgpack", tmp_path)
+    storage = make("msgpack", path)
+    for i in range(20):
+        storage.write(f"k{i}", {"i": i})
+    storage.write("k0", {"i": "newest"})
+    storage.close()
+    log = path / "shard-000.log"
+    os.truncate(log, log.stat().st_size - 3)
+    again = MsgpackFileStorage(path)
+    with pytest.raises(CorruptSessionError, match="cut short"):
+        again.read("k0")
+    assert [again.read(f"k{i}") for i in range(1, 20)] == [{"i": i} for i in range(1, 20)]
+    again.write("k0", {"i": "anew"})  # writing it again is how the owner goes on without it
+    assert again.read("k0") == {"i": "anew"}
+    again.close()
+
+
+def test_a_msgpack_log_cut_short_mid_history_is_not_a_silent_loss(tmp_path: Path) -> None:
+    """Every session whose newest record (or deletion) was cut away is reported, in this process
+    and in one that had the store open; the sessions before the cut read back."""
+    path = store_path("msgpack", tmp_path)
+    storage = make("msgpack", path)
+    for i in range(20):
+        storage.write(f"k{i}", {"i": i})
+    storage.write("k1", {"i": "newer"})
+    storage.delete("k2")  # a deletion cut away must not bring the old value back
+    log = path / "shard-000.log"
+    os.truncate(log, log.stat().st_size // 2)
+    fresh = MsgpackFileStorage(path)
+    for reader in (fresh, storage):
+        outcomes = {}
+        for i in range(20):
+            try:
+                outcomes[i] = reader.read(f"k{i}")
+            except CorruptSessionError:
+                outcomes[i] = "reported"
+        assert outcomes[1] == outcomes[2] == "reported", outcomes
+        assert all(outcomes[i] in ({"i": i}, "reported") for i in range(20)), outcomes
+        kept = [i for i in range(20) if outcomes[i] != "reported"]
+        assert len(kept) >= 5 and len(kept) <= 15, outcomes
+    fresh.close()
+    storage.close()
+
+
+# -- memory: fork and twin objects -----------------------------------------------------
+
+
+@needs_fork
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_memory_built_before_fork_gives_the_child_its_own_copy(tmp_path: Path) -> None:
+    """A key held by a parent's thread is free in the child; the child's writes stay in the child."""
+    storage = MemoryStorage()
+    sessions = Sessions(storage, initial=dict)
+    with sessions.open("k") as s:
+        s["n"] = 1
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with sessions.open("k") as s:
+            held.set()
+            release.wait(30)
+            s["n"] += 1
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    result = tmp_path / "child"
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest from here on, only os._exit
+        code = 1
+        try:
+            with sessions.open("k", timeout=2) as s:
+                s["n"] = 100
+            result.write_text(json.dumps(storage.read("k")))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    t.join(10)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert json.loads(result.read_text()) == {"n": 100}
+    assert storage.read("k") == {"n": 2}  # the parent never sees the child's write
+
+
+def test_two_memory_storages_are_two_stores() -> None:
+    one, two = MemoryStorage(), MemoryStorage()
+    one.write("k", 1)
+    assert two.read("k") is None
+    with Sessions(one).open("k", timeout=1):
+        with Sessions(two).open("k", timeout=1) as s:  # not the same key: no wait, no error
+            s.data = 2
+    assert (one.read("k"), two.read("k")) == (1, 2)
+
+
+# -- Redis ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def where(request: Any) -> Iterator[tuple[str, Any]]:
+    """(kind, server) for a standalone server and for the cluster."""
+    fixture = "redis_server" if request.param == "redis" else "redis_cluster"
+    yield request.param, request.getfixturevalue(fixture)
+
+
+def client_for(kind: str, server: Any) -> Any:
+    return server.client() if kind == "redis-cluster" else redis_client(server)
+
+
+_prefixes = iter(range(10**9))
+
+
+def prefix() -> str:
+    return f"faults{next(_prefixes)}-{os.getpid()}:"
+
+
+_PAUSED_HOLDER = r"""
+import sys
+import redis
+from redis.cluster import RedisCluster
+from sessionkit import LockLost, RedisStorage, Sessions
+kind, port, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+client = (RedisCluster if kind == "redis-cluster" else redis.Redis)(host="127.0.0.1", port=port)
+sessions = Sessions(RedisStorage(client, prefix=prefix, lock_expiry=1.0), initial=dict)
+try:
+    with sessions.open("k") as s:
+        s["n"] = 1
+        print("held", flush=True)
+        sys.stdin.readline()  # stopped with SIGSTOP meanwhile, then continued
+    print("written", flush=True)
+except LockLost as exc:
+    print("LockLost", exc.key, flush=True)
+"""
+
+
+def test_a_lock_that_expired_while_its_holder_was_stopped_writes_nothing(where: tuple[str, Any]) -> None:
+    """The holder is frozen (SIGSTOP) past its lock's expiry; its write is refused."""
+    kind, server = where
+    port = server.nodes[0].port if kind == "redis-cluster" else server.port
+    p = prefix()
+    holder = subprocess.Popen([sys.executable, "-c", _PAUSED_HOLDER, kind, str(port), p], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)  # its keep-alive thread stops too
+        time.sleep(1.5)  # past the 1 s expiry
+        storage = RedisStorage(client_for(kind, server), prefix=p)
+        with Sessions(storage, initial=dict).open("k", timeout=5) as s:
+            assert s.data == {}
+            s["n"] = 100
+        os.kill(holder.pid, signal.SIGCONT)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "LockLost k"
+        assert holder.wait(30) == 0
+        assert storage.read("k") == {"n": 100}
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "json"])
+def test_garbage_bytes_in_a_redis_value_are_corrupt_session_errors(
+    where: tuple[str, Any], codec: str
+) -> None:
+    kind, server = where
+    storage = RedisStorage(client_for(kind, server), prefix=prefix(), codec=codec)
+    client = client_for(kind, server)
+    client.set(storage.prefix + "k", b"\xc1\xff{not a value")
+    with pytest.raises(CorruptSessionError) as info:
+        storage.read("k")
+    assert info.value.key == "k"
+    with pytest.raises(CorruptSessionError):
+        with Sessions(storage, initial=dict).open("k"):
+            pass
+    assert client.get(storage.prefix + "k") == b"\xc1\xff{not a value"  # kept, never reset to initial()
+    with Sessions(storage, lazy=True).open("k", timeout=5) as s:  # no lock left behind
+        s.data = {"fresh": 1}  # assigned before any read: the damaged value is replaced
+    assert storage.read("k") == {"fresh": 1}
+
+
+def test_two_redis_storage_objects_on_one_server_exclude_each_other(where: tuple[str, Any]) -> None:
+    """Threads of one process, each through its own RedisStorage object and client: no lost update."""
+    kind, server = where
+    p = prefix()
+    storages = [RedisStorage(client_for(kind, server), prefix=p) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def work(storage: RedisStorage) -> None:
+        sessions = Sessions(storage, initial=dict)
+        try:
+            for _ in range(50):
+                with sessions.open("k", timeout=10) as s:
+                    s["n"] = s.get("n", 0) + 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(storages[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert storages[0].read("k") == {"n": 200}
+    for storage in storages:
+        storage.close()
+
+
+def test_a_redis_server_out_of_memory_is_storage_error_and_keeps_the_old_value(tmp_path: Path) -> None:
+    """Redis's own "disk full": a server at its maxmemory refuses the write; the old value stays."""
+    server = redis_servers.RedisServer(tmp_path / "oom")
+    try:
+        client = redis_client(server)
+        storage = RedisStorage(client, prefix="oom:")
+        sessions = Sessions(storage, initial=dict)
+        with sessions.open("k") as s:
+            s["v"] = "old"
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used + 200_000))
+        with pytest.raises(StorageError) as info:
+            with sessions.open("k") as s:
+                s["v"] = "x" * 1_000_000
+        assert "OutOfMemory" in type(info.value.__cause__).__name__
+        client.config_set("maxmemory", "0")
+        assert storage.read("k") == {"v": "old"}
+        with sessions.open("k", timeout=5) as s:  # no lock left behind
+            s["v"] = "new"
+        assert storage.read("k") == {"v": "new"}
+    finally:
+        server.stop()
+
+
+def test_a_redis_restart_inside_a_block_refuses_its_write(tmp_path: Path) -> None:
+    """The server restarts (without persistence) while a block runs: its write-back fails."""
+    server = redis_servers.RedisServer(tmp_path / "restart")
+    try:
+        storage = RedisStorage(redis_client(server, socket_timeout=2, socket_connect_timeout=1), prefix="r:")
+        sessions = Sessions(storage, initial=dict)
+        with pytest.raises((LockLost, StorageError)) as info:
+            with sessions.open("k") as s:
+                s["n"] = 1
+                server.restart()
+        assert isinstance(info.value, SessionError)
+        assert storage.read("k") is None  # nothing written after the restart: the lock it held was gone
+        with sessions.open("k", timeout=5) as s:
+            s["n"] = 2
+        assert storage.read("k") == {"n": 2}
+    finally:
+        server.stop()
