@@ -158,9 +158,11 @@ class KeyLocks(LockContext):
                 queue.remove(mine)
                 # The key was not ours on entry (re-entry is refused before
                 # waiting), so holding it now means this call took it (or
-                # was handed it): pass it on.
+                # was handed it): let it go.
                 if held.get(key) == me:
                     del held[key]
+                if queue and key not in held:
+                    # a wake-up (or the key) meant for us goes to the next one
                     self._wake(key, queue)
                 if not queue:
                     del self._waiting[key]

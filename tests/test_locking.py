@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable
@@ -288,10 +289,11 @@ def test_no_thread_starves_on_a_hot_key(storage: Any) -> None:
     key again before a woken waiter runs: on the disk backends one thread got
     every entry for the whole run and the seven others none.
     """
-    entries, longest = contend(Sessions(storage, initial=dict), threads=8, seconds=1.5)
+    entries, longest = contend(Sessions(storage, initial=dict), threads=8, seconds=2.0)
     mean = sum(entries) / len(entries)
     assert min(entries) >= 0.2 * mean, f"a thread starved: entries per thread {entries}"
-    assert longest < 0.75, f"a thread waited {longest:.3f} s (entries per thread {entries})"
+    # (a loaded machine can stop a thread for a while: the bound is for starving, not for speed)
+    assert longest < 1.5, f"a thread waited {longest:.3f} s (entries per thread {entries})"
 
 
 def test_a_release_hands_the_key_to_a_long_waiter() -> None:
@@ -371,3 +373,59 @@ def test_a_waiter_handed_the_key_as_it_times_out_passes_it_on() -> None:
     second.join(5)
     assert "entered" in outcomes and len(outcomes) == 2
     assert len(locks) == 0
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("others", [0, 1], ids=["alone", "another-waiter"])
+def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) -> None:
+    """A signal handler that raises (a bot's SIGTERM handler raising SystemExit) in a thread just
+    handed the key: that exception comes out, the key goes to the next waiter (or is free), and
+    no entry is left behind."""
+    import signal
+
+    locks = KeyLocks()
+    entered: list[float] = []
+
+    def other() -> None:
+        locks.acquire("k", 10)
+        entered.append(time.monotonic())
+        locks.release("k")
+
+    held = threading.Event()
+
+    def holder() -> None:
+        locks.acquire("k")
+        held.set()
+        time.sleep(0.05)  # the main thread has queued for longer than HANDOFF_AFTER
+        with locks._mutex:  # the release's own critical section, with the signal landing in it
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            del locks._held["k"]
+            locks._wake("k", locks._waiting["k"])  # what release() does: the main thread is handed the key
+
+    def interrupt(*_: Any) -> None:
+        raise _Interrupt()
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        threads = [threading.Thread(target=holder, daemon=True)]
+        threads[0].start()
+        assert held.wait(5)
+        for _ in range(others):
+            t = threading.Thread(target=other, daemon=True)
+            threads.append(t)
+            # queued after the main thread: the main thread is the head
+            threading.Timer(0.02, t.start).start()
+        with pytest.raises(_Interrupt):
+            locks.acquire("k")
+        interrupted = time.monotonic()
+        for t in threads:
+            t.join(10)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert len(entered) == others
+    assert all(at - interrupted < 0.5 for at in entered), "the next waiter slept through the free key"
+    assert len(locks) == 0, (locks._held, locks._waiting)
