@@ -10,6 +10,8 @@ exception, and no acknowledged write goes missing without an error.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -237,6 +239,23 @@ def test_a_shelf_index_file_cut_short_is_not_a_silent_loss(tmp_path: Path) -> No
     again.write("k19", {"i": "again"})
     again.close()
     assert ShelveStorage(path).read("k19") == {"i": "again"}
+
+
+def test_a_shelf_whose_files_were_deleted_starts_empty_not_cut_short(tmp_path: Path) -> None:
+    """Deleting a dbm.dumb shelf's files (the lock file kept) starts it afresh, even when the new
+    ``.dir`` gets the deleted one's inode number back, as ext4 often gives it."""
+    path = str(tmp_path / "s")
+    for attempt in range(5):
+        storage = ShelveStorage(path, dbm="dumb")
+        for i in range(20):
+            storage.write(f"k{i}", {"i": i})
+        storage.close()
+        for suffix in (".dir", ".dat", ".bak"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)
+        again = ShelveStorage(path)
+        assert again.read("k0") is None and list(again.keys()) == []
+        again.close()
 
 
 def test_a_msgpack_log_whose_newest_record_was_cut_reports_that_session(tmp_path: Path) -> None:

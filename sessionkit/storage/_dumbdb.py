@@ -120,6 +120,7 @@ class DumbDb:
         self._dat_size = 0  # .dat's size as last seen: where the next value goes
         self._inos = (0, 0)  # the inodes of .dir and .dat this process has open
         self.writable = True
+        self.created = False  # this open made a new .dir: nothing recorded of an earlier one applies
         self._open_files()
         try:
             self._check_length()
@@ -130,7 +131,7 @@ class DumbDb:
 
     def _check_length(self) -> None:
         """Refuse a ``.dir`` shorter than it had grown: its lost lines are lost sessions."""
-        if self._written is None:
+        if self._written is None or self.created:
             return
         length, ino = self._written()
         if not length or ino != self._inos[0]:
@@ -154,7 +155,13 @@ class DumbDb:
     def _open(self, name: str) -> int:
         flags = os.O_CLOEXEC | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(name, flags | os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fd = os.open(name, flags | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                fd = os.open(name, flags | os.O_RDWR | os.O_CREAT, 0o600)
+            else:
+                if name == self.dirpath:
+                    self.created = True
         except OSError as exc:
             if exc.errno not in ACCESS_ERRNOS or not os.path.exists(name):
                 raise

@@ -581,6 +581,8 @@ class _ShelfState(StoreState):
         try:
             if self.dbm == "dbm.dumb":
                 self._db = DumbDb(self.path, self._dir_record)
+                if self._db.created:  # a new .dir (it may reuse a deleted one's inode number)
+                    os.pwrite(self.locks.fd, bytes(_DIR_RECORD.size), _DIR_RECORD_AT)
             elif self.dbm == "dbm.sqlite3":
                 from ._sqlitedb import SqliteDb  # any thread may use it; dbm.sqlite3's may not
 
