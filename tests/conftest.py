@@ -119,3 +119,33 @@ def fast_switching() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(old)
+
+
+# -- the reruns under the other Pythons (tests/test_other_pythons.py) ---------------
+
+
+def _is_rerun_test(item: Any) -> bool:
+    return item.nodeid.startswith("tests/test_other_pythons.py::")
+
+
+def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -> None:
+    """The tests that wait for the reruns go last: the rest of the run overlaps the reruns."""
+    items.sort(key=_is_rerun_test)  # stable: the order within each part is kept
+
+
+def pytest_collection_finish(session: Any) -> None:
+    """Start the reruns in the background as soon as the tests that report them are selected."""
+    if session.config.getoption("collectonly") or os.environ.get("SESSIONKIT_RERUN"):
+        return
+    if not any(_is_rerun_test(item) for item in session.items):
+        return
+    from .test_other_pythons import RUNNER
+
+    RUNNER.start()
+
+
+def pytest_sessionfinish(session: Any, exitstatus: Any) -> None:
+    module = sys.modules.get("tests.test_other_pythons")
+    if module is not None:
+        module.RUNNER.stop()  # an interrupted run leaves no rerun behind
+

@@ -13,6 +13,17 @@ from typing import Any, Iterator
 
 import pytest
 
+#: How long the stress tests run, as a share of their full length: the kill -9
+#: loops' cycles and the soak's seconds.  The reruns under the other Pythons
+#: (tests/test_other_pythons.py) set ``SESSIONKIT_STRESS=0.25``; the main run
+#: keeps 1.
+STRESS = float(os.environ.get("SESSIONKIT_STRESS") or 1.0)
+
+
+def stressed(full: float, least: float = 1) -> float:
+    """``full`` scaled by :data:`STRESS`, never under ``least``."""
+    return max(least, full * STRESS)
+
 
 class FakeClock:
     """A clock the test moves by hand, in seconds."""

@@ -29,7 +29,7 @@ from sessionkit.storage import _records
 
 from . import workers
 from .shelf_writer import read_log
-from .helpers import tmpfs
+from .helpers import stressed, tmpfs
 from .helpers import FakeClock
 
 spawn = multiprocessing.get_context("spawn")
@@ -656,7 +656,7 @@ def test_kill_9_inside_background_merges_loses_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_9_inside_background_merges_stress(tmp_path: Path) -> None:
-    cycles = int(os.environ.get("SESSIONKIT_KILL_CYCLES", "80"))  # 400 for the figures we publish
+    cycles = int(os.environ.get("SESSIONKIT_KILL_CYCLES") or stressed(80, 40))  # 400 for the figures we publish
     counts = msgpack_kill_loop(tmp_path / "store", cycles=cycles, seed=4)
     assert counts["killed_in_merge"] >= cycles // 40, counts
 

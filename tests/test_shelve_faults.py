@@ -22,7 +22,7 @@ from sessionkit import CorruptSessionError, StorageError, ShelveStorage
 from sessionkit.storage import shelf
 
 from .conftest import SHELVE_DBM, make_shelf, shelf_spec
-from .helpers import tmpfs
+from .helpers import stressed, tmpfs
 from .shelf_writer import read_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_kill_9_loop_loses_no_acknowledged_value(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_kill_9_stress_loses_no_acknowledged_value(tmp_path: Path) -> None:
-    counts = kill_loop(str(tmp_path / "shelf" / "sessions"), cycles=200, seed=2)
+    counts = kill_loop(str(tmp_path / "shelf" / "sessions"), cycles=int(stressed(200, 40)), seed=2)
     assert counts["checks"] > 0
 
 

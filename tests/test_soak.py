@@ -22,9 +22,10 @@ import pytest
 from benchmarks.soak import Tally, check_counts, value_problem
 
 from . import redis_servers
+from .helpers import stressed
 
 ROOT = Path(__file__).resolve().parent.parent
-SECONDS = float(os.environ.get("SESSIONKIT_SOAK_SECONDS") or 30)
+SECONDS = float(os.environ.get("SESSIONKIT_SOAK_SECONDS") or stressed(30, 5))
 
 SUMMARY = re.compile(
     r"^soak (?P<backend>\w+): (?P<elapsed>[\d.]+) s, (?P<processes>\d+) proc x (?P<threads>\d+) threads, "
