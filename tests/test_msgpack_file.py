@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -933,3 +934,64 @@ def test_a_large_damaged_index_is_found_by_the_merge_thread(directory: str) -> N
     storage.read("k0")  # maps the index; the check runs in the background
     assert MERGER.wait()
     assert [storage.read(f"k{i}") for i in range(0, 30_000, 7)] == list(range(0, 30_000, 7))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_SERVE = """
+import sys
+from sessionkit import MsgpackFileStorage
+storage = MsgpackFileStorage(sys.argv[1], shards=1)
+for line in sys.stdin:
+    op, key, *rest = line.split()
+    if op == "write":
+        storage.write(key, int(rest[0]))
+        print("ok", flush=True)
+    else:
+        print(repr(storage.read(key)), flush=True)
+"""
+
+_DIE_BEFORE_MARKING = """
+import os, sys
+from sessionkit import MsgpackFileStorage
+from sessionkit.storage import _index
+storage = MsgpackFileStorage(sys.argv[1], shards=1)
+storage.write("b", 1)
+shard = storage._shards[0]
+_index.Index.set_replaced = lambda self: os._exit(9)  # killed between the rename and the mark
+with shard.mutex, shard:
+    shard._rebuild("a rebuild killed half-way")
+"""
+
+
+def test_an_index_put_in_place_by_a_process_killed_before_marking_the_old_one_is_not_left_in_use(
+    directory: str,
+) -> None:
+    """Process B puts a new index in place and dies before marking the one it replaced (which it
+    had marked dirty).  Process C opens the store then, and maps B's index.  This process, on the
+    old one, indexes the log anew and puts a third in place: it must mark B's too, or C goes on
+    reading by an index that misses this process's writes (and a merge by it would drop them)."""
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage.write("a", 1)
+    died = subprocess.run([sys.executable, "-c", _DIE_BEFORE_MARKING, directory], cwd=ROOT, timeout=60)
+    assert died.returncode == 9
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, directory], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def ask(line: str) -> str:
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.write(line + "\n")
+        server.stdin.flush()
+        return server.stdout.readline().strip()
+
+    try:
+        assert ask("write c 1") == "ok"  # C maps B's index
+        storage.write("t", 1)  # this process: its index is dirty, so it indexes the log anew
+        assert ask("read t") == "1", "another process reads by an index that was replaced"
+        assert ask("read c") == "1" and storage.read("b") == 1 and storage.read("c") == 1
+    finally:
+        server.kill()
+        server.communicate(timeout=10)  # and closes the pipes
+        storage.close()

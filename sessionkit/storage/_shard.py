@@ -468,19 +468,50 @@ class Shard:
         """Write ``table`` as the index of the current log and rename it into
         place (the shard is locked); the old mapping is marked replaced."""
         tmp = f"{self.index_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        stray = self._stray_index(old)
         try:
             table.write(tmp, self.log_ident, end, False)
-            if old is not None:
-                old.set_dirty(1)  # killed before the replaced mark below: they index anew too
+            for retired in (old, stray):
+                if retired is not None:
+                    retired.set_dirty(1)  # killed before the replaced mark below: they index anew too
             os.replace(tmp, self.index_path)
         except BaseException:
             _unlink(tmp)
+            if stray is not None:
+                stray.close()
             raise
-        if old is not None:
-            old.set_replaced()
-            old.close()
+        for retired in (old, stray):
+            if retired is not None:
+                retired.set_replaced()
+                retired.close()
         self.stale_idx = None
         self._use(ix.Index(self.index_path, checked=False))
+
+    def _stray_index(self, old: ix.Index | None) -> ix.Index | None:
+        """The index file at the path, mapped, if it is not ``old`` (the shard is locked).
+
+        A process killed between renaming a new index into place and marking
+        the one it replaced leaves that one marked dirty only: its users index
+        the log anew and put a third index in place, while processes that
+        opened the second in between would go on using it, unaware, and a
+        merge by it would leave out what the others appended.  Whoever puts
+        an index in place therefore marks the one at the path too.
+        """
+        try:
+            at_path = os.stat(self.index_path)
+        except OSError:
+            return None
+        if old is not None and old.fd >= 0:
+            try:
+                mine = os.fstat(old.fd)
+            except OSError:
+                mine = None
+            if mine is not None and (mine.st_dev, mine.st_ino) == (at_path.st_dev, at_path.st_ino):
+                return None
+        try:
+            return ix.Index(self.index_path, checked=False)
+        except (OSError, ValueError):
+            return None  # nothing anyone can map
 
     # -- reads -----------------------------------------------------------------
 
@@ -887,6 +918,11 @@ class Shard:
         with self.mutex, self:
             if self.closed or self.log_ident != log_ident:
                 raise _Abort("the log was replaced meanwhile")
+            now_at = os.fstat(self.fd)
+            if now_at.st_size != self.end or not now_at.st_nlink:
+                # the index does not cover the whole log: merging by it would
+                # leave records out (the next section indexes the log anew)
+                raise _Abort(f"the log is {now_at.st_size} bytes, its index says {self.end}")
             start, pos = self._replay(self.fd, target, table, start, self.end, pos, None)
             if durable:
                 os.fdatasync(target)
@@ -894,10 +930,16 @@ class Shard:
             ix.FIXED.pack_into(fresh.map, 0, ix.MAGIC, fresh.capacity, st.st_dev, st.st_ino, ix.BOOT_ID)
             table.store_counters(pos)
             old = self.idx
+            stray = self._stray_index(old)
             old.set_dirty(1)  # type: ignore[union-attr]  # a crash before both renames: re-index
+            if stray is not None:
+                stray.set_dirty(1)
             os.replace(new_log, self.path)
             os.replace(new_index, self.index_path)
             old.set_replaced()  # type: ignore[union-attr]
+            if stray is not None:
+                stray.set_replaced()
+                stray.close()
             retired = (old, self.fd)  # closed after the lock: freeing the old log's blocks takes a while
             _MERGE_FDS.discard(target)  # the shard's log from now on: a forked child keeps it
             self.fd = target
