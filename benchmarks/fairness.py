@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -49,7 +48,9 @@ import threading
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+
+from .redis_bench import percentile
 
 SAVED = Path(__file__).resolve().parent / "results" / "fairness"  # the committed run (--save)
 BACKENDS = ("memory", "msgpack", "shelve", "redis")
@@ -124,15 +125,6 @@ def _process_main(queue: Any, backend: str, where: str, threads: int, start_at: 
         queue.put(_waiters(backend, where, threads, start_at, seconds, think_s))
     except BaseException as exc:  # the parent reports it
         queue.put({"waits": [], "errors": [f"{type(exc).__name__}: {exc}"[:300]], "count": 0})
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) of ``values``, nearest rank; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(math.ceil(q / 100 * len(ordered)) - 1, 0)
-    return ordered[min(rank, len(ordered) - 1)]
 
 
 def measure(backend: str, where: str, processes: int, threads: int, seconds: float,

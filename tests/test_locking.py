@@ -15,26 +15,35 @@ from sessionkit._locks import KeyLocks, shared_key_locks
 from .helpers import NoLock, RecordingStorage, SlowStorage
 
 
-def hammer(sessions: Sessions, keys: list[str], threads: int, per_thread: int) -> None:
-    """``threads`` threads each increment ``per_thread`` times, round-robin over ``keys``."""
+def in_threads(work: Callable[[int], None], threads: int) -> None:
+    """Run ``work(n)`` in ``threads`` threads started together; re-raise what any of them raised."""
     barrier = threading.Barrier(threads)
     errors: list[BaseException] = []
 
-    def work(n: int) -> None:
+    def run(n: int) -> None:
         try:
             barrier.wait()
-            for i in range(per_thread):
-                with sessions.open(keys[(n + i) % len(keys)]) as s:
-                    s["n"] = s.get("n", 0) + 1
+            work(n)
         except BaseException as exc:  # pragma: no cover - surfaced below
             errors.append(exc)
 
-    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    pool = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
     assert not errors, errors
+
+
+def hammer(sessions: Sessions, keys: list[str], threads: int, per_thread: int) -> None:
+    """``threads`` threads each increment ``per_thread`` times, round-robin over ``keys``."""
+
+    def work(n: int) -> None:
+        for i in range(per_thread):
+            with sessions.open(keys[(n + i) % len(keys)]) as s:
+                s["n"] = s.get("n", 0) + 1
+
+    in_threads(work, threads)
 
 
 def total(sessions: Sessions, keys: list[str]) -> int:
@@ -253,30 +262,19 @@ def test_a_waiter_whose_wake_up_was_lost_looks_again() -> None:
 
 def contend(sessions: Sessions, threads: int, seconds: float) -> tuple[list[int], float]:
     """``threads`` threads re-enter one key in a tight loop: entries per thread, longest wait (s)."""
-    barrier = threading.Barrier(threads)
     entries = [0] * threads
     longest = [0.0] * threads
-    errors: list[BaseException] = []
 
     def work(n: int) -> None:
-        try:
-            barrier.wait()
-            stop = time.monotonic() + seconds
-            while time.monotonic() < stop:
-                asked = time.monotonic()
-                with sessions.open("hot") as s:
-                    longest[n] = max(longest[n], time.monotonic() - asked)
-                    s["n"] = s.get("n", 0) + 1
-                entries[n] += 1
-        except BaseException as exc:  # pragma: no cover - surfaced below
-            errors.append(exc)
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            asked = time.monotonic()
+            with sessions.open("hot") as s:
+                longest[n] = max(longest[n], time.monotonic() - asked)
+                s["n"] = s.get("n", 0) + 1
+            entries[n] += 1
 
-    pool = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    assert not errors, errors
+    in_threads(work, threads)
     with sessions.open("hot") as s:
         assert s["n"] == sum(entries)
     return entries, max(longest)
