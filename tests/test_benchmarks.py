@@ -120,3 +120,22 @@ def test_redis_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
     # the server it started is gone
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", results["environment"]["redis_server_port"])) != 0
+
+
+def test_fairness_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
+    """Every contention shape runs, the counters come out exact and no waiter starves."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fairness", "--seconds", "0.5", "--backends", "memory,msgpack",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (out / "fairness.md").read_text() in done.stdout
+    rows = json.loads((out / "fairness.json").read_text())["rows"]
+    assert [(r["backend"], r["processes"], r["threads"]) for r in rows] == [
+        ("memory", 1, 8), ("msgpack", 1, 8), ("msgpack", 4, 1), ("msgpack", 4, 8)
+    ]
+    for row in rows:
+        assert row["exact"] and row["errors"] == 0 and row["entries"] > 0, row
+        assert row["starved"] == 0, row
