@@ -239,6 +239,8 @@ class ShelveStorage(EncodedStorage):
     def clear_crash_mark(path: str | os.PathLike[str]) -> None:
         """Declare the shelf at ``path`` checked (or restored) after a crash mid-write.
 
+        Also what takes a dbm.dumb shelf whose ``.dir`` was found shorter than
+        it had grown (cut short, or an older copy put back) as it now is.
         Call it with no process using the shelf, once the files were checked
         or restored from a backup; the shelf then opens again.
         """
