@@ -172,26 +172,6 @@ class Table:
                 self.corrupt += 1
         _slot_pack(buf, HEADER_SIZE + pos * SLOT_SIZE, h1, h2, offset, length, state, expiry)
 
-    def put_dead(self, h1: int, h2: int, offset: int, expiry: float) -> None:
-        """Record key ``(h1, h2)`` as deleted by the record at ``offset``, even if
-        the table has no slot for it yet (an index built from a log keeps its
-        deletions: see ``_shard.Shard._lost``)."""
-        if self.find(h1, h2) is not None:
-            self.put(h1, h2, offset, 0, DEAD, expiry)
-            return
-        buf = self.buf
-        mask = self.mask
-        pos = h1 & mask
-        for _ in range(self.capacity):
-            state = _slot_unpack(buf, HEADER_SIZE + pos * SLOT_SIZE)[4]
-            if state == EMPTY or state == DEAD:
-                if state == EMPTY:
-                    self.used += 1
-                _slot_pack(buf, HEADER_SIZE + pos * SLOT_SIZE, h1, h2, offset, 0, DEAD, expiry)
-                return
-            pos = (pos + 1) & mask
-        raise ValueError("an index with no free slot")
-
     def load_counters(self) -> tuple[Any, ...]:
         """Read the header's counters into this table; returns them all."""
         c = COUNTERS.unpack_from(self.buf, COUNTERS_AT)

@@ -384,15 +384,10 @@ class Shard:
                 # acknowledged, so the log ends before it.  We hold the lock.
                 log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
                 os.ftruncate(self.fd, stop)
-            # Deletions keep their slots (until a merge drops them with the
-            # records they deleted): were the log cut before one, the key's
-            # older value must be reported, not brought back (see _lost).
-            table = ix.Table(ix.capacity_for(len(lost) + len(entries)))
+            table = ix.Table(ix.capacity_for(len(lost) + sum(1 for e in entries.values() if e[2] != _DEAD)))
             for key, (offset, length, state, expiry) in entries.items():
-                h1, h2 = rec.key_hash(rec.encode_key(key))
-                if state == _DEAD:
-                    table.put_dead(h1, h2, offset, expiry)
-                else:
+                if state != _DEAD:
+                    h1, h2 = rec.key_hash(rec.encode_key(key))
                     table.put(h1, h2, offset, length, state, expiry)
             for h1, h2, offset, expiry in lost:
                 table.put(h1, h2, offset, 0, _CORRUPT, expiry)
@@ -725,12 +720,10 @@ class Shard:
         ones: ask for a merge; grow the index now if it is nearly full."""
         if table.used * 20 > table.capacity * 17 and time.monotonic() >= self.next_grow:
             old = self.idx
-            grown = ix.Table(ix.capacity_for(table.used))
+            grown = ix.Table(ix.capacity_for(table.count + table.corrupt))
             for s in ix.slots(self._slots()):
                 if s[4] == _LIVE or s[4] == _CORRUPT:
                     grown.put(s[0], s[1], s[2], s[3], s[4], s[5])
-                elif s[4] == _DEAD:
-                    grown.put_dead(s[0], s[1], s[2], s[5])  # kept as a rebuild keeps them
             try:
                 self._install(grown, end, old)
             except OSError as exc:  # the write is made; a write a second from now tries again
