@@ -931,11 +931,16 @@ class Shard:
             table.store_counters(pos)
             old = self.idx
             stray = self._stray_index(old)
-            old.set_dirty(1)  # type: ignore[union-attr]  # a crash before both renames: re-index
-            if stray is not None:
-                stray.set_dirty(1)
-            os.replace(new_log, self.path)
-            os.replace(new_index, self.index_path)
+            try:
+                old.set_dirty(1)  # type: ignore[union-attr]  # a crash before both renames: re-index
+                if stray is not None:
+                    stray.set_dirty(1)
+                os.replace(new_log, self.path)
+                os.replace(new_index, self.index_path)
+            except BaseException:
+                if stray is not None:
+                    stray.close()
+                raise
             old.set_replaced()  # type: ignore[union-attr]
             if stray is not None:
                 stray.set_replaced()
