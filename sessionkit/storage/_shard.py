@@ -377,18 +377,17 @@ class Shard:
             ) from None
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
-        lost = self._lost(vouched, stop) if vouched else []
+        kept = [(rec.key_hash(rec.encode_key(key)), entry) for key, entry in entries.items() if entry[2] != _DEAD]
+        lost = self._lost(vouched, stop, kept) if vouched else []
         try:
             if stop < size:
                 # A crashed append left a partial record: it was never
                 # acknowledged, so the log ends before it.  We hold the lock.
                 log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
                 os.ftruncate(self.fd, stop)
-            table = ix.Table(ix.capacity_for(len(lost) + sum(1 for e in entries.values() if e[2] != _DEAD)))
-            for key, (offset, length, state, expiry) in entries.items():
-                if state != _DEAD:
-                    h1, h2 = rec.key_hash(rec.encode_key(key))
-                    table.put(h1, h2, offset, length, state, expiry)
+            table = ix.Table(ix.capacity_for(len(lost) + len(kept)))
+            for (h1, h2), (offset, length, state, expiry) in kept:
+                table.put(h1, h2, offset, length, state, expiry)
             for h1, h2, offset, expiry in lost:
                 table.put(h1, h2, offset, 0, _CORRUPT, expiry)
         except OSError as exc:
@@ -422,36 +421,54 @@ class Shard:
             return None  # a damaged index tells nothing
         return ix.COUNTERS.unpack_from(data, 0)[0], data[ix.HEADER_SIZE - ix.COUNTERS_AT :]
 
-    def _lost(self, vouched: tuple[int, bytes], stop: int) -> list[tuple[int, int, int, float]]:
+    def _lost(
+        self, vouched: tuple[int, bytes], stop: int, kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]]
+    ) -> list[tuple[int, int, int, float]]:
         """``(h1, h2, offset, expiry)`` of each key whose newest record or
         deletion, by a believed index (see :meth:`_vouched`), is not in the
-        log that now ends at ``stop``; and of each key that index had as
-        damaged.
+        log that now ends at ``stop``; of each key that index had as damaged;
+        and of each key the log, read anew, holds (``kept``: ``((h1, h2),
+        entry)`` per key not deleted in it) before the index's end but that
+        index has no slot for.
 
         Such records were whole once and have been cut away since: the log
         was truncated or replaced behind the store's back.  Indexing the log
         alone would serve such a key's older value, or bring back a deleted
         one, without a word; marked damaged instead, reading it raises
         :class:`CorruptSessionError` until it is written or deleted anew.
+
+        The last kind is a deleted key: an index keeps no slot for a deleted
+        key once it is rebuilt or grown, or once a put reuses the slot, yet
+        every key in the log before its end was put in it, and is taken out
+        of it only by a deletion, which lies in the log after that key's
+        records.  If the log read anew does not end with that deletion, the
+        deletion was cut away.
         """
         end, slots = vouched
         # A slot at or past the index's end is a write that was under way when
         # its writer died (the index is dirty): not acknowledged, not lost.
-        lost = [
-            (s[0], s[1], s[2], s[5])
-            for s in ix.slots(slots)
-            if s[2] < end
-            and (
+        known = set()
+        lost = []
+        for s in ix.slots(slots):
+            if s[4] == _EMPTY:
+                continue
+            if s[4] != _DEAD:
+                known.add((s[0], s[1]))
+            if s[2] < end and (
                 s[4] == _CORRUPT
                 or (s[4] == _LIVE and s[2] + s[3] > stop)
                 or (s[4] == _DEAD and s[2] >= stop)
-            )
-        ]
+            ):
+                lost.append((s[0], s[1], s[2], s[5]))
+        cut = len(lost)
+        for key_hash, entry in kept:
+            if entry[0] < end and key_hash not in known:
+                lost.append((key_hash[0], key_hash[1], entry[0], entry[3]))
         if lost:
             log.warning(
-                "sessionkit: %s ends at byte %d, before %d session record(s) its index holds; "
-                "the log was cut or replaced: those sessions are reported as damaged",
-                self.path, stop, sum(1 for entry in lost if entry[2] >= stop),
+                "sessionkit: %s ends at byte %d, before %d session record(s) and %d deletion(s) its index "
+                "holds; the log was cut or replaced: those sessions are reported as damaged",
+                self.path, stop, sum(1 for entry in lost[:cut] if entry[2] >= stop), len(lost) - cut,
             )
         return lost
 
