@@ -286,6 +286,9 @@ class _LogScan:
     tail_delete: bool = False  # the cut-short record is a delete
     error: str = ""  # the file cannot be read at all
     undecodable: dict[str, str] = field(default_factory=dict)  # key -> why its value does not decode
+    reported: dict[str, int] = field(default_factory=dict)  # key -> offset its index reports damaged at
+    reported_unnamed: int = 0  # sessions the index reports damaged whose keys the log no longer holds
+    index_end: int = 0  # where the shard's index says the log ends (0: no index that can be believed)
 
 
 def _format_count(directory: str) -> tuple[int, str]:
@@ -331,6 +334,7 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
         if scan.broken_at is None and stop < size:
             scan.crashed_tail = size - stop
             _describe_tail(scan, fd, stop)
+        _index_reports(scan, fd)
         if decode:
             for key, (offset, length, expiry) in scan.live.items():
                 if expiry and expiry <= now:
@@ -350,6 +354,47 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
     finally:
         os.close(fd)
     return scan
+
+
+_CUT = (1 << 64) - 1  # sessionkit.storage._index.CUT, not imported with the CLI
+
+
+def _index_reports(scan: _LogScan, fd: int) -> None:
+    """What the shard's index says beyond the log itself: sessions it reports
+    damaged (their newest record or deletion was cut from the log, found by
+    an earlier open), and a log that ends before the index's end (cut since,
+    found by the next open).  Read only from an index of this log, of this
+    boot, not being written; the index file is read, never mapped or changed."""
+    from .storage import _index as ix
+    from .storage import _records as rec
+    from .storage._shard import index_name, log_number
+
+    number = log_number(os.path.basename(scan.path))
+    if number is None:
+        return
+    try:
+        with open(os.path.join(os.path.dirname(scan.path), index_name(number)), "rb") as f:
+            data = f.read()
+        st = os.fstat(fd)
+    except OSError:
+        return
+    if len(data) < ix.HEADER_SIZE:
+        return
+    magic, capacity, dev, ino, boot = ix.FIXED.unpack_from(data, 0)
+    if magic != ix.MAGIC or len(data) != ix.HEADER_SIZE + capacity * ix.SLOT_SIZE:
+        return
+    counters = ix.COUNTERS.unpack_from(data, ix.COUNTERS_AT)
+    if (dev, ino) != (st.st_dev, st.st_ino) or not ix.same_boot(boot) or counters[4] or counters[5]:
+        return  # another log's, an earlier boot's, or a write under way: the next open indexes the log anew
+    scan.index_end = counters[0]
+    marked = {(s[0], s[1]): s[2] for s in ix.slots(data[ix.HEADER_SIZE :]) if s[4] == ix.CORRUPT}
+    if not marked:
+        return
+    for key in (*scan.live, *scan.damaged):
+        offset = marked.pop(rec.key_hash(rec.encode_key(key)), None)
+        if offset is not None and key not in scan.damaged:
+            scan.reported[key] = offset
+    scan.reported_unnamed = len(marked) - sum(1 for key in scan.damaged if key in marked)
 
 
 def _describe_tail(scan: _LogScan, fd: int, stop: int) -> None:
@@ -439,6 +484,13 @@ def _tail_problem(scan: _LogScan) -> str:
     else:
         what = f"its last record (a write of session {scan.tail_key!r})"
         effect = f"session {scan.tail_key!r} reads as before that write (absent, if it was its first)"
+    if scan.tail_at < scan.index_end:
+        return (
+            f"{scan.path}: {what} at byte {scan.tail_at} {scan.tail_why}, but the shard's index says the log "
+            f"was whole up to byte {scan.index_end}: it was cut short or damaged since, not by a crash; the "
+            "next process that opens this shard reports every session whose newest record or deletion is "
+            "no longer whole as damaged (rm or write each to go on), or restore the file from a backup"
+        )
     return (
         f"{scan.path}: {what} at byte {scan.tail_at} {scan.tail_why}: it may be a write cut short by a "
         f"crash, or later damage; the next process that opens this shard drops it, so {effect}; any "
@@ -1027,6 +1079,24 @@ def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
             )
         for key, why in sorted(scan.undecodable.items()):
             problems.append(f"session {key!r} in {scan.path}: {why}")
+        for key, offset in sorted(scan.reported.items()):
+            where = "" if offset == _CUT else f", at byte {offset}"
+            problems.append(
+                f"session {key!r}: the index of {scan.path} reports it damaged (its newest record or "
+                f"deletion{where} was cut from the log): reading it fails until it is written or removed (rm)"
+            )
+        if scan.reported_unnamed:
+            problems.append(
+                f"{scan.path}: its index reports {scan.reported_unnamed} more session(s) damaged whose records "
+                "were cut from the log, so their keys are no longer there: reading one fails until it is "
+                "written or removed"
+            )
+        if scan.index_end > scan.size and not scan.crashed_tail:  # else the tail's problem says it
+            problems.append(
+                f"{scan.path} ends at byte {scan.size}, but its index says it reached byte {scan.index_end}: "
+                "the log was cut short or replaced; the next process that opens it reports every session "
+                "whose newest record or deletion was past the cut as damaged"
+            )
         if scan.crashed_tail:
             problems.append(_tail_problem(scan))
         for key, offset in scan.superseded:

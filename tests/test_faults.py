@@ -302,6 +302,135 @@ def test_a_deletion_cut_from_a_msgpack_log_after_an_index_rebuild_is_reported_no
         again.close()
 
 
+def _cut_after_deleting_alice(path: Path, clock: Any = None) -> None:
+    """alice and bob written, the log's length noted, alice deleted, carol written (the index rebuilt
+    first, as after a writer killed mid-write), then the log cut back to that length.  With ``clock`` (a
+    one-item list), sessions live 60 s, and alice has expired when she is deleted."""
+    from sessionkit.storage import _index
+
+    if clock is None:
+        storage = MsgpackFileStorage(path, shards=1)
+    else:
+        storage = MsgpackFileStorage(path, shards=1, ttl=60, clock=lambda: clock[0])
+    storage.write("alice", {"card": "old"})
+    if clock is not None:
+        clock[0] += 3600
+    storage.write("bob", {"n": 1})
+    log = path / "shard-000.log"
+    cut = log.stat().st_size
+    storage.delete("alice")
+    shard = storage._shards[0]
+    with shard.mutex:
+        _index._U64.pack_into(shard.map, _index.DIRTY_AT, 1)  # what a writer killed mid-write leaves
+    storage.write("carol", {"n": 1})
+    storage.close()
+    os.truncate(log, cut)
+
+
+def test_sessions_reported_after_a_cut_stay_reported_through_later_rebuilds_and_merges(tmp_path: Path) -> None:
+    """A mark left by the open that found the cut is not dropped by the next index rebuild (a writer killed
+    mid-write) or by a merge: alice (deletion cut) and carol (write cut) keep raising, never reading as
+    absent or old, until written or deleted; and the shard is still merged, so its log stays bounded."""
+    from sessionkit.storage import _index, _shard
+
+    path = store_path("msgpack", tmp_path)
+    _cut_after_deleting_alice(path)
+    again = MsgpackFileStorage(path, shards=1)
+    try:
+        for key in ("alice", "carol"):
+            with pytest.raises(CorruptSessionError, match="was cut from"):
+                again.read(key)
+        shard = again._shards[0]
+        with shard.mutex:
+            _index._U64.pack_into(shard.map, _index.DIRTY_AT, 1)
+        again.write("dave", {"n": 1})  # indexed anew
+        assert _shard.MERGER.wait()
+        assert shard.merge(time.time(), wait=True, force=True)
+        log_size = (path / "shard-000.log").stat().st_size
+        for key in ("alice", "carol"):
+            with pytest.raises(CorruptSessionError, match="was cut from"):
+                again.read(key)
+        for i in range(3000):  # 3 MB of rewrites of one key: merges keep the log bounded
+            again.write("bob", {"n": i, "pad": "x" * 1000})
+        assert _shard.MERGER.wait()
+        assert (path / "shard-000.log").stat().st_size < log_size + 6_000_000
+        for key in ("alice", "carol"):
+            with pytest.raises(CorruptSessionError, match="was cut from"):
+                again.read(key)
+        assert again.read("bob")["n"] == 2999 and again.read("dave") == {"n": 1}
+        again.write("carol", 2)
+        again.delete("alice")
+        assert again.read("alice") is None and again.read("carol") == 2
+    finally:
+        again.close()
+    fresh = MsgpackFileStorage(path, shards=1)
+    assert fresh.read("alice") is None and fresh.read("carol") == 2
+    fresh.close()
+
+
+def test_an_expired_session_whose_deletion_was_cut_reads_as_absent(tmp_path: Path) -> None:
+    path = store_path("msgpack", tmp_path)
+    clock = [time.time() - 1800]  # behind the real clock: the store's own clock decides what expired
+    _cut_after_deleting_alice(path, clock)
+    again = MsgpackFileStorage(path, shards=1, ttl=60, clock=lambda: clock[0])
+    try:
+        assert again.read("alice") is None
+        assert again.read("bob") == {"n": 1}
+    finally:
+        again.close()
+
+
+def test_check_names_sessions_a_cut_log_lost(tmp_path: Path) -> None:
+    """``sessionkit check`` reports a log shorter than its index before any process opened it, and the
+    sessions the index reports after one did; ``rm`` settles a named one."""
+    path = store_path("msgpack", tmp_path)
+    _cut_after_deleting_alice(path)
+
+    def check() -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "sessionkit", "check", f"msgpack:{path}"],
+                              capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout + done.stderr
+
+    rc, out = check()
+    assert rc == 1 and "but its index says it reached byte" in out, out
+    again = MsgpackFileStorage(path, shards=1)
+    with pytest.raises(CorruptSessionError):
+        again.read("alice")
+    again.close()
+    rc, out = check()
+    assert rc == 1, out
+    assert "session 'alice': the index of" in out and "1 more session(s)" in out, out  # carol: no key left
+    assert subprocess.run([sys.executable, "-m", "sessionkit", "rm", f"msgpack:{path}", "alice"],
+                          capture_output=True, timeout=60).returncode == 0
+    rc, out = check()
+    assert "'alice'" not in out and "1 more session(s)" in out, out
+
+
+def test_a_shard_with_a_damaged_record_kept_in_place_is_not_merged(tmp_path: Path) -> None:
+    """A record failing its checksum stays in the log for recovery: no merge drops it."""
+    from sessionkit.storage import _records
+
+    path = store_path("msgpack", tmp_path)
+    storage = MsgpackFileStorage(path, shards=1)
+    storage.write("a", {"n": 1})
+    storage.write("b", {"n": 1})
+    storage.close()
+    log = path / "shard-000.log"
+    data = bytearray(log.read_bytes())
+    data[_records.HEADER_SIZE + len(_records.MAGIC) + 2] ^= 0xFF  # in a's record, not the last one
+    log.write_bytes(bytes(data))
+    for idx in path.glob("*.idx"):
+        idx.unlink()
+    again = MsgpackFileStorage(path, shards=1)
+    try:
+        with pytest.raises(CorruptSessionError):
+            again.read("a")
+        assert not again._shards[0].merge(time.time(), wait=True, force=True)
+        assert bytes(data) == log.read_bytes()[: len(data)]
+    finally:
+        again.close()
+
+
 def test_a_msgpack_log_whose_newest_record_was_cut_reports_that_session(tmp_path: Path) -> None:
     """A cut inside the newest record of a log whose index is whole is damage, not a crashed append:
     the index was updated after the record was written, so the write was acknowledged.  The session

@@ -18,7 +18,10 @@ the bytes of records the table points at, ``count`` the slots in state
 probing from ``h1``; a key is its 128-bit hash (``_records.key_info``), and a
 read also checks the key stored in the record.  ``DEAD`` slots are deleted
 keys (probing goes on past them); ``CORRUPT`` ones point at a record whose
-checksum failed, kept for the error message.
+checksum failed, kept for the error message, or hold offset ``CUT``: the
+key's newest record or deletion was cut from the log (found when the log
+was indexed anew; such a mark is carried through merges and rebuilds until
+the key is written or deleted).
 
 Rules that keep the table true, for every process:
 
@@ -66,6 +69,7 @@ _U64 = struct.Struct("<Q")
 MIN_CAPACITY = 1 << 10
 
 EMPTY, LIVE, DEAD, CORRUPT = 0, 1, 2, 3
+CUT = (1 << 64) - 1  # the offset of a CORRUPT slot whose key's newest record (or deletion) was cut from the log
 
 _slot_unpack = SLOT.unpack_from
 _slot_pack = SLOT.pack_into
@@ -213,7 +217,7 @@ def check(data: bytes, capacity: int, pause: Any = None) -> str:
     ``COUNTERS_AT`` on) do not agree, or ``""``.  Zeroed or overwritten
     slots would hide sessions; their counts give them away.  ``pause`` is
     called between slices of the table (a background check lets other
-    threads have the GIL there)."""
+    threads have the GIL there, so the slices are smaller)."""
     c = COUNTERS.unpack_from(data, 0)
     if c[4] or c[5]:
         return ""  # being written, or replaced: the caller looks at those itself
@@ -222,7 +226,7 @@ def check(data: bytes, capacity: int, pause: Any = None) -> str:
     if len(table) != capacity * SLOT_SIZE:
         return "its table is cut short"
     live = used = corrupt = count = 0
-    step = 8192 * SLOT_SIZE
+    step = (8192 if pause is None else 512) * SLOT_SIZE
     for start in range(0, len(table), step):
         words = array.array("I")
         words.frombytes(table[start : start + step])

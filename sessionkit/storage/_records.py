@@ -94,7 +94,9 @@ class Damage(Exception):
         self.offset = offset
 
 
-def parse(data: bytes, base: int, at_eof: bool = True, vouched: int = 0) -> tuple[list[Record], int]:
+def parse(
+    data: bytes, base: int, at_eof: bool = True, vouched: int = 0, pace: Callable[[], None] | None = None
+) -> tuple[list[Record], int]:
     """Parse the records in ``data`` (which starts at file offset ``base``).
 
     Returns the records and the file offset where parsing stopped.  With
@@ -105,6 +107,7 @@ def parse(data: bytes, base: int, at_eof: bool = True, vouched: int = 0) -> tupl
     index that can be believed says the log was whole that far): then it is
     damage, kept.  Otherwise parsing just stops there and the caller reads
     on.  A damaged header that is not at the end raises ``Damage``.
+    ``pace`` is called after each record (a background merge pauses there).
     """
     records = []
     pos = 0
@@ -127,6 +130,8 @@ def parse(data: bytes, base: int, at_eof: bool = True, vouched: int = 0) -> tupl
             break  # last record damaged: treat as a crashed append
         records.append(Record(base + pos, end - pos, decode_key(body[:klen]), flags, expiry, ok))
         pos = end
+        if pace is not None:
+            pace()
     return records, base + pos
 
 

@@ -31,7 +31,7 @@ agree with each other.
 from __future__ import annotations
 
 import errno
-import glob
+import heapq
 import logging
 import os
 import threading
@@ -75,6 +75,16 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
+def write_parts(fd: int, parts: list[bytes], offset: int) -> None:
+    """Write ``parts`` one after another at ``offset`` with ``pwritev`` (no
+    joined copy made while holding the GIL); the rest of a short write with
+    :func:`write_all`."""
+    size = sum(map(len, parts))
+    done = os.pwritev(fd, parts, offset) if parts else 0
+    if done < size:
+        write_all(fd, b"".join(parts)[done:], offset + done)
+
+
 def fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -116,6 +126,8 @@ def _unlink(path: str) -> None:
 CATCH_UP = 8 << 10  # bytes appended during a merge that its swap adds under the lock
 PACE = 20e-6  # seconds of work between pauses of a background merge
 PAUSE = 200e-6  # seconds of each pause
+MERGE_RUN = 128 << 10  # bytes a merge reads or writes at a time (each one a slice of work between pauses)
+MERGE_PARTS = 256  # records a merge writes with one pwritev (under IOV_MAX)
 
 
 class _Pace:
@@ -141,15 +153,15 @@ class _Pace:
         self._next = time.perf_counter() + PACE
 
 
-def _in_runs(fd: int, entries: list[Any], at: int) -> Iterator[tuple[Any, bytes]]:
+def _in_runs(fd: int, entries: list[Any], at: int, run: int = CHUNK) -> Iterator[tuple[Any, bytes]]:
     """``(entry, record)`` for each of ``entries`` (sorted by offset; an entry's
-    offset at ``at`` and its length after it), reading runs of up to ``CHUNK``
+    offset at ``at`` and its length after it), reading runs of up to ``run``
     bytes with one ``pread`` each (which lets other threads have the GIL)."""
     i = 0
     while i < len(entries):
         first = entries[i][at]
         j = i + 1
-        while j < len(entries) and entries[j][at] + entries[j][at + 1] - first <= CHUNK:
+        while j < len(entries) and entries[j][at] + entries[j][at + 1] - first <= run:
             j += 1
         last = entries[j - 1]
         data = os.pread(fd, last[at] + last[at + 1] - first, first)
@@ -158,8 +170,33 @@ def _in_runs(fd: int, entries: list[Any], at: int) -> Iterator[tuple[Any, bytes]
         i = j
 
 
+def _in_log_order(live: list[Any], order: list[int], pace: Any) -> list[Any]:
+    """``live`` (slots) sorted by offset, by ``order`` (``offset << 32 |
+    index``): in sorted runs merged with ``heapq``, pausing (``pace``)
+    between steps, so no one step holds the GIL long."""
+    runs = []
+    for at in range(0, len(order), 2048):
+        run = order[at : at + 2048]
+        run.sort()
+        runs.append(run)
+        if pace is not None:
+            pace()
+    if len(runs) == 1:
+        return [live[k & 0xFFFFFFFF] for k in runs[0]]
+    ordered = []
+    for k in heapq.merge(*runs):
+        ordered.append(live[k & 0xFFFFFFFF])
+        if pace is not None:
+            pace()
+    return ordered
+
+
 class _Abort(Exception):
     """A merge gave up (the shard changed under it); nothing was replaced."""
+
+
+class _Kept(_Abort):
+    """A merge found a damaged record, which stays in the log for recovery."""
 
 
 class _Stale(_Abort):
@@ -378,7 +415,7 @@ class Shard:
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
         kept = [(rec.key_hash(rec.encode_key(key)), entry) for key, entry in entries.items() if entry[2] != _DEAD]
-        lost = self._lost(vouched, stop, kept) if vouched else []
+        lost = self._lost(vouched, stop, kept, time.time() + self.skew) if vouched else []
         try:
             if stop < size:
                 # A crashed append left a partial record: it was never
@@ -422,14 +459,21 @@ class Shard:
         return ix.COUNTERS.unpack_from(data, 0)[0], data[ix.HEADER_SIZE - ix.COUNTERS_AT :]
 
     def _lost(
-        self, vouched: tuple[int, bytes], stop: int, kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]]
+        self,
+        vouched: tuple[int, bytes],
+        stop: int,
+        kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]],
+        now: float,
     ) -> list[tuple[int, int, int, float]]:
         """``(h1, h2, offset, expiry)`` of each key whose newest record or
         deletion, by a believed index (see :meth:`_vouched`), is not in the
-        log that now ends at ``stop``; of each key that index had as damaged;
-        and of each key the log, read anew, holds (``kept``: ``((h1, h2),
-        entry)`` per key not deleted in it) before the index's end but that
-        index has no slot for.
+        log that now ends at ``stop``; of each key that index had as damaged
+        (reported by an earlier rebuild, too: such a mark stays until the
+        key is written or deleted); and, if the log was cut before that
+        index's end, of each key the log, read anew, holds unexpired
+        (``kept``: ``((h1, h2), entry)`` per key not deleted in it) before
+        that end but that index has no slot for.  The offset of a key whose
+        newest record or deletion was cut is ``ix.CUT``.
 
         Such records were whole once and have been cut away since: the log
         was truncated or replaced behind the store's back.  Indexing the log
@@ -445,30 +489,32 @@ class Shard:
         deletion was cut away.
         """
         end, slots = vouched
-        # A slot at or past the index's end is a write that was under way when
-        # its writer died (the index is dirty): not acknowledged, not lost.
-        known = set()
+        # A LIVE or DEAD slot at or past the index's end is a write that was
+        # under way when its writer died (the index is dirty): not
+        # acknowledged, not lost.  Only rebuilds mark a slot CORRUPT.
+        cut_short = stop < end
+        known = set()  # h1 of every key the index holds (a 64-bit hash: a clash only misses a report)
         lost = []
         for s in ix.slots(slots):
-            if s[4] == _EMPTY:
+            state = s[4]
+            if state == _EMPTY:
                 continue
-            if s[4] != _DEAD:
-                known.add((s[0], s[1]))
-            if s[2] < end and (
-                s[4] == _CORRUPT
-                or (s[4] == _LIVE and s[2] + s[3] > stop)
-                or (s[4] == _DEAD and s[2] >= stop)
-            ):
-                lost.append((s[0], s[1], s[2], s[5]))
+            if cut_short and state != _DEAD:
+                known.add(s[0])
+            if state == _CORRUPT:  # a damaged record, or a mark an earlier rebuild left
+                lost.append((s[0], s[1], s[2] if s[2] < stop else ix.CUT, s[5]))
+            elif s[2] < end and ((state == _LIVE and s[2] + s[3] > stop) or (state == _DEAD and s[2] >= stop)):
+                lost.append((s[0], s[1], ix.CUT, s[5]))
         cut = len(lost)
-        for key_hash, entry in kept:
-            if entry[0] < end and key_hash not in known:
-                lost.append((key_hash[0], key_hash[1], entry[0], entry[3]))
+        if cut_short:  # else every deletion the index took out is still in the log
+            for key_hash, entry in kept:
+                if entry[0] < end and key_hash[0] not in known and not 0 < entry[3] <= now:
+                    lost.append((key_hash[0], key_hash[1], ix.CUT, entry[3]))
         if lost:
             log.warning(
                 "sessionkit: %s ends at byte %d, before %d session record(s) and %d deletion(s) its index "
                 "holds; the log was cut or replaced: those sessions are reported as damaged",
-                self.path, stop, sum(1 for entry in lost[:cut] if entry[2] >= stop), len(lost) - cut,
+                self.path, stop, sum(1 for entry in lost[:cut] if entry[2] == ix.CUT), len(lost) - cut,
             )
         return lost
 
@@ -612,9 +658,17 @@ class Shard:
         return None if found is None else found[1]
 
     def _damaged(self, key: str, offset: int) -> CorruptSessionError:
+        if offset == ix.CUT:
+            return CorruptSessionError(
+                f"the newest record (or deletion) of session {key!r} was cut from {self.path}: the log was "
+                "cut short or replaced since it was written; write or delete the session to go on without it",
+                key=key,
+                path=self.path,
+            )
         if offset >= self.end:
             return CorruptSessionError(
-                f"the stored record of session {key!r} was at byte {offset} of {self.path}, which now ends "
+                f"the newest record (or deletion) of session {key!r} was at byte {offset} of {self.path}, "
+                f"which now ends "
                 f"at byte {self.end}: the log was cut short or replaced; write or delete the session to "
                 "go on without it",
                 key=key,
@@ -747,7 +801,7 @@ class Shard:
                 log.warning("sessionkit: cannot grow the index of %s: %s", self.path, exc)
                 self.next_grow = time.monotonic() + 1.0
             return
-        if table.corrupt or time.monotonic() < self.next_request:
+        if time.monotonic() < self.next_request:
             return
         if end - table.live > OVERDUE * max(table.live, SLACK):
             self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
@@ -824,15 +878,15 @@ class Shard:
 
     def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None) -> bool:
         token = f"{os.getpid()}.{threading.get_ident()}.merge"
+        # Files left by merges or index rebuilds that died, looked for before
+        # the shard is locked (a rebuild's file found now is gone, renamed,
+        # once it is) and removed under the lock: no merge is under way (this
+        # one holds the claim), nor any rebuild (the shard is locked).
+        leftovers = self._leftovers()
         with self.mutex, self:
-            table: ix.Table = self.table  # type: ignore[assignment]
-            if self.private or table.corrupt or not (force or self.needs_merge()):
+            if self.private or not (force or self.needs_merge()):
                 return False
-            # Left by merges or index rebuilds that died: none is under way
-            # (this one holds the claim, and the shard is locked).
-            for leftover in glob.glob(glob.escape(self.path) + ".*.merge") + glob.glob(
-                glob.escape(self.index_path) + ".*"
-            ):
+            for leftover in leftovers:
                 _unlink(leftover)
             start = self.end
             data = self.idx.read_table()  # type: ignore[union-attr]
@@ -845,25 +899,34 @@ class Shard:
         new_index = f"{self.index_path}.{token}"
         target = -1
         try:
-            why = ix.check(data, capacity)
+            pace = _Pace(lambda: self._grown_since(start)) if paced else None
+            why = ix.check(data, capacity, pace)
             if why:
                 raise _Stale(why)
             target = os.open(new_log, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             _MERGE_FDS.add(target)
-            pace = _Pace(lambda: self._grown_since(start)) if paced else None
-            live = []
+            live: list[Any] = []
+            order = []  # offset << 32 | index in live: plain ints, sorted without a key function
+            marks = []
             expired = 0
             for s in ix.slots(data[ix.HEADER_SIZE - ix.COUNTERS_AT :]):
                 if s[4] == _LIVE:
                     if 0 < s[5] <= now:
                         expired += 1
                     else:
+                        order.append(s[2] << 32 | len(live))
                         live.append(s)
+                elif s[4] == _CORRUPT:
+                    if s[2] != ix.CUT:
+                        raise _Kept("a damaged record is kept in place until its session is written or removed")
+                    marks.append(s)  # reported until written or deleted: carried over
                 if pace is not None:
                     pace()
             del data
-            live.sort(key=lambda s: s[2])
-            merged = ix.Table(ix.capacity_for(len(live)))
+            live = _in_log_order(live, order, pace)
+            merged = ix.Table(ix.capacity_for(len(live) + len(marks)))
+            for h1, h2, _offset, _length, _state, expiry in marks:
+                merged.put(h1, h2, ix.CUT, 0, _CORRUPT, expiry)
             pos = self._copy(source, target, live, merged, pace)
             if durable:
                 os.fsync(target)
@@ -888,7 +951,7 @@ class Shard:
             return False
         except _Abort as why:
             log.debug("sessionkit: merge of %s given up: %s", self.path, why)
-            self.next_request = time.monotonic() + 1.0
+            self.next_request = time.monotonic() + (60.0 if isinstance(why, _Kept) else 1.0)
             return False
         except OSError as exc:
             self.next_request = time.monotonic() + 1.0
@@ -902,13 +965,32 @@ class Shard:
                 _unlink(new_log)
                 _unlink(new_index)
 
+    def _leftovers(self) -> list[str]:
+        """Paths of the files merges and index rebuilds of this shard write
+        before renaming them into place (``shard-NNN.log.<token>.merge``,
+        ``shard-NNN.idx.<token>``)."""
+        log_prefix = os.path.basename(self.path) + "."
+        index_prefix = os.path.basename(self.index_path) + "."
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return [
+            os.path.join(self.directory, name)
+            for name in names
+            if (name.startswith(log_prefix) and name.endswith(".merge")) or name.startswith(index_prefix)
+        ]
+
     def _copy(self, source: int, target: int, live: list[Any], merged: ix.Table, pace: Any) -> int:
-        """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``."""
+        """Copy the ``live`` records (in log order) from ``source`` to ``target``, indexing them in ``merged``.
+
+        Reads and writes go in runs of ``MERGE_RUN`` bytes, so no single
+        step holds the GIL long (a ``pace`` pause can come between any two)."""
         write_all(target, rec.MAGIC, 0)
         pos = len(rec.MAGIC)
         parts: list[bytes] = []
         written = pos
-        for (h1, h2, offset, length, _state, expiry), record in _in_runs(source, live, 2):
+        for (h1, h2, offset, length, _state, expiry), record in _in_runs(source, live, 2, MERGE_RUN):
             if len(record) != length or rec.record_size(record) != length:
                 raise _Stale(f"its slot for byte {offset} does not point at a whole record")
             klen = rec.HEADER.unpack_from(record, 0)[1]
@@ -917,12 +999,12 @@ class Shard:
             parts.append(record)
             merged.put(h1, h2, pos, length, _LIVE, expiry)
             pos += length
-            if pos - written >= CHUNK:
-                write_all(target, b"".join(parts), written)
+            if pos - written >= MERGE_RUN or len(parts) >= MERGE_PARTS:
+                write_parts(target, parts, written)
                 parts, written = [], pos
             if pace is not None:
                 pace()
-        write_all(target, b"".join(parts), written)
+        write_parts(target, parts, written)
         return pos
 
     def _swap(
@@ -1009,7 +1091,7 @@ class Shard:
         if end <= start:
             return start, pos
         tail = os.pread(source, end - start, start)
-        records, stop = rec.parse(tail, start, at_eof=False)
+        records, stop = rec.parse(tail, start, at_eof=False, pace=pace)
         if stop != end or not all(r.ok for r in records):
             raise _Abort("what was appended meanwhile does not parse")
         write_all(target, tail, pos)  # the records are contiguous: one write
