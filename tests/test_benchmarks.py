@@ -140,3 +140,21 @@ def test_fairness_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
         assert row["exact"] and row["errors"] == 0 and row["entries"] > 0, row
         if row["processes"] == 1:  # processes started on a loaded machine may miss much of 0.5 s
             assert row["starved"] == 0, row
+
+
+def test_floor_benchmark_runs_and_its_inline_loop_counts_exactly(tmp_path: Any) -> None:
+    """The floor loop makes real read-modify-writes: every subject's counter ends at the number made."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor", "--seconds", "0.2", "--repeat", "2", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "floor.md").read_text() in done.stdout
+    result = json.loads((out / "floor.json").read_text())
+    subjects = [row["subject"] for row in result["rows"]]
+    assert subjects[:2] == ["floor", "sessionkit"] and "diskcache" in subjects
+    for name, (counted, made) in result["counts"].items():
+        assert counted == made > 2000, (name, counted, made)
+    for row in result["rows"]:
+        assert row["ops_s"] > 0 and row[f"vs_{row['subject']}"] == 1.0
