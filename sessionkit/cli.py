@@ -356,9 +356,6 @@ def _scan_log(path: str, decode: bool, now: float) -> _LogScan:
     return scan
 
 
-_CUT = (1 << 64) - 1  # sessionkit.storage._index.CUT, not imported with the CLI
-
-
 def _index_reports(scan: _LogScan, fd: int) -> None:
     """What the shard's index says beyond the log itself: sessions it reports
     damaged (their newest record or deletion was cut from the log, found by
@@ -386,15 +383,21 @@ def _index_reports(scan: _LogScan, fd: int) -> None:
     counters = ix.COUNTERS.unpack_from(data, ix.COUNTERS_AT)
     if (dev, ino) != (st.st_dev, st.st_ino) or not ix.same_boot(boot) or counters[4] or counters[5]:
         return  # another log's, an earlier boot's, or a write under way: the next open indexes the log anew
+    if ix.check(data[ix.COUNTERS_AT :], capacity):
+        return  # a damaged index: the next open indexes the log anew, and tells nothing from it
     scan.index_end = counters[0]
-    marked = {(s[0], s[1]): s[2] for s in ix.slots(data[ix.HEADER_SIZE :]) if s[4] == ix.CORRUPT}
+    now = time.time()
+    marked = {  # a record damaged in place is found by reading the log: only the cut ones here
+        (s[0], s[1]): s[2] for s in ix.slots(data[ix.HEADER_SIZE :])
+        if s[4] == ix.CORRUPT and s[2] == ix.CUT and not 0 < s[5] <= now
+    }
     if not marked:
         return
     for key in (*scan.live, *scan.damaged):
         offset = marked.pop(rec.key_hash(rec.encode_key(key)), None)
-        if offset is not None and key not in scan.damaged:
+        if offset is not None:
             scan.reported[key] = offset
-    scan.reported_unnamed = len(marked) - sum(1 for key in scan.damaged if key in marked)
+    scan.reported_unnamed = len(marked)
 
 
 def _describe_tail(scan: _LogScan, fd: int, stop: int) -> None:
@@ -1079,15 +1082,14 @@ def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
             )
         for key, why in sorted(scan.undecodable.items()):
             problems.append(f"session {key!r} in {scan.path}: {why}")
-        for key, offset in sorted(scan.reported.items()):
-            where = "" if offset == _CUT else f", at byte {offset}"
+        for key in sorted(scan.reported):
             problems.append(
-                f"session {key!r}: the index of {scan.path} reports it damaged (its newest record or "
-                f"deletion{where} was cut from the log): reading it fails until it is written or removed (rm)"
+                f"session {key!r}: the index of {scan.path} reports it damaged (its newest record was cut from "
+                "the log): reading it fails until it is written or removed (rm)"
             )
         if scan.reported_unnamed:
             problems.append(
-                f"{scan.path}: its index reports {scan.reported_unnamed} more session(s) damaged whose records "
+                f"{scan.path}: its index reports {scan.reported_unnamed} session(s) damaged whose newest records "
                 "were cut from the log, so their keys are no longer there: reading one fails until it is "
                 "written or removed"
             )

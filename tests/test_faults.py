@@ -259,12 +259,13 @@ def test_a_shelf_whose_files_were_deleted_starts_empty_not_cut_short(tmp_path: P
 
 
 @pytest.mark.parametrize("after", ["rebuilt", "grown"])
-def test_a_deletion_cut_from_a_msgpack_log_after_an_index_rebuild_is_reported_not_undone(
+def test_a_deletion_cut_from_a_msgpack_log_after_an_index_rebuild_is_not_undone(
     tmp_path: Path, after: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An index built anew from the log (after a writer was killed mid-write) or grown keeps no slot for
-    a deleted session; a log cut before that deletion still reports the session instead of bringing its
-    old value back, while a session before the cut reads back."""
+    a deleted session; a log cut before that deletion does not bring the old value back: the deletion is
+    made again in the log, so it holds after the index is gone too (as after a machine restart), while a
+    session before the cut reads back."""
     from sessionkit.storage import _index
 
     path = store_path("msgpack", tmp_path)
@@ -293,13 +294,16 @@ def test_a_deletion_cut_from_a_msgpack_log_after_an_index_rebuild_is_reported_no
     os.truncate(log, cut)
     again = MsgpackFileStorage(path, shards=1)
     try:
-        with pytest.raises(CorruptSessionError):
-            again.read("alice")
-        assert again.read("bob") == {"n": 1}
-        again.delete("alice")  # how the owner goes on
         assert again.read("alice") is None
+        assert again.read("bob") == {"n": 1}
+        assert sorted(again.keys()) == ["bob"]
     finally:
         again.close()
+    for index in path.glob("*.idx"):  # no process has the store open: an index is only a cache
+        index.unlink()
+    fresh = MsgpackFileStorage(path, shards=1)
+    assert fresh.read("alice") is None and fresh.read("bob") == {"n": 1}
+    fresh.close()
 
 
 def _cut_after_deleting_alice(path: Path, clock: Any = None) -> None:
@@ -329,17 +333,17 @@ def _cut_after_deleting_alice(path: Path, clock: Any = None) -> None:
 
 def test_sessions_reported_after_a_cut_stay_reported_through_later_rebuilds_and_merges(tmp_path: Path) -> None:
     """A mark left by the open that found the cut is not dropped by the next index rebuild (a writer killed
-    mid-write) or by a merge: alice (deletion cut) and carol (write cut) keep raising, never reading as
-    absent or old, until written or deleted; and the shard is still merged, so its log stays bounded."""
+    mid-write) or by a merge: carol (write cut) keeps raising, never reading as absent, until written or
+    deleted, and alice (deletion cut) stays deleted; the shard is still merged, so its log stays bounded."""
     from sessionkit.storage import _index, _shard
 
     path = store_path("msgpack", tmp_path)
     _cut_after_deleting_alice(path)
     again = MsgpackFileStorage(path, shards=1)
     try:
-        for key in ("alice", "carol"):
-            with pytest.raises(CorruptSessionError, match="was cut from"):
-                again.read(key)
+        with pytest.raises(CorruptSessionError, match="was cut from"):
+            again.read("carol")
+        assert again.read("alice") is None
         shard = again._shards[0]
         with shard.mutex:
             _index._U64.pack_into(shard.map, _index.DIRTY_AT, 1)
@@ -347,19 +351,18 @@ def test_sessions_reported_after_a_cut_stay_reported_through_later_rebuilds_and_
         assert _shard.MERGER.wait()
         assert shard.merge(time.time(), wait=True, force=True)
         log_size = (path / "shard-000.log").stat().st_size
-        for key in ("alice", "carol"):
-            with pytest.raises(CorruptSessionError, match="was cut from"):
-                again.read(key)
+        with pytest.raises(CorruptSessionError, match="was cut from"):
+            again.read("carol")
+        assert again.read("alice") is None
         for i in range(3000):  # 3 MB of rewrites of one key: merges keep the log bounded
             again.write("bob", {"n": i, "pad": "x" * 1000})
         assert _shard.MERGER.wait()
         assert (path / "shard-000.log").stat().st_size < log_size + 6_000_000
-        for key in ("alice", "carol"):
-            with pytest.raises(CorruptSessionError, match="was cut from"):
-                again.read(key)
+        with pytest.raises(CorruptSessionError, match="was cut from"):
+            again.read("carol")
+        assert again.read("alice") is None
         assert again.read("bob")["n"] == 2999 and again.read("dave") == {"n": 1}
         again.write("carol", 2)
-        again.delete("alice")
         assert again.read("alice") is None and again.read("carol") == 2
     finally:
         again.close()
@@ -380,9 +383,37 @@ def test_an_expired_session_whose_deletion_was_cut_reads_as_absent(tmp_path: Pat
         again.close()
 
 
+def test_a_session_whose_cut_write_expired_since_reads_as_absent_and_its_report_goes(tmp_path: Path) -> None:
+    """A cut write is reported only until the session would have expired; then it reads as absent (by the
+    store's clock), and a purge drops the report."""
+    path = store_path("msgpack", tmp_path)
+    clock = [time.time() - 7200]
+    storage = MsgpackFileStorage(path, shards=1, ttl=60, clock=lambda: clock[0])
+    storage.write("alice", {"v": 1})
+    log = path / "shard-000.log"
+    cut = log.stat().st_size
+    storage.write("alice", {"v": 2})
+    storage.write("bob", {"v": 1})
+    storage.close()
+    os.truncate(log, cut)
+    again = MsgpackFileStorage(path, shards=1, ttl=60, clock=lambda: clock[0])
+    try:
+        with pytest.raises(CorruptSessionError):
+            again.read("alice")  # never its older value
+        clock[0] += 3600
+        assert again.read("alice") is None and again.read("bob") is None
+        assert again._shards[0].table.corrupt == 2
+        again.purge_expired()
+        assert again._shards[0].table.corrupt == 0
+        assert again.read("alice") is None
+    finally:
+        again.close()
+
+
 def test_check_names_sessions_a_cut_log_lost(tmp_path: Path) -> None:
     """``sessionkit check`` reports a log shorter than its index before any process opened it, and the
-    sessions the index reports after one did; ``rm`` settles a named one."""
+    sessions the index reports after one did: by name when the log still holds an older record of the
+    session, else by count; writing or removing them settles it."""
     path = store_path("msgpack", tmp_path)
     _cut_after_deleting_alice(path)
 
@@ -394,16 +425,33 @@ def test_check_names_sessions_a_cut_log_lost(tmp_path: Path) -> None:
     rc, out = check()
     assert rc == 1 and "but its index says it reached byte" in out, out
     again = MsgpackFileStorage(path, shards=1)
+    assert again.read("alice") is None  # her deletion is made again
     with pytest.raises(CorruptSessionError):
-        again.read("alice")
+        again.read("carol")
     again.close()
     rc, out = check()
     assert rc == 1, out
-    assert "session 'alice': the index of" in out and "1 more session(s)" in out, out  # carol: no key left
-    assert subprocess.run([sys.executable, "-m", "sessionkit", "rm", f"msgpack:{path}", "alice"],
-                          capture_output=True, timeout=60).returncode == 0
+    assert "reports 1 session(s) damaged" in out and "alice" not in out, out  # carol: no key left in the log
+    again = MsgpackFileStorage(path, shards=1)
+    again.write("bob", {"n": 2})
+    again.write("bob", {"n": 3})
+    log = path / "shard-000.log"
+    cut = log.stat().st_size
+    again.write("bob", {"n": 4})
+    again.close()
+    os.truncate(log, cut)
+    again = MsgpackFileStorage(path, shards=1)
+    with pytest.raises(CorruptSessionError):
+        again.read("bob")
+    again.close()
     rc, out = check()
-    assert "'alice'" not in out and "1 more session(s)" in out, out
+    assert rc == 1 and "session 'bob': the index of" in out and "reports 1 session(s)" in out, out
+    assert subprocess.run([sys.executable, "-m", "sessionkit", "rm", f"msgpack:{path}", "bob"],
+                          capture_output=True, timeout=60).returncode == 0
+    again = MsgpackFileStorage(path, shards=1)
+    again.write("carol", 1)
+    again.close()
+    assert check() == (0, check()[1])
 
 
 def test_a_shard_with_a_damaged_record_kept_in_place_is_not_merged(tmp_path: Path) -> None:
@@ -453,8 +501,9 @@ def test_a_msgpack_log_whose_newest_record_was_cut_reports_that_session(tmp_path
 
 
 def test_a_msgpack_log_cut_short_mid_history_is_not_a_silent_loss(tmp_path: Path) -> None:
-    """Every session whose newest record (or deletion) was cut away is reported, in this process
-    and in one that had the store open; the sessions before the cut read back."""
+    """Every session whose newest record was cut away is reported, and every one whose deletion was
+    stays deleted, in this process and in one that had the store open; the sessions before the cut
+    read back."""
     path = store_path("msgpack", tmp_path)
     storage = make("msgpack", path)
     for i in range(20):
@@ -471,9 +520,9 @@ def test_a_msgpack_log_cut_short_mid_history_is_not_a_silent_loss(tmp_path: Path
                 outcomes[i] = reader.read(f"k{i}")
             except CorruptSessionError:
                 outcomes[i] = "reported"
-        assert outcomes[1] == outcomes[2] == "reported", outcomes
-        assert all(outcomes[i] in ({"i": i}, "reported") for i in range(20)), outcomes
-        kept = [i for i in range(20) if outcomes[i] != "reported"]
+        assert outcomes[1] == "reported" and outcomes[2] is None, outcomes
+        assert all(outcomes[i] in ({"i": i}, "reported") for i in range(20) if i != 2), outcomes
+        kept = [i for i in range(20) if outcomes[i] not in ("reported", None)]
         assert len(kept) >= 5 and len(kept) <= 15, outcomes
     fresh.close()
     storage.close()

@@ -59,6 +59,7 @@ _U64 = ix._U64
 _pread = os.pread
 _value_of = rec.value_of
 _pwrite = os.pwrite
+_pwritev = getattr(os, "pwritev", None)  # not on every system: write_parts joins the parts there
 _slot_unpack = ix.SLOT.unpack_from
 _slot_pack = ix.SLOT.pack_into
 _MAGIC_SIZE = len(rec.MAGIC)
@@ -80,7 +81,7 @@ def write_parts(fd: int, parts: list[bytes], offset: int) -> None:
     joined copy made while holding the GIL); the rest of a short write with
     :func:`write_all`."""
     size = sum(map(len, parts))
-    done = os.pwritev(fd, parts, offset) if parts else 0
+    done = _pwritev(fd, parts, offset) if parts and _pwritev is not None else 0
     if done < size:
         write_all(fd, b"".join(parts)[done:], offset + done)
 
@@ -415,13 +416,17 @@ class Shard:
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
         kept = [(rec.key_hash(rec.encode_key(key)), entry) for key, entry in entries.items() if entry[2] != _DEAD]
-        lost = self._lost(vouched, stop, kept, time.time() + self.skew) if vouched else []
+        lost, deleted = self._lost(vouched, stop, kept) if vouched else ([], set())
+        end = stop
         try:
             if stop < size:
                 # A crashed append left a partial record: it was never
                 # acknowledged, so the log ends before it.  We hold the lock.
                 log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
                 os.ftruncate(self.fd, stop)
+            if deleted:
+                names = {rec.key_hash(kb): kb for kb in map(rec.encode_key, entries)}
+                end, kept, lost = self._delete_again(stop, kept, deleted, lost, names)
             table = ix.Table(ix.capacity_for(len(lost) + len(kept)))
             for (h1, h2), (offset, length, state, expiry) in kept:
                 table.put(h1, h2, offset, length, state, expiry)
@@ -429,6 +434,7 @@ class Shard:
                 table.put(h1, h2, offset, 0, _CORRUPT, expiry)
         except OSError as exc:
             raise StorageError(f"cannot index {self.path}: {exc}", path=self.path) from exc
+        stop = end
         try:
             self._install(table, stop, old)
         except OSError as exc:
@@ -459,42 +465,40 @@ class Shard:
         return ix.COUNTERS.unpack_from(data, 0)[0], data[ix.HEADER_SIZE - ix.COUNTERS_AT :]
 
     def _lost(
-        self,
-        vouched: tuple[int, bytes],
-        stop: int,
-        kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]],
-        now: float,
-    ) -> list[tuple[int, int, int, float]]:
-        """``(h1, h2, offset, expiry)`` of each key whose newest record or
-        deletion, by a believed index (see :meth:`_vouched`), is not in the
-        log that now ends at ``stop``; of each key that index had as damaged
-        (reported by an earlier rebuild, too: such a mark stays until the
-        key is written or deleted); and, if the log was cut before that
-        index's end, of each key the log, read anew, holds unexpired
-        (``kept``: ``((h1, h2), entry)`` per key not deleted in it) before
-        that end but that index has no slot for.  The offset of a key whose
-        newest record or deletion was cut is ``ix.CUT``.
+        self, vouched: tuple[int, bytes], stop: int, kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]]
+    ) -> tuple[list[tuple[int, int, int, float]], set[tuple[int, int]]]:
+        """What a believed index (see :meth:`_vouched`) knows that the log,
+        now ending at ``stop`` and read anew (``kept``: ``((h1, h2), entry)``
+        per key not deleted in it), no longer says.
 
-        Such records were whole once and have been cut away since: the log
-        was truncated or replaced behind the store's back.  Indexing the log
-        alone would serve such a key's older value, or bring back a deleted
-        one, without a word; marked damaged instead, reading it raises
-        :class:`CorruptSessionError` until it is written or deleted anew.
+        Returns ``(marks, deleted)``.  ``marks``: ``(h1, h2, offset,
+        expiry)`` of each key whose newest record, by that index, is cut
+        from the log (offset ``ix.CUT``), and of each key that index had as
+        damaged (a record damaged in place, or a mark an earlier rebuild
+        left: it stays until the key is written or deleted).  Indexing the
+        log alone would serve such a key's older value, or nothing, without
+        a word; marked damaged, reading it raises
+        :class:`CorruptSessionError` until it is written or deleted anew (or
+        its expiry passes).
 
-        The last kind is a deleted key: an index keeps no slot for a deleted
-        key once it is rebuilt or grown, or once a put reuses the slot, yet
-        every key in the log before its end was put in it, and is taken out
-        of it only by a deletion, which lies in the log after that key's
-        records.  If the log read anew does not end with that deletion, the
-        deletion was cut away.
+        ``deleted``: ``(h1, h2)`` of each key whose newest deletion was cut
+        from the log, so that the log read anew brings back an older value:
+        a ``DEAD`` slot past ``stop``, or, if the log was cut before the
+        index's end, a key the log holds before that end that the index has
+        no slot for.  An index keeps no slot for a deleted key once it is
+        rebuilt or grown, or once a put reuses the slot, yet every key in the
+        log before its end was put in it and is taken out only by a deletion,
+        which lies after that key's records.  The caller deletes such keys
+        again.
         """
         end, slots = vouched
         # A LIVE or DEAD slot at or past the index's end is a write that was
         # under way when its writer died (the index is dirty): not
         # acknowledged, not lost.  Only rebuilds mark a slot CORRUPT.
         cut_short = stop < end
-        known = set()  # h1 of every key the index holds (a 64-bit hash: a clash only misses a report)
-        lost = []
+        known = set()  # h1 of every key the index holds (a 64-bit hash: a clash only misses one)
+        marks = []
+        deleted = set()
         for s in ix.slots(slots):
             state = s[4]
             if state == _EMPTY:
@@ -502,21 +506,55 @@ class Shard:
             if cut_short and state != _DEAD:
                 known.add(s[0])
             if state == _CORRUPT:  # a damaged record, or a mark an earlier rebuild left
-                lost.append((s[0], s[1], s[2] if s[2] < stop else ix.CUT, s[5]))
-            elif s[2] < end and ((state == _LIVE and s[2] + s[3] > stop) or (state == _DEAD and s[2] >= stop)):
-                lost.append((s[0], s[1], ix.CUT, s[5]))
-        cut = len(lost)
+                marks.append((s[0], s[1], s[2] if s[2] < stop else ix.CUT, s[5]))
+            elif s[2] < end and state == _LIVE and s[2] + s[3] > stop:
+                marks.append((s[0], s[1], ix.CUT, s[5]))
+            elif s[2] < end and state == _DEAD and s[2] >= stop:
+                deleted.add((s[0], s[1]))
         if cut_short:  # else every deletion the index took out is still in the log
             for key_hash, entry in kept:
-                if entry[0] < end and key_hash[0] not in known and not 0 < entry[3] <= now:
-                    lost.append((key_hash[0], key_hash[1], ix.CUT, entry[3]))
-        if lost:
+                if entry[0] < end and key_hash[0] not in known:
+                    deleted.add(key_hash)
+        cut = sum(1 for mark in marks if mark[2] == ix.CUT)
+        if cut or deleted:
             log.warning(
-                "sessionkit: %s ends at byte %d, before %d session record(s) and %d deletion(s) its index "
-                "holds; the log was cut or replaced: those sessions are reported as damaged",
-                self.path, stop, sum(1 for entry in lost[:cut] if entry[2] == ix.CUT), len(lost) - cut,
+                "sessionkit: %s ends at byte %d, before what its index holds: %d session record(s) cut "
+                "(reported as damaged) and %d deletion(s) cut (made again); the log was cut or replaced",
+                self.path, stop, cut, len(deleted),
             )
-        return lost
+        return marks, deleted
+
+    def _delete_again(
+        self,
+        stop: int,
+        kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]],
+        deleted: set[tuple[int, int]],
+        marks: list[tuple[int, int, int, float]],
+        names: dict[tuple[int, int], bytes],
+    ) -> tuple[int, list[Any], list[tuple[int, int, int, float]]]:
+        """Append a deletion to the log (ending at ``stop``) for each key of
+        ``kept`` in ``deleted`` (see :meth:`_lost`), so the log says again
+        what it said before it was cut; returns the log's new end, ``kept``
+        without those keys, and ``marks``.  If the deletions cannot be
+        written (a full disk), those keys are marked damaged instead.
+        ``names``: each key's encoded form by its hash."""
+        keys = {key_hash for key_hash, _entry in kept} & deleted
+        if not keys:
+            return stop, kept, marks
+        flags = rec.FLAG_DELETE | (rec.FLAG_DURABLE if self.durable else 0)
+        data = b"".join(rec.build(names[key_hash], b"", flags, 0.0) for key_hash in sorted(keys))
+        try:
+            write_all(self.fd, data, stop)
+            if self.durable:
+                os.fdatasync(self.fd)
+        except OSError as exc:
+            log.warning("sessionkit: cannot delete again in %s (%s): those sessions are reported", self.path, exc)
+            try:
+                os.ftruncate(self.fd, stop)
+            except OSError:
+                pass
+            return stop, [k for k in kept if k[0] not in keys], marks + [(h1, h2, ix.CUT, 0.0) for h1, h2 in keys]
+        return stop + len(data), [k for k in kept if k[0] not in keys], marks
 
     def _open_log_only(self) -> None:
         try:
@@ -620,7 +658,7 @@ class Shard:
         slot = self._slot(info)
         if slot is None or slot[4] == _DEAD:
             return None
-        if slot[4] == _CORRUPT:
+        if slot[4] == _CORRUPT and not (slot[2] == ix.CUT and 0 < slot[5] <= now):  # a cut one may expire
             raise self._damaged(key, slot[2])
         if slot[5] and slot[5] <= now:
             return None
@@ -660,7 +698,7 @@ class Shard:
     def _damaged(self, key: str, offset: int) -> CorruptSessionError:
         if offset == ix.CUT:
             return CorruptSessionError(
-                f"the newest record (or deletion) of session {key!r} was cut from {self.path}: the log was "
+                f"the newest record of session {key!r} was cut from {self.path}: the log was "
                 "cut short or replaced since it was written; write or delete the session to go on without it",
                 key=key,
                 path=self.path,
@@ -693,10 +731,15 @@ class Shard:
         return self.idx.read_table()[ix.HEADER_SIZE - ix.COUNTERS_AT :]
 
     def expired_count(self, now: float) -> int:
-        if not self.table.expiring:  # type: ignore[union-attr]
+        """Expired sessions, and expired reports of cut ones (inside a section)."""
+        table: ix.Table = self.table  # type: ignore[assignment]
+        if not table.expiring and not table.corrupt:
             return 0
         snapshot = self._slots()
-        return sum(1 for s in ix.slots(snapshot) if s[4] == _LIVE and 0 < s[5] <= now)
+        return sum(
+            1 for s in ix.slots(snapshot)
+            if 0 < s[5] <= now and (s[4] == _LIVE or (s[4] == _CORRUPT and s[2] == ix.CUT))
+        )
 
     def live_records(self, now: float, with_values: bool) -> Iterator[tuple[str, bytes]]:
         """``(key, value)`` of every live, unexpired record (inside a section);
@@ -919,7 +962,10 @@ class Shard:
                 elif s[4] == _CORRUPT:
                     if s[2] != ix.CUT:
                         raise _Kept("a damaged record is kept in place until its session is written or removed")
-                    marks.append(s)  # reported until written or deleted: carried over
+                    if not 0 < s[5] <= now:
+                        marks.append(s)  # reported until written or deleted (or expired): carried over
+                    else:
+                        expired += 1
                 if pace is not None:
                     pace()
             del data

@@ -268,8 +268,6 @@ class MsgpackFileStorage(EncodedStorage):
 
     def _raw_read(self, key: str) -> bytes | None:
         shard, info = self._locate(key)
-        if self._clock is not _time:  # a read may index a log anew, which tells expired sessions apart
-            shard.skew = self._clock() - _time()
         if key in self._keylocks.held:  # our key lock orders us after every write of it
             raw = shard.read_unlocked(info, self._clock())
             if raw is not False:
