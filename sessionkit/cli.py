@@ -491,8 +491,9 @@ def _tail_problem(scan: _LogScan) -> str:
         return (
             f"{scan.path}: {what} at byte {scan.tail_at} {scan.tail_why}, but the shard's index says the log "
             f"was whole up to byte {scan.index_end}: it was cut short or damaged since, not by a crash; the "
-            "next process that opens this shard reports every session whose newest record or deletion is "
-            "no longer whole as damaged (rm or write each to go on), or restore the file from a backup"
+            "next process that opens this shard reports every session whose newest record is no longer "
+            "whole as damaged (rm or write each to go on) and makes every deletion past the cut again, or "
+            "restore the file from a backup"
         )
     return (
         f"{scan.path}: {what} at byte {scan.tail_at} {scan.tail_why}: it may be a write cut short by a "
@@ -502,14 +503,23 @@ def _tail_problem(scan: _LogScan) -> str:
 
 
 def _refuse_cut_short(spec: StoreSpec, storage: Any, shards: list[Any], command: str) -> None:
-    """``CliError`` when a log that ``command`` would open ends in a record cut short.
+    """``CliError`` when a log that ``command`` would open ends in a record cut
+    short, or is shorter than its index says.
 
-    The store would truncate it on opening the log; a read-only command must
-    not change the store, so it stops and points to ``check``.
+    The store would truncate the one, and make the cut deletions of the
+    other again, on opening the log; a read-only command must not change the
+    store, so it stops and points to ``check``.
     """
     now = time.time()
     for shard in shards:
         scan = _scan_shard(shard, False, now)
+        if scan.index_end > scan.size and not scan.crashed_tail:
+            raise CliError(
+                f"{scan.path} ends at byte {scan.size}, before the byte {scan.index_end} its index says: it was "
+                f"cut short; {command} changes nothing, and opening the log would record what was cut: run "
+                f"sessionkit check {spec.name}",
+                EXIT_DAMAGED,
+            )
         if scan.crashed_tail:
             who = f" (session {scan.tail_key!r})" if scan.tail_key is not None else ""
             raise CliError(
@@ -662,10 +672,14 @@ def _msgpack_stats(directory: str, storage: Any) -> dict[str, Any]:
     now = time.time()
     live = expired = live_bytes = 0
     damaged = sum(
-        len(s.damaged) + (s.broken_at is not None) + bool(s.error) + bool(s.crashed_tail) for s in scans
+        len(s.damaged) + (s.broken_at is not None) + bool(s.error) + bool(s.crashed_tail) + len(s.reported)
+        + s.reported_unnamed + (s.index_end > s.size and not s.crashed_tail)
+        for s in scans
     )
     for scan in scans:
-        for _offset, length, expiry in scan.live.values():
+        for key, (_offset, length, expiry) in scan.live.items():
+            if key in scan.reported:
+                continue  # an older record of a session whose newest was cut: counted as damaged
             if expiry and expiry <= now:
                 expired += 1
             else:
@@ -1097,7 +1111,7 @@ def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
             problems.append(
                 f"{scan.path} ends at byte {scan.size}, but its index says it reached byte {scan.index_end}: "
                 "the log was cut short or replaced; the next process that opens it reports every session "
-                "whose newest record or deletion was past the cut as damaged"
+                "whose newest record was past the cut as damaged, and makes every deletion past it again"
             )
         if scan.crashed_tail:
             problems.append(_tail_problem(scan))

@@ -424,6 +424,13 @@ def test_check_names_sessions_a_cut_log_lost(tmp_path: Path) -> None:
 
     rc, out = check()
     assert rc == 1 and "but its index says it reached byte" in out, out
+    log = path / "shard-000.log"
+    before = log.read_bytes()
+    for command in (["ls"], ["show", "bob"]):  # they would open the log, which records the cut: they refuse
+        done = subprocess.run([sys.executable, "-m", "sessionkit", command[0], f"msgpack:{path}", *command[1:]],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 4 and "sessionkit check" in done.stderr, (command, done.stderr)
+    assert log.read_bytes() == before
     again = MsgpackFileStorage(path, shards=1)
     assert again.read("alice") is None  # her deletion is made again
     with pytest.raises(CorruptSessionError):
@@ -435,7 +442,6 @@ def test_check_names_sessions_a_cut_log_lost(tmp_path: Path) -> None:
     again = MsgpackFileStorage(path, shards=1)
     again.write("bob", {"n": 2})
     again.write("bob", {"n": 3})
-    log = path / "shard-000.log"
     cut = log.stat().st_size
     again.write("bob", {"n": 4})
     again.close()
@@ -477,6 +483,101 @@ def test_a_shard_with_a_damaged_record_kept_in_place_is_not_merged(tmp_path: Pat
         assert bytes(data) == log.read_bytes()[: len(data)]
     finally:
         again.close()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting a tmpfs needs root")
+def test_a_cut_found_on_a_full_disk_reports_until_there_is_room_never_serving_an_older_value(
+    tmp_path: Path,
+) -> None:
+    """The open that finds a cut cannot write its new index (a full disk) and reads from memory; nothing
+    is appended to the log then, so once there is room the rebuild finds the same cut: the session whose
+    newest write was cut is reported throughout, never read at its older value, and the sessions whose
+    deletion was cut are reported until the deletions are made again, then."""
+    with tmpfs(tmp_path / "fs", "1m") as mount:
+        path = mount / "store"
+        storage = MsgpackFileStorage(path, shards=1)
+        for i in range(10):
+            storage.write(f"a{i}", 1)
+        storage.write("X", "v1")
+        log = path / "shard-000.log"
+        cut = log.stat().st_size
+        storage.write("X", "v2")
+        for i in range(10):
+            storage.delete(f"a{i}")
+        storage.close()
+        os.truncate(log, cut)
+        filler = mount / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        again = MsgpackFileStorage(path, shards=1)
+        try:
+            with pytest.raises(CorruptSessionError):
+                again.read("X")
+            assert log.stat().st_size == cut
+            with pytest.raises(CorruptSessionError):
+                again.read("a0")  # not deleted again yet (no room): reported, never its old value
+            filler.unlink()
+            time.sleep(1.2)  # a section a second later writes the index out
+            with pytest.raises(CorruptSessionError):
+                again.read("X")
+            assert all(again.read(f"a{i}") is None for i in range(10))
+        finally:
+            again.close()
+        for index in path.glob("*.idx"):
+            index.unlink()
+        fresh = MsgpackFileStorage(path, shards=1)
+        assert all(fresh.read(f"a{i}") is None for i in range(10))  # made again in the log
+        fresh.close()
+
+
+def test_a_merge_under_way_when_the_log_is_cut_and_indexed_anew_gives_up(tmp_path: Path) -> None:
+    """A merge copies the log outside the lock; if the log is cut and indexed anew meanwhile (same file),
+    installing that copy would bring back the cut log and lose what was written since: it gives up."""
+    from sessionkit.storage import _shard
+
+    path = store_path("msgpack", tmp_path)
+    storage = MsgpackFileStorage(path, shards=1)
+    for i in range(50):
+        storage.write(f"k{i}", {"i": i})
+    for i in range(50):
+        storage.write(f"k{i}", {"i": i, "again": True})
+    shard = storage._shards[0]
+    log = path / "shard-000.log"
+    cut = log.stat().st_size // 2
+    other = MsgpackFileStorage(path, shards=1)  # another handle: the same shard state in this process
+    real_catch_up = _shard.Shard._catch_up
+
+    def cut_meanwhile(self: Any, *args: Any) -> Any:
+        os.truncate(log, cut)
+        with self.mutex:
+            _index_mark_dirty(self)
+        other.write("Y", "written after the cut")
+        other.delete("k0")
+        return real_catch_up(self, *args)
+
+    try:
+        _shard.Shard._catch_up = cut_meanwhile  # type: ignore[method-assign]
+        merged = shard.merge(time.time(), wait=True, force=True)
+    finally:
+        _shard.Shard._catch_up = real_catch_up  # type: ignore[method-assign]
+    try:
+        assert not merged
+        assert storage.read("Y") == "written after the cut" and storage.read("k0") is None
+    finally:
+        other.close()
+        storage.close()
+    fresh = MsgpackFileStorage(path, shards=1)
+    assert fresh.read("Y") == "written after the cut" and fresh.read("k0") is None
+    fresh.close()
+
+
+def _index_mark_dirty(shard: Any) -> None:
+    from sessionkit.storage import _index
+
+    _index._U64.pack_into(shard.map, _index.DIRTY_AT, 1)  # the next section indexes the log anew
 
 
 def test_a_msgpack_log_whose_newest_record_was_cut_reports_that_session(tmp_path: Path) -> None:

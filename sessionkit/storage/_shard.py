@@ -417,16 +417,19 @@ class Shard:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
         kept = [(rec.key_hash(rec.encode_key(key)), entry) for key, entry in entries.items() if entry[2] != _DEAD]
         lost, deleted = self._lost(vouched, stop, kept) if vouched else ([], set())
-        end = stop
         try:
             if stop < size:
                 # A crashed append left a partial record: it was never
                 # acknowledged, so the log ends before it.  We hold the lock.
                 log.debug("truncating %s from %d to %d (crashed append)", self.path, size, stop)
                 os.ftruncate(self.fd, stop)
+            again: list[str] = []  # keys whose deletion was cut: reported until they are deleted again below
             if deleted:
-                names = {rec.key_hash(kb): kb for kb in map(rec.encode_key, entries)}
-                end, kept, lost = self._delete_again(stop, kept, deleted, lost, names)
+                in_log = {key_hash for key_hash, _entry in kept} & deleted
+                if in_log:
+                    again = [key for key in entries if rec.key_hash(rec.encode_key(key)) in in_log]
+                    kept = [k for k in kept if k[0] not in in_log]
+                    lost = lost + [(h1, h2, ix.CUT, 0.0) for h1, h2 in in_log]
             table = ix.Table(ix.capacity_for(len(lost) + len(kept)))
             for (h1, h2), (offset, length, state, expiry) in kept:
                 table.put(h1, h2, offset, length, state, expiry)
@@ -434,7 +437,6 @@ class Shard:
                 table.put(h1, h2, offset, 0, _CORRUPT, expiry)
         except OSError as exc:
             raise StorageError(f"cannot index {self.path}: {exc}", path=self.path) from exc
-        stop = end
         try:
             self._install(table, stop, old)
         except OSError as exc:
@@ -447,6 +449,23 @@ class Shard:
             self.stale_idx = old  # marked replaced once a new one is in place
             self.table, self.map, self.end, self.hint = table, table.buf, stop, None
             self.retry_private = time.monotonic() + 1.0
+            return
+        self._delete_again(again)
+
+    def _delete_again(self, keys: list[str]) -> None:
+        """Append a deletion of each of ``keys``, whose deletion was cut from
+        the log (see :meth:`_lost`), once the rebuilt index is in place, so
+        the log says again what it said before it was cut; each is reported
+        as damaged until then (and stays so if this fails: a full disk).
+
+        Made as any deletion is, after the new index is in place: a process
+        killed meanwhile leaves the index dirty, or the keys reported."""
+        for key in keys:
+            try:
+                self.append(key, rec.key_info(key), None, 0.0)
+            except StorageError as exc:
+                log.warning("sessionkit: cannot delete %r again in %s: %s; it is reported instead", key, self.path, exc)
+                return
 
     def _vouched(self, old: ix.Index) -> tuple[int, bytes] | None:
         """``(end, slots)`` of ``old``, the index being replaced, if it can be
@@ -523,38 +542,6 @@ class Shard:
                 self.path, stop, cut, len(deleted),
             )
         return marks, deleted
-
-    def _delete_again(
-        self,
-        stop: int,
-        kept: list[tuple[tuple[int, int], tuple[int, int, int, float]]],
-        deleted: set[tuple[int, int]],
-        marks: list[tuple[int, int, int, float]],
-        names: dict[tuple[int, int], bytes],
-    ) -> tuple[int, list[Any], list[tuple[int, int, int, float]]]:
-        """Append a deletion to the log (ending at ``stop``) for each key of
-        ``kept`` in ``deleted`` (see :meth:`_lost`), so the log says again
-        what it said before it was cut; returns the log's new end, ``kept``
-        without those keys, and ``marks``.  If the deletions cannot be
-        written (a full disk), those keys are marked damaged instead.
-        ``names``: each key's encoded form by its hash."""
-        keys = {key_hash for key_hash, _entry in kept} & deleted
-        if not keys:
-            return stop, kept, marks
-        flags = rec.FLAG_DELETE | (rec.FLAG_DURABLE if self.durable else 0)
-        data = b"".join(rec.build(names[key_hash], b"", flags, 0.0) for key_hash in sorted(keys))
-        try:
-            write_all(self.fd, data, stop)
-            if self.durable:
-                os.fdatasync(self.fd)
-        except OSError as exc:
-            log.warning("sessionkit: cannot delete again in %s (%s): those sessions are reported", self.path, exc)
-            try:
-                os.ftruncate(self.fd, stop)
-            except OSError:
-                pass
-            return stop, [k for k in kept if k[0] not in keys], marks + [(h1, h2, ix.CUT, 0.0) for h1, h2 in keys]
-        return stop + len(data), [k for k in kept if k[0] not in keys], marks
 
     def _open_log_only(self) -> None:
         try:
@@ -932,6 +919,7 @@ class Shard:
             for leftover in leftovers:
                 _unlink(leftover)
             start = self.end
+            indexed_by = self.idx  # a rebuild meanwhile (a log cut, say) replaces it: see _swap
             data = self.idx.read_table()  # type: ignore[union-attr]
             capacity = self.idx.capacity  # type: ignore[union-attr]
             log_ident = self.log_ident
@@ -979,7 +967,9 @@ class Shard:
             merged.write(new_index, (0, 0), pos, False)
             fresh = ix.Index(new_index, checked=False)
             try:
-                self._swap(fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable)
+                self._swap(
+                    fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable, indexed_by
+                )
             except BaseException:
                 fresh.close()
                 raise
@@ -1055,7 +1045,7 @@ class Shard:
 
     def _swap(
         self, fresh: ix.Index, merged: ix.Table, start: int, pos: int, source: int, target: int,
-        log_ident: tuple[int, int], new_log: str, new_index: str, durable: bool,
+        log_ident: tuple[int, int], new_log: str, new_index: str, durable: bool, indexed_by: ix.Index | None,
     ) -> None:
         """Under the lock: add what was appended since ``start``, then rename the new files into place."""
         table = fresh.table()
@@ -1063,6 +1053,8 @@ class Shard:
         with self.mutex, self:
             if self.closed or self.log_ident != log_ident:
                 raise _Abort("the log was replaced meanwhile")
+            if self.idx is not indexed_by:  # indexed anew (or grown): what was copied may not be the log now
+                raise _Abort("the log was indexed anew meanwhile")
             now_at = os.fstat(self.fd)
             if now_at.st_size != self.end or not now_at.st_nlink:
                 # the index does not cover the whole log: merging by it would
