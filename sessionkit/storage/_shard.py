@@ -692,8 +692,7 @@ class Shard:
             )
         if offset >= self.end:
             return CorruptSessionError(
-                f"the newest record (or deletion) of session {key!r} was at byte {offset} of {self.path}, "
-                f"which now ends "
+                f"the stored record of session {key!r} was at byte {offset} of {self.path}, which now ends "
                 f"at byte {self.end}: the log was cut short or replaced; write or delete the session to "
                 "go on without it",
                 key=key,
