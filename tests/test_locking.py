@@ -387,7 +387,16 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) ->
     locks = KeyLocks()
     entered: list[float] = []
 
+    main = threading.get_ident()
+
+    def main_queued() -> bool:
+        queue = locks._waiting.get("k")
+        return bool(queue) and queue[0].ident == main
+
     def other() -> None:
+        deadline = time.monotonic() + 10
+        while not main_queued() and time.monotonic() < deadline:  # queued after the main thread
+            time.sleep(0.001)
         locks.acquire("k", 10)
         entered.append(time.monotonic())
         locks.release("k")
@@ -397,7 +406,14 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) ->
     def holder() -> None:
         locks.acquire("k")
         held.set()
-        time.sleep(0.05)  # the main thread has queued for longer than HANDOFF_AFTER
+        # Wait until the main thread is queued and has waited longer than HANDOFF_AFTER (a
+        # fixed sleep let a loaded machine deliver the signal before the main thread queued).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            queue = locks._waiting.get("k")
+            if main_queued() and len(queue) == 1 + others and time.monotonic() - queue[0].since > 0.01:
+                break
+            time.sleep(0.001)
         with locks._mutex:  # the release's own critical section, with the signal landing in it
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.05)
@@ -415,8 +431,7 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) ->
         for _ in range(others):
             t = threading.Thread(target=other, daemon=True)
             threads.append(t)
-            # queued after the main thread: the main thread is the head
-            threading.Timer(0.02, t.start).start()
+            t.start()  # it queues once the main thread has: the main thread is the head
         with pytest.raises(_Interrupt):
             locks.acquire("k")
         interrupted = time.monotonic()
