@@ -301,10 +301,12 @@ def test_a_release_hands_the_key_to_a_long_waiter() -> None:
     got = threading.Event()
     t = threading.Thread(target=lambda: (locks.acquire("k"), got.set(), locks.release("k")), daemon=True)
     t.start()
-    deadline = time.monotonic() + 5
-    while not locks._waiting and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # queued, for well past HANDOFF_AFTER
+        queue = locks._waiting.get("k")
+        if queue and time.monotonic() - queue[0].since > 0.01:
+            break
         time.sleep(0.001)
-    time.sleep(0.01)  # well past HANDOFF_AFTER
     locks.release("k")
     # The releasing thread asks again at once: the key is already the waiter's.
     try:
@@ -378,12 +380,17 @@ class _Interrupt(BaseException):
 
 
 @pytest.mark.parametrize("others", [0, 1], ids=["alone", "another-waiter"])
-def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) -> None:
+def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal handler that raises (a bot's SIGTERM handler raising SystemExit) in a thread just
     handed the key: that exception comes out, the key goes to the next waiter (or is free), and
     no entry is left behind."""
     import signal
 
+    from sessionkit import _locks
+
+    # A waiter that missed its wake-up would look again only after 30 s: the bound below tells
+    # a woken waiter from one that slept through the free key, on however loaded a machine.
+    monkeypatch.setattr(_locks, "_RECHECK", 30.0)
     locks = KeyLocks()
     entered: list[float] = []
 
@@ -397,7 +404,7 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) ->
         deadline = time.monotonic() + 10
         while not main_queued() and time.monotonic() < deadline:  # queued after the main thread
             time.sleep(0.001)
-        locks.acquire("k", 10)
+        locks.acquire("k", 60)
         entered.append(time.monotonic())
         locks.release("k")
 
@@ -440,5 +447,5 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int) ->
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert len(entered) == others
-    assert all(at - interrupted < 0.5 for at in entered), "the next waiter slept through the free key"
+    assert all(at - interrupted < 10 for at in entered), "the next waiter slept through the free key"
     assert len(locks) == 0, (locks._held, locks._waiting)

@@ -172,13 +172,14 @@ def test_a_lost_lock_refuses_a_delete_and_a_direct_write_too(redis_server: Any) 
 
 def test_a_handler_slower_than_the_lock_expiry_keeps_its_lock(where: tuple[str, Any]) -> None:
     kind, server = where
-    storage = fresh(kind, server, lock_expiry=0.3)
+    storage = fresh(kind, server, lock_expiry=1.0)
     sessions = Sessions(storage, initial=dict)
     outcome: list[Any] = []
 
     def contender() -> None:
         try:
-            with sessions.open("k", timeout=0.6) as s:
+            # gives up after twice the expiry: a lock not kept alive would be taken by then
+            with sessions.open("k", timeout=2.0) as s:
                 s["n"] = -1
             outcome.append("entered")
         except LockTimeout:
@@ -188,7 +189,7 @@ def test_a_handler_slower_than_the_lock_expiry_keeps_its_lock(where: tuple[str, 
         s["n"] = 1
         t = threading.Thread(target=contender)
         t.start()
-        time.sleep(1.2)  # four times the expiry
+        time.sleep(3.0)  # three times the expiry
         t.join()
     assert outcome == ["timeout"]
     assert storage.read("k") == {"n": 1}
@@ -222,7 +223,7 @@ def test_a_holder_killed_with_sigkill_blocks_others_only_until_the_expiry(where:
             waited = time.monotonic() - killed
             assert s.data == {}  # the dead holder's write never happened
             s["n"] = 5
-        assert waited <= 2.0 + 0.5, waited
+        assert waited <= 2.0 + 1.5, waited  # the expiry, and room for a loaded machine
         assert storage.read("k") == {"n": 5}
     finally:
         holder.kill()
@@ -259,8 +260,9 @@ def test_a_waiter_is_woken_by_the_release_not_by_polling(where: tuple[str, Any])
             released.append(time.monotonic())
         t.join()
         gaps.append(woke[0] - released[0])
-    # redis-py's Lock polls every 100 ms; a woken waiter takes one round trip or two
-    assert statistics.median(gaps) < 0.05, gaps
+    # A woken waiter takes a round trip or two; one that missed the wake-up looks again only
+    # when the lock would expire (up to 5 s).  The bound leaves room for a loaded machine.
+    assert statistics.median(gaps) < 0.25, gaps
 
 
 class CountingConnection:
@@ -365,10 +367,13 @@ def test_ttl_is_set_with_the_write_and_slides(where: tuple[str, Any]) -> None:
 
 
 def test_ttl_expires_for_real(redis_server: Any) -> None:
-    storage = fresh("redis", redis_server, ttl=0.2)
+    storage = fresh("redis", redis_server, ttl=1.0)
     storage.write("k", 1)
     assert storage.read("k") == 1
-    time.sleep(0.5)
+    assert 0 < redis_client(redis_server).pttl(storage.prefix + "k") <= 1000
+    deadline = time.monotonic() + 10
+    while storage.read("k") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert storage.read("k") is None and not storage.has("k") and list(storage.keys()) == []
 
 

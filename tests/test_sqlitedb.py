@@ -288,7 +288,8 @@ def test_a_write_waits_for_another_process_holding_the_write_lock(tmp_path: Path
         "cx.execute('BEGIN IMMEDIATE')\n"
         "cx.execute(\"INSERT INTO Dict VALUES (x'01', x'01')\")\n"
         "print('locked', flush=True)\n"
-        "time.sleep(0.4)\n"
+        "time.sleep(1.0)\n"
+        "print(time.monotonic(), flush=True)\n"
         "cx.execute('COMMIT')\n"
     )
     with child(script, str(path), stdout=subprocess.PIPE) as proc:
@@ -296,7 +297,11 @@ def test_a_write_waits_for_another_process_holding_the_write_lock(tmp_path: Path
         assert proc.stdout.readline() == b"locked\n"
         start = time.monotonic()
         db[b"mine"] = b"waited"  # would raise "database is locked" with no busy timeout
-        assert time.monotonic() - start > 0.2
+        end = time.monotonic()
+        about_to_commit = float(proc.stdout.readline())
+        # the write ended after the other process, holding the lock all along, came to commit
+        # (CLOCK_MONOTONIC is system-wide)
+        assert end > about_to_commit, (start, about_to_commit, end)
         assert proc.wait(10) == 0
     assert db[b"\x01"] == b"\x01" and db[b"mine"] == b"waited"
 

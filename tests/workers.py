@@ -59,16 +59,17 @@ def increment_threads(where: str, key: str, times: int, threads: int, start: Any
 
 
 def write_forever(directory: str, key: str, size: int, ready: Any) -> None:
-    """Write ever-new values of ``size`` bytes to ``key`` until killed."""
+    """Write ever-new values of ``size`` bytes to ``key`` until killed; ``ready`` is set once the first is made."""
     storage = open_store(directory)
     sessions = Sessions(storage, initial=dict)
     n = 0
-    ready.set()
     while True:
         n += 1
         with sessions.open(key) as s:
             s["n"] = n
             s["blob"] = bytes([n % 251]) * size
+        if n == 1:
+            ready.set()
 
 
 def hold(directory: str, key: str, held: Any, release: Any) -> None:
