@@ -161,3 +161,24 @@ def test_floor_benchmark_runs_and_its_inline_loop_counts_exactly(tmp_path: Any) 
         assert counted == made > 2000, (name, counted, made)
     for row in result["rows"]:
         assert row["ops_s"] > 0 and row[f"vs_{row['subject']}"] == 1.0
+
+
+def test_machine_benchmark_runs_and_its_syncs_write_what_they_say(tmp_path: Any) -> None:
+    """The machine's ceilings: every process count measured against 1, every kind of sync made and checked."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.machine", "--seconds", "0.2", "--repeat", "1", "--syncs", "30",
+         "--dir", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "machine.md").read_text() in done.stdout
+    result = json.loads((out / "machine.json").read_text())
+    assert list(result["cpu_scaling"]) == ["1", "2", "4", "8"]
+    assert result["cpu_scaling"]["1"]["each"] == [1.0]
+    assert all(row["median"] > 0 for row in result["cpu_scaling"].values())
+    assert list(result["sync"]) == ["append", "overwrite", "sqlite-full"]
+    assert all(row["median_us"] > 0 and len(row["each_us"]) == 1 for row in result["sync"].values())
+    # the append grew its file by each record, the overwrite kept its size, SQLite stored the last row
+    assert result["sync_checks"] == {"append": True, "overwrite": True, "sqlite-full": True}
+    assert list(tmp_path.iterdir()) == [out]  # the sync files are gone

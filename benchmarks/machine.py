@@ -1,0 +1,248 @@
+"""What this machine allows: the ceilings that two of the engine's targets run into.
+
+    python -m benchmarks.machine [--seconds S] [--repeat N] [--syncs N] [--dir DIR] [--out DIR | --save]
+
+``cpu``
+    A pure-Python loop with no I/O and nothing shared, run in 1, 2, 4 and 8
+    processes at once; the work all of them did, divided by what 1 process did
+    in the same repetition.  No store scales past this: the random-keys target
+    of ``benchmarks.engine`` (2, 4 and 8 processes each at least 1.5x one) is
+    measured against it, and on a shared machine it moves from run to run.
+
+``sync``
+    One thread writes 150-byte records, each followed by ``os.fdatasync``:
+
+    * ``append``: to the end of a new file, which grows at each write (the
+      way sessionkit's msgpack log grows: its size is its end);
+    * ``overwrite``: in place, over a file filled with zeros beforehand (the
+      way SQLite reuses its WAL from the start after each checkpoint);
+    * ``sqlite-full``: SQLite itself, WAL with ``synchronous=FULL``, one
+      ``UPDATE`` of one row per ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the
+      durable SQLite subject of ``benchmarks.engine``, without msgpack),
+      timed once its WAL has been checkpointed and is written over again,
+      as in any store that has run for a while.
+
+    The three take turns; each repetition gives each one's median latency.
+    A durable read-modify-write of one key waits for one such sync, so an
+    append that syncs slower than an overwrite bounds the durable one-key
+    ratios against SQLite.
+
+Results go to ``machine.md`` and ``machine.json`` in ``--out DIR``, or with
+``--save`` in ``benchmarks/results/machine/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SAVED = Path(__file__).resolve().parent / "results" / "machine"  # the committed run (--save)
+PROCESSES = (1, 2, 4, 8)
+RECORD = b"r" * 150
+SYNC_MODES = ("append", "overwrite", "sqlite-full")
+WAL_WRAP = 1500  # commits before the timed ones: SQLite checkpoints its WAL every 1,000 pages
+
+
+# -- cpu ----------------------------------------------------------------------------------
+
+
+def _spin(start_at: float, seconds: float, results: Any) -> None:
+    """Count rounds of a small pure-Python computation from ``start_at`` for ``seconds``."""
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    stop = time.monotonic() + seconds
+    rounds = acc = 0
+    while time.monotonic() < stop:
+        for i in range(1000):
+            acc += i * i % 7
+        rounds += 1
+    results.put(rounds)
+
+
+def cpu_work(processes: int, seconds: float, context: Any) -> int:
+    """Rounds that ``processes`` processes, started together, counted in ``seconds``."""
+    results = context.Queue()
+    start_at = time.monotonic() + 0.5 + 0.05 * processes  # every process is up before the start
+    workers = [context.Process(target=_spin, args=(start_at, seconds, results)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    total = sum(results.get(timeout=60 + seconds) for _ in workers)
+    for worker in workers:
+        worker.join(30)
+    return total
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+def _latencies_append(path: str, count: int) -> tuple[list[float], bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fsync(fd)
+        took = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            os.pwrite(fd, RECORD, i * len(RECORD))
+            os.fdatasync(fd)
+            took.append(time.perf_counter() - t0)
+        grew = os.fstat(fd).st_size == count * len(RECORD)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return took, grew
+
+
+def _latencies_overwrite(path: str, count: int) -> tuple[list[float], bool]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        size = count * len(RECORD) + 4096
+        os.pwrite(fd, bytes(size), 0)
+        os.fsync(fd)
+        took = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            os.pwrite(fd, RECORD, i * len(RECORD))
+            os.fdatasync(fd)
+            took.append(time.perf_counter() - t0)
+        kept = os.fstat(fd).st_size == size
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return took, kept
+
+
+def _latencies_sqlite(path: str, count: int) -> tuple[list[float], bool]:
+    cx = sqlite3.connect(path, isolation_level=None)
+    try:
+        cx.execute("PRAGMA journal_mode=WAL")
+        cx.execute("PRAGMA synchronous=FULL")
+        cx.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v BLOB)")
+        cx.execute("INSERT INTO t VALUES ('k', ?)", (RECORD,))
+        for _ in range(WAL_WRAP):  # past the first checkpoint: the WAL is written over from its start
+            cx.execute("UPDATE t SET v = ? WHERE k = 'k'", (RECORD,))
+        took = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            cx.execute("BEGIN IMMEDIATE")
+            cx.execute("UPDATE t SET v = ? WHERE k = 'k'", (RECORD[:-8] + i.to_bytes(8, "big"),))
+            cx.execute("COMMIT")
+            took.append(time.perf_counter() - t0)
+        stored = cx.execute("SELECT v FROM t WHERE k = 'k'").fetchone()[0]
+        ok = stored[-8:] == (count - 1).to_bytes(8, "big")
+    finally:
+        cx.close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+    return took, ok
+
+
+SYNCS = {"append": _latencies_append, "overwrite": _latencies_overwrite, "sqlite-full": _latencies_sqlite}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[str, Any]:
+    context = multiprocessing.get_context("spawn")
+    scaling: dict[str, list[float]] = {str(n): [] for n in PROCESSES}
+    sync_us: dict[str, list[float]] = {mode: [] for mode in SYNC_MODES}
+    checks: dict[str, bool] = {mode: True for mode in SYNC_MODES}
+    workdir = tempfile.mkdtemp(prefix="sessionkit-machine-", dir=directory)
+    try:
+        for j in range(repeat):
+            one = cpu_work(1, seconds, context)
+            for n in PROCESSES:
+                scaling[str(n)].append(1.0 if n == 1 else cpu_work(n, seconds, context) / max(one, 1))
+            for k in range(len(SYNC_MODES)):
+                mode = SYNC_MODES[(j + k) % len(SYNC_MODES)]  # taking turns
+                took, ok = SYNCS[mode](os.path.join(workdir, f"sync-{mode}"), syncs)
+                sync_us[mode].append(statistics.median(took) * 1e6)
+                checks[mode] = checks[mode] and ok
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    cpu = {
+        n: {"median": statistics.median(v), "min": min(v), "max": max(v), "each": v} for n, v in scaling.items()
+    }
+    sync = {
+        mode: {"median_us": statistics.median(v), "min_us": min(v), "max_us": max(v), "each_us": v}
+        for mode, v in sync_us.items()
+    }
+    # per repetition: how much longer an appending sync takes than each other kind
+    ratios = {
+        f"append_over_{mode}": statistics.median(a / b for a, b in zip(sync_us["append"], sync_us[mode]))
+        for mode in SYNC_MODES[1:]
+    }
+    return {"seconds": seconds, "repeat": repeat, "syncs": syncs, "cpu_scaling": cpu, "sync": sync,
+            "sync_ratios": ratios, "sync_checks": checks, "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count()}
+
+
+def report(result: dict[str, Any]) -> str:
+    cpu, sync, ratios = result["cpu_scaling"], result["sync"], result["sync_ratios"]
+    out = [
+        "# What this machine allows",
+        "",
+        f"Python {result['python']}, SQLite {result['sqlite']}, {result['cpus']} CPUs; {result['repeat']} "
+        f"repetitions. See `benchmarks/machine.py`.",
+        "",
+        f"## CPU: a pure-Python loop in N processes at once, ÷ 1 process ({result['seconds']} s each)",
+        "",
+        "| processes | median | lowest | highest |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n, row in cpu.items():
+        out.append(f"| {n} | {row['median']:.2f} | {row['min']:.2f} | {row['max']:.2f} |")
+    out += [
+        "",
+        f"## A 150-byte write and `fdatasync`, one thread ({result['syncs']} per repetition; median latency)",
+        "",
+        "| kind | median µs | lowest | highest | writes/s at the median |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, row in sync.items():
+        out.append(f"| {mode} | {row['median_us']:.0f} | {row['min_us']:.0f} | {row['max_us']:.0f} | "
+                   f"{1e6 / row['median_us']:,.0f} |")
+    out += ["", "An appending sync takes "
+            + " and ".join(f"{v:.2f}× {k.split('_over_')[1]}" for k, v in ratios.items())
+            + " (median of the per-repetition ratios)."]
+    bad = [mode for mode, ok in result["sync_checks"].items() if not ok]
+    if bad:
+        out += ["", f"Checks that failed (file size or stored row not as written): {', '.join(bad)}."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.machine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds of each CPU measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions")
+    parser.add_argument("--syncs", type=int, default=1000, help="writes with a sync per kind per repetition")
+    parser.add_argument("--dir", help="folder the sync files are made in (default: the temporary directory)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="folder for machine.md and machine.json")
+    where.add_argument("--save", action="store_true", help="write to benchmarks/results/machine/")
+    args = parser.parse_args(argv)
+    result = run(args.seconds, args.repeat, args.syncs, args.dir)
+    text = report(result)
+    print(text, end="")
+    out = SAVED if args.save else (Path(args.out) if args.out else None)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "machine.md").write_text(text, encoding="utf-8")
+        (out / "machine.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0 if all(result["sync_checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
