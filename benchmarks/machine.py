@@ -129,8 +129,9 @@ def _latencies_sqlite(path: str, count: int) -> tuple[list[float], bool]:
         cx.execute("PRAGMA synchronous=FULL")
         cx.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v BLOB)")
         cx.execute("INSERT INTO t VALUES ('k', ?)", (RECORD,))
-        for _ in range(WAL_WRAP):  # past the first checkpoint: the WAL is written over from its start
-            cx.execute("UPDATE t SET v = ? WHERE k = 'k'", (RECORD,))
+        for i in range(WAL_WRAP):  # past the first checkpoints: the WAL is written over from its start
+            # (each value differs: SQLite writes no page for an UPDATE that changes no byte)
+            cx.execute("UPDATE t SET v = ? WHERE k = 'k'", (RECORD[:-8] + (i + 1 << 32).to_bytes(8, "big"),))
         took = []
         for i in range(count):
             t0 = time.perf_counter()
