@@ -86,9 +86,14 @@ def cpu_work(processes: int, seconds: float, context: Any) -> int:
 # -- sync ---------------------------------------------------------------------------------
 
 
-def _latencies_append(path: str, count: int) -> tuple[list[float], bool]:
+def _latencies_file(path: str, count: int, filled: bool) -> tuple[list[float], bool]:
+    """Write ``count`` records one after another, each synced; ``filled``: over a file of zeros made beforehand.
+    Also says whether the file ends up the size it should (grown by each record, or unchanged)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        size = count * len(RECORD) + 4096 if filled else 0
+        if filled:
+            os.pwrite(fd, bytes(size), 0)
         os.fsync(fd)
         took = []
         for i in range(count):
@@ -96,30 +101,19 @@ def _latencies_append(path: str, count: int) -> tuple[list[float], bool]:
             os.pwrite(fd, RECORD, i * len(RECORD))
             os.fdatasync(fd)
             took.append(time.perf_counter() - t0)
-        grew = os.fstat(fd).st_size == count * len(RECORD)
+        right_size = os.fstat(fd).st_size == (size if filled else count * len(RECORD))
     finally:
         os.close(fd)
         os.unlink(path)
-    return took, grew
+    return took, right_size
+
+
+def _latencies_append(path: str, count: int) -> tuple[list[float], bool]:
+    return _latencies_file(path, count, filled=False)
 
 
 def _latencies_overwrite(path: str, count: int) -> tuple[list[float], bool]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        size = count * len(RECORD) + 4096
-        os.pwrite(fd, bytes(size), 0)
-        os.fsync(fd)
-        took = []
-        for i in range(count):
-            t0 = time.perf_counter()
-            os.pwrite(fd, RECORD, i * len(RECORD))
-            os.fdatasync(fd)
-            took.append(time.perf_counter() - t0)
-        kept = os.fstat(fd).st_size == size
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return took, kept
+    return _latencies_file(path, count, filled=True)
 
 
 def _latencies_sqlite(path: str, count: int) -> tuple[list[float], bool]:
