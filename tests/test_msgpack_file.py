@@ -465,10 +465,15 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
     with sessions.open("warm") as s:
         s["x"] = 1
     storage.keys()  # opens every shard
+    from sessionkit.storage._shard import MERGER
+
+    # a merge under way (of this store, or of an earlier test's) holds descriptors while it runs
+    assert MERGER.wait()
     fds = _open_fds()
     for i in range(3000):
         with sessions.open(f"user-{i}") as s:
             s["x"] = i
+    assert MERGER.wait()
     assert _open_fds() == fds
     assert len(storage._keylocks.threads) == 0 and storage._keylocks.held == {}
     files = [p for p in Path(directory).rglob("*") if not p.is_dir()]
