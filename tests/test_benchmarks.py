@@ -9,6 +9,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -67,20 +68,25 @@ def test_cell_counts_lost_updates_of_a_non_atomic_peer(tmp_path: Any) -> None:
         def increment(self, key: str) -> None:
             session = self.data.setdefault(key, {})
             value = session.get("count", 0)
-            for _ in range(50):  # widen the window between read and write
-                pass
+            time.sleep(0)  # lets another thread run between the read and the write
             session["count"] = value + 1
 
     subjects.ALL["unlocked"] = Unlocked
     old = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
+    lost = []
     try:
-        result = cell.run({"scenario": "b", "subject": "unlocked", "ops": 20000, "repeat": 1,
-                           "seconds": 5, "workdir": str(tmp_path)})
+        # a machine busy enough can still run the threads one after another: a few tries
+        for _ in range(3):
+            result = cell.run({"scenario": "b", "subject": "unlocked", "ops": 20000, "repeat": 1,
+                               "seconds": 5, "workdir": str(tmp_path)})
+            lost.append(result["lost"])
+            if result["lost"]:
+                break
     finally:
         sys.setswitchinterval(old)
         del subjects.ALL["unlocked"]
-    assert result["lost"] > 0
+    assert lost[-1] > 0, lost
 
 
 def test_redis_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
