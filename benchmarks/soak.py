@@ -25,7 +25,8 @@ persistence off, and stops), for ``--seconds``:
 
 Every worker writes, in a log of its own, a line before each counted
 increment and another once its ``with`` block exited cleanly (one
-``os.write`` each, so a kill loses nothing that was written).  When every
+``os.write`` each; a kill can cut only the last one short, at a page
+boundary, and the check drops what follows the last newline).  When every
 worker has stopped, the run checks:
 
 * **lost**: each counter holds at least its acknowledged increments and at

@@ -27,10 +27,13 @@ def read_log(path: Path) -> tuple[dict[str, int | None], tuple[str, int | None] 
     acked: dict[str, int | None] = {}
     pending: tuple[str, int | None] | None = None
     merging = 0
-    for line in path.read_text().splitlines():
+    # A kill can cut the writer's last ``os.write`` where it crosses a page
+    # boundary ("a k3 24000389" becomes "a k3 2400"), so only lines that end
+    # in a newline are whole; what follows the last newline is dropped.
+    for line in path.read_text().split("\n")[:-1]:
         parts = line.split()
         if len(parts) != 3:
-            continue  # "ready", or a line cut short by the kill
+            continue  # "ready"
         kind, key, n = parts
         if kind == "m+":
             merging += 1

@@ -599,6 +599,49 @@ def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(t
 # -- kill -9 inside background merges ----------------------------------------------
 
 
+def test_the_kill_loops_log_reader_drops_a_line_a_kill_cut_short(tmp_path: Path) -> None:
+    """SIGKILL can cut an ``os.write`` to a file where it crosses a page
+    boundary, so the last line of a killed writer's log may be a prefix of
+    what it wrote; the kill loops' reader must not take "a k3 2400" for an
+    acknowledgement of 2400 (it is one of 24000389, or of nothing)."""
+    log = tmp_path / "cut"
+    log.write_text("ready\nw k3 24000389\na k3 2400")
+    assert read_log(log)[:2] == ({}, ("k3", 24000389))
+    log.write_text("ready\na k1 5\nw k3 2400")
+    assert read_log(log)[:2] == ({"k1": 5}, None)
+
+    # the real thing: a writer of page-sized lines, killed while it writes
+    digits = "7" * 4000
+    child = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)\n"
+        f"w, a = b'w k3 {digits}\\n', b'a k3 {digits}\\n'\n"
+        "os.write(fd, b'ready\\n')\n"
+        "while True:\n"
+        "    os.write(fd, w)\n"
+        "    os.write(fd, a)\n"
+    )
+    cut = 0
+    for attempt in range(200):
+        path = tmp_path / f"log{attempt}"
+        writer = subprocess.Popen([sys.executable, "-c", child, str(path)])
+        while not (path.exists() and path.stat().st_size > 4096):
+            assert writer.poll() is None
+            time.sleep(0.001)
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(30)
+        text = path.read_text()
+        acked, pending, _ = read_log(path)
+        assert acked.get("k3") in (None, int(digits))
+        assert pending in (None, ("k3", int(digits)))
+        last = text.rsplit("\n", 1)[1]
+        if last.count(" ") == 2 and last.split()[2] != digits:  # the number itself was cut
+            cut += 1
+            if cut >= 3:
+                break
+    assert cut >= 3, "no kill cut a line short: the premise of this test no longer holds here"
+
+
 def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]:
     """Kill a writer whose shards merge every few dozen writes, ``cycles``
     times at random moments; after each kill a reader that stayed open and
@@ -629,7 +672,7 @@ def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]
         counts["killed_in_merge"] += in_merge
         acked.update(mine)
         fresh = MsgpackFileStorage(directory) if cycle % 2 else None
-        for storage in (reader, fresh):
+        for name, storage in (("the reader kept open", reader), ("a fresh storage", fresh)):
             if storage is None:
                 continue
             listed = set(storage.keys())
@@ -639,7 +682,7 @@ def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]
                 if got is not None:
                     assert got["blob"] == bytes([got_n % 251]) * len(got["blob"])
                 if got_n != want:
-                    assert pending == (key, got_n), f"cycle {cycle}: {key} reads {got_n}, acknowledged {want}"
+                    assert pending == (key, got_n), f"cycle {cycle}: {name} reads {key}={got_n}, acknowledged {want}"
                     acked[key] = got_n
                     counts["in_flight_seen"] += 1
                 else:
