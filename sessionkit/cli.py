@@ -290,6 +290,13 @@ class _LogScan:
     reported_unnamed: int = 0  # sessions the index reports damaged whose keys the log no longer holds
     index_end: int = 0  # where the shard's index says the log ends (0: no index that can be believed)
 
+    @property
+    def cut_short(self) -> bool:
+        """The log ends before its index says, and not in a crashed append:
+        cut from outside (a truncation, a restored copy); the store would
+        index what is left and report the sessions the cut took."""
+        return self.index_end > self.size and not self.crashed_tail
+
 
 def _format_count(directory: str) -> tuple[int, str]:
     """The shard count in a msgpack store's FORMAT file, or 0 and why it cannot be read."""
@@ -513,7 +520,7 @@ def _refuse_cut_short(spec: StoreSpec, storage: Any, shards: list[Any], command:
     now = time.time()
     for shard in shards:
         scan = _scan_shard(shard, False, now)
-        if scan.index_end > scan.size and not scan.crashed_tail:
+        if scan.cut_short:
             raise CliError(
                 f"{scan.path} ends at byte {scan.size}, before the byte {scan.index_end} its index says: it was "
                 f"cut short; {command} changes nothing, and opening the log would record what was cut: run "
@@ -673,7 +680,7 @@ def _msgpack_stats(directory: str, storage: Any) -> dict[str, Any]:
     live = expired = live_bytes = 0
     damaged = sum(
         len(s.damaged) + (s.broken_at is not None) + bool(s.error) + bool(s.crashed_tail) + len(s.reported)
-        + s.reported_unnamed + (s.index_end > s.size and not s.crashed_tail)
+        + s.reported_unnamed + s.cut_short
         for s in scans
     )
     for scan in scans:
@@ -1107,7 +1114,7 @@ def _check_msgpack(directory: str) -> tuple[list[str], int, list[str]]:
                 "were cut from the log, so their keys are no longer there: reading one fails until it is "
                 "written or removed"
             )
-        if scan.index_end > scan.size and not scan.crashed_tail:  # else the tail's problem says it
+        if scan.cut_short:  # else the tail's problem says it
             problems.append(
                 f"{scan.path} ends at byte {scan.size}, but its index says it reached byte {scan.index_end}: "
                 "the log was cut short or replaced; the next process that opens it reports every session "
