@@ -183,8 +183,10 @@ def test_machine_benchmark_runs_and_its_syncs_write_what_they_say(tmp_path: Any)
     assert list(result["cpu_scaling"]) == ["1", "2", "4", "8"]
     assert result["cpu_scaling"]["1"]["each"] == [1.0]
     assert all(row["median"] > 0 for row in result["cpu_scaling"].values())
-    assert list(result["sync"]) == ["append", "overwrite", "sqlite-full"]
+    assert list(result["sync"]) == ["append", "overwrite", "append-fstat", "overwrite-fstat", "sqlite-full"]
     assert all(row["median_us"] > 0 and len(row["each_us"]) == 1 for row in result["sync"].values())
-    # the append grew its file by each record, the overwrite kept its size, SQLite stored the last row
-    assert result["sync_checks"] == {"append": True, "overwrite": True, "sqlite-full": True}
+    # the appends grew their files by each record, the overwrites kept their size, SQLite stored the last row
+    assert result["sync_checks"] == dict.fromkeys(result["sync"], True)
+    assert list(result["sync_ratios"]) == ["append_over_overwrite", "append-fstat_over_overwrite",
+                                           "overwrite-fstat_over_overwrite", "sqlite-full_over_overwrite"]
     assert list(tmp_path.iterdir()) == [out]  # the sync files are gone
