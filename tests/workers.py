@@ -58,6 +58,29 @@ def increment_threads(where: str, key: str, times: int, threads: int, start: Any
     storage.close()
 
 
+def increment_own_keys(where: str, prefix: str, times: int, threads: int, start: Any = None) -> None:
+    """``threads`` threads of this process each increment keys of their own
+    (``<prefix>.<thread>.<0-3>``) ``times`` times in all, in turn."""
+    import threading
+
+    if start is not None:
+        start.wait()
+    storage = open_store(where)
+    sessions = Sessions(storage, initial=dict)
+
+    def work(thread: int) -> None:
+        for i in range(times):
+            with sessions.open(f"{prefix}.{thread}.{i % 4}") as s:
+                s["n"] = s.get("n", 0) + 1
+
+    running = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    storage.close()
+
+
 def write_forever(directory: str, key: str, size: int, ready: Any) -> None:
     """Write ever-new values of ``size`` bytes to ``key`` until killed; ``ready`` is set once the first is made."""
     storage = open_store(directory)

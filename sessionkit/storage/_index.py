@@ -306,9 +306,9 @@ class Index:
             self.map.close()
         except BufferError:  # pragma: no cover - a view still open: the collector closes it
             pass
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1  # forgotten before it is closed: the number may be reused at once
+        if fd >= 0:
+            os.close(fd)
 
 
 def slots(snapshot: bytes) -> Iterator[tuple[int, int, int, int, int, float]]:

@@ -305,12 +305,18 @@ class Shard:
             self._rebuild("its index could not be written before", reopen=True)
 
     def _close_files(self) -> None:
-        if self.idx is not None:
-            self.idx.close()
-        self.idx = self.table = self.map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # Forgotten first, closed after: an exception raised asynchronously
+        # in between leaks a descriptor at worst, where the other order could
+        # leave this shard holding a number the kernel gives the next file
+        # opened (a merge's), and write there.
+        idx, stale, fd = self.idx, self.stale_idx, self.fd
+        self.idx = self.table = self.map = self.stale_idx = None
+        self.fd = -1
+        for index in (idx, stale):
+            if index is not None:
+                index.close()
+        if fd >= 0:
+            os.close(fd)
 
     def _open(self) -> None:
         """(Re)open the log and its index; rebuild the index unless it is
@@ -387,11 +393,14 @@ class Shard:
         index in place of the old one for every process."""
         log.debug("sessionkit: indexing %s anew: %s", self.path, why)
         old = self.idx or self.stale_idx
-        self.idx = self.table = self.map = None  # the old one is closed once the new one is in place
+        # The old one is closed once the new one is in place; until then it
+        # is the stale one, closed with the files if this rebuild fails.
+        self.stale_idx = old
+        self.idx = self.table = self.map = None
         if reopen:  # the log at the path: a merge may have renamed a new one there
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            fd, self.fd = self.fd, -1  # forgotten first: see _close_files
+            if fd >= 0:
+                os.close(fd)
             self._open_log_only()
         entries: dict[str, tuple[int, int, int, float]] = {}
 
@@ -548,7 +557,13 @@ class Shard:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+            raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
 
