@@ -28,9 +28,10 @@ def read_log(path: Path) -> tuple[dict[str, int | None], tuple[str, int | None] 
     pending: tuple[str, int | None] | None = None
     merging = 0
     # A kill can cut the writer's last ``os.write`` where it crosses a page
-    # boundary ("a k3 24000389" becomes "a k3 2400"), so only lines that end
-    # in a newline are whole; what follows the last newline is dropped.
-    for line in path.read_text().split("\n")[:-1]:
+    # boundary ("a k3 24000388" becomes "a k3 2400"), so only lines that end
+    # in a newline are whole; what follows the last newline is read below.
+    *lines, tail = path.read_text().split("\n")
+    for line in lines:
         parts = line.split()
         if len(parts) != 3:
             continue  # "ready"
@@ -43,6 +44,13 @@ def read_log(path: Path) -> tuple[dict[str, int | None], tuple[str, int | None] 
             pending = (key, None if n == "-" else int(n))
         elif kind == "a":
             acked[key] = None if n == "-" else int(n)
+            pending = None
+    if pending is not None and tail.startswith("a"):
+        key, value = pending
+        if f"a {key} {'-' if value is None else value}".startswith(tail):
+            # The write in flight returned (its acknowledgement was being
+            # logged): hold the store to it, not to the value before it.
+            acked[key] = value
             pending = None
     return acked, pending, merging > 0
 

@@ -389,7 +389,7 @@ class OfdLocks:
                     again = lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)  # noqa: E731
                     if deadline is None:
                         self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
-                    elif not (quick and timeout and _spin(again, SECTION_SPIN)):
+                    elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
                 if f.is_linked() if quick else f.is_current():
                     return f
