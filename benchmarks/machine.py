@@ -205,7 +205,8 @@ def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[
     }
     return {"seconds": seconds, "repeat": repeat, "syncs": syncs, "cpu_scaling": cpu, "sync": sync,
             "sync_ratios": ratios, "sync_checks": checks, "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count()}
+            "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "system": platform.system(),
+            "kernel": platform.release()}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -213,7 +214,8 @@ def report(result: dict[str, Any]) -> str:
     out = [
         "# What this machine allows",
         "",
-        f"Python {result['python']}, SQLite {result['sqlite']}, {result['cpus']} CPUs; {result['repeat']} "
+        f"{result['system']} {result['kernel']}, Python {result['python']}, SQLite {result['sqlite']}, "
+        f"{result['cpus']} CPUs; {result['repeat']} "
         f"repetitions. See `benchmarks/machine.py`.",
         "",
         f"## CPU: a pure-Python loop in N processes at once, ÷ 1 process ({result['seconds']} s each)",
