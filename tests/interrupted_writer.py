@@ -1,12 +1,15 @@
 """A writer interrupted by ``KeyboardInterrupt`` every few dozen microseconds.
 
-``python -m tests.interrupted_writer <directory> <seconds>``: writes to a
-msgpack store while a ``SIGALRM`` timer raises ``KeyboardInterrupt`` 5 to 120
-µs into each write, wherever the engine is (locking, appending, indexing
-anew, opening files), for ``seconds``.  Then it checks that every write that
-returned reads back, and prints one JSON line: writes, interrupts, errors
-other than the interrupt, wrong values, and its open descriptors before and
-after.
+``python -m tests.interrupted_writer <directory> <seconds> [write|merge]``:
+writes to a msgpack store while a ``SIGALRM`` timer raises
+``KeyboardInterrupt`` 5 to 120 µs into each write, wherever the engine is
+(locking, appending, indexing anew, opening files), for ``seconds``; with
+``merge``, the writes go uninterrupted and the timer lands 20 to 1,500 µs
+into a merge of the shard made in this thread after every 20 of them (as
+``purge_expired()`` and an overdue writer make one).  Then it checks that
+every write that returned reads back, and prints one JSON line: writes,
+interrupts, errors other than the interrupt, wrong values, and its open
+descriptors before and after.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 
 
-def main(directory: str, seconds: float) -> None:
+def main(directory: str, seconds: float, mode: str = "write") -> None:
     import resource
 
     from sessionkit import MsgpackFileStorage
@@ -45,11 +48,19 @@ def main(directory: str, seconds: float) -> None:
     writes = interrupts = 0
     errors: list[str] = []
     end = time.monotonic() + seconds
+    merging = mode == "merge"
     while time.monotonic() < end and len(errors) < 5:
         writes += 1
         key = f"v{writes % 20}"
         try:
-            signal.setitimer(signal.ITIMER_REAL, rng.uniform(5e-6, 120e-6))
+            if merging and writes % 20 == 0:
+                key = ""  # nothing in flight
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(20e-6, 1500e-6))
+                storage._shards[0].merge(0.0, wait=True, force=True)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                continue
+            if not merging:
+                signal.setitimer(signal.ITIMER_REAL, rng.uniform(5e-6, 120e-6))
             storage.write(key, {"n": writes})
             signal.setitimer(signal.ITIMER_REAL, 0)
             acked[key] = writes
@@ -71,4 +82,4 @@ def main(directory: str, seconds: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:])

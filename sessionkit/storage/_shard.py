@@ -301,6 +301,10 @@ class Shard:
             raise StorageError(f"cannot read {self.path}: {exc}", path=self.path) from exc
         moved = (st.st_dev, st.st_ino) != self.log_ident  # merged by another process
         if moved or size != self.end or time.monotonic() >= self.retry_private:
+            # The private table forgotten first: an exception raised before
+            # the rebuild replaces it sends the next section to _open, never
+            # leaves a shard that is not private reading its private table.
+            self.table = self.map = None
             self.private = False
             self._rebuild("its index could not be written before", reopen=True)
 
@@ -455,7 +459,9 @@ class Shard:
             log.warning("sessionkit: cannot write the index of %s (%s); reading it from memory", self.path, exc)
             table.store_counters(stop)
             self.private = True
-            self.stale_idx = old  # marked replaced once a new one is in place
+            # marked replaced once a new one is in place (unless _install got
+            # that far, and closed it, before what failed)
+            self.stale_idx = old if old is not None and old.fd >= 0 else None
             self.table, self.map, self.end, self.hint = table, table.buf, stop, None
             self.retry_private = time.monotonic() + 1.0
             return
@@ -985,7 +991,8 @@ class Shard:
                     fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable, indexed_by
                 )
             except BaseException:
-                fresh.close()
+                if self.idx is not fresh:  # else handed to the shard before the exception (see _swap)
+                    fresh.close()
                 raise
             target = -1  # now the shard's log
             if dropped is not None:
@@ -1009,7 +1016,7 @@ class Shard:
         finally:
             _MERGE_FDS.discard(source)
             os.close(source)
-            if target >= 0:
+            if target >= 0 and target in _MERGE_FDS:  # else the shard's log now (see _swap)
                 _MERGE_FDS.discard(target)
                 os.close(target)
                 _unlink(new_log)
@@ -1097,6 +1104,10 @@ class Shard:
                 stray.set_replaced()
                 stray.close()
             retired = (old, self.fd)  # closed after the lock: freeing the old log's blocks takes a while
+            # The hand-over: once out of _MERGE_FDS, ``target`` is the shard's,
+            # and once the shard uses ``fresh``, so is it; _merge closes
+            # neither after that, whatever is raised (an exception from a
+            # signal handler here leaks a descriptor at worst).
             _MERGE_FDS.discard(target)  # the shard's log from now on: a forked child keeps it
             self.fd = target
             self.log_ident = (st.st_dev, st.st_ino)
