@@ -27,7 +27,7 @@ from sessionkit import (
     Sessions,
     StorageError,
 )
-from sessionkit.storage import _records
+from sessionkit.storage import _lockfile, _records
 
 from . import workers
 from .shelf_writer import read_log
@@ -620,6 +620,10 @@ def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(t
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts descriptors in /proc")
+@pytest.mark.skipif(
+    _lockfile.locking_method() == "filelock",
+    reason="the portable filelock method is not safe against exceptions raised asynchronously (see README)",
+)
 @pytest.mark.parametrize("where", ["write", "merge"])
 def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_path: Path, where: str) -> None:
     """A ``KeyboardInterrupt`` can land between any two bytecodes of the
@@ -643,11 +647,19 @@ def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_pat
          "s.close()\n", str(directory), "5"],
         cwd=root,
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.interrupted_writer", str(directory), "5", where],
-        cwd=root, capture_output=True, text=True, timeout=120,
-    )
-    assert neighbour.wait(60) == 0
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.interrupted_writer", str(directory), "5", where],
+            cwd=root, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        try:
+            neighbour.wait(60)
+        finally:
+            if neighbour.poll() is None:
+                neighbour.kill()
+                neighbour.wait()
+    assert neighbour.returncode == 0
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["interrupts"] > (1000 if where == "write" else 100), result  # the timer did land inside
