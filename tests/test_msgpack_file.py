@@ -638,18 +638,19 @@ def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_pat
     directory = tmp_path / "store"
     MsgpackFileStorage(directory, shards=1).close()
     root = Path(__file__).resolve().parent.parent
+    seconds = stressed(4, 2)
     neighbour = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
          "from sessionkit import MsgpackFileStorage\n"
          "s = MsgpackFileStorage(sys.argv[1]); end = time.monotonic() + float(sys.argv[2]); n = 0\n"
          "while time.monotonic() < end:\n"
          "    n += 1; s.write(f'nb{n % 50}', {'n': n})\n"
-         "s.close()\n", str(directory), "5"],
+         "s.close()\n", str(directory), str(seconds)],
         cwd=root,
     )
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "tests.interrupted_writer", str(directory), "5", where],
+            [sys.executable, "-m", "tests.interrupted_writer", str(directory), str(seconds), where],
             cwd=root, capture_output=True, text=True, timeout=120,
         )
     finally:
@@ -662,7 +663,7 @@ def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_pat
     assert neighbour.returncode == 0
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["interrupts"] > (1000 if where == "write" else 100), result  # the timer did land inside
+    assert result["interrupts"] > (1000 if where == "write" else 50), result  # the timer did land inside
     assert result["errors"] == [] and result["wrong"] == {}, result
     # the section is free: this process writes at once
     storage = MsgpackFileStorage(directory)
