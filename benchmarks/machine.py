@@ -49,8 +49,9 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SAVED = Path(__file__).resolve().parent / "results" / "machine"  # the committed run (--save)
 PROCESSES = (1, 2, 4, 8)
@@ -117,22 +118,6 @@ def _latencies_file(path: str, count: int, filled: bool, stat: bool = False) -> 
     return took, right_size
 
 
-def _latencies_append(path: str, count: int) -> tuple[list[float], bool]:
-    return _latencies_file(path, count, filled=False)
-
-
-def _latencies_overwrite(path: str, count: int) -> tuple[list[float], bool]:
-    return _latencies_file(path, count, filled=True)
-
-
-def _latencies_append_fstat(path: str, count: int) -> tuple[list[float], bool]:
-    return _latencies_file(path, count, filled=False, stat=True)
-
-
-def _latencies_overwrite_fstat(path: str, count: int) -> tuple[list[float], bool]:
-    return _latencies_file(path, count, filled=True, stat=True)
-
-
 def _latencies_sqlite(path: str, count: int) -> tuple[list[float], bool]:
     cx = sqlite3.connect(path, isolation_level=None)
     try:
@@ -160,11 +145,11 @@ def _latencies_sqlite(path: str, count: int) -> tuple[list[float], bool]:
     return took, ok
 
 
-SYNCS = {
-    "append": _latencies_append,
-    "overwrite": _latencies_overwrite,
-    "append-fstat": _latencies_append_fstat,
-    "overwrite-fstat": _latencies_overwrite_fstat,
+SYNCS: dict[str, Callable[[str, int], tuple[list[float], bool]]] = {
+    "append": partial(_latencies_file, filled=False),
+    "overwrite": partial(_latencies_file, filled=True),
+    "append-fstat": partial(_latencies_file, filled=False, stat=True),
+    "overwrite-fstat": partial(_latencies_file, filled=True, stat=True),
     "sqlite-full": _latencies_sqlite,
 }
 

@@ -36,31 +36,9 @@ def increment(directory: str, key: str, times: int, start: Any = None) -> None:
     storage.close()
 
 
-def increment_threads(where: str, key: str, times: int, threads: int, start: Any = None) -> None:
-    """``threads`` threads of this process each increment ``key`` ``times`` times."""
-    import threading
-
-    if start is not None:
-        start.wait()
-    storage = open_store(where)
-    sessions = Sessions(storage, initial=dict)
-
-    def work() -> None:
-        for _ in range(times):
-            with sessions.open(key) as s:
-                s["n"] = s.get("n", 0) + 1
-
-    running = [threading.Thread(target=work) for _ in range(threads)]
-    for t in running:
-        t.start()
-    for t in running:
-        t.join()
-    storage.close()
-
-
-def increment_own_keys(where: str, prefix: str, times: int, threads: int, start: Any = None) -> None:
-    """``threads`` threads of this process each increment keys of their own
-    (``<prefix>.<thread>.<0-3>``) ``times`` times in all, in turn."""
+def _increment_in_threads(where: str, times: int, threads: int, start: Any, key_of: Any) -> None:
+    """``threads`` threads of this process each make ``times`` increments, the
+    ``i``-th of thread ``t`` on ``key_of(t, i)``."""
     import threading
 
     if start is not None:
@@ -70,7 +48,7 @@ def increment_own_keys(where: str, prefix: str, times: int, threads: int, start:
 
     def work(thread: int) -> None:
         for i in range(times):
-            with sessions.open(f"{prefix}.{thread}.{i % 4}") as s:
+            with sessions.open(key_of(thread, i)) as s:
                 s["n"] = s.get("n", 0) + 1
 
     running = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
@@ -79,6 +57,17 @@ def increment_own_keys(where: str, prefix: str, times: int, threads: int, start:
     for t in running:
         t.join()
     storage.close()
+
+
+def increment_threads(where: str, key: str, times: int, threads: int, start: Any = None) -> None:
+    """``threads`` threads of this process each increment ``key`` ``times`` times."""
+    _increment_in_threads(where, times, threads, start, lambda thread, i: key)
+
+
+def increment_own_keys(where: str, prefix: str, times: int, threads: int, start: Any = None) -> None:
+    """``threads`` threads of this process each increment keys of their own
+    (``<prefix>.<thread>.<0-3>``) ``times`` times in all, in turn."""
+    _increment_in_threads(where, times, threads, start, lambda thread, i: f"{prefix}.{thread}.{i % 4}")
 
 
 def write_forever(directory: str, key: str, size: int, ready: Any) -> None:

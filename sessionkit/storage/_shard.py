@@ -565,10 +565,11 @@ class Shard:
             raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
         try:
             st = os.fstat(fd)
-        except BaseException as exc:
+        except OSError as exc:
             os.close(fd)
-            if isinstance(exc, OSError):
-                raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+            raise StorageError(f"cannot open {self.path}: {exc}", path=self.path) from exc
+        except BaseException:
+            os.close(fd)
             raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
