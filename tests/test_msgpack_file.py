@@ -27,7 +27,7 @@ from sessionkit import (
     Sessions,
     StorageError,
 )
-from sessionkit.storage import _lockfile, _records
+from sessionkit.storage import _lockfile, _records, _shard
 
 from . import workers
 from .shelf_writer import read_log
@@ -494,6 +494,10 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
         with sessions.open(f"user-{i}") as s:
             s["x"] = i
     assert MERGER.wait()
+    # a background merge keeps the files it replaced open for RETIRE_AFTER seconds
+    deadline = time.monotonic() + _shard.RETIRE_AFTER + 5
+    while _open_fds() != fds and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _open_fds() == fds
     assert len(storage._keylocks.threads) == 0 and storage._keylocks.held == {}
     files = [p for p in Path(directory).rglob("*") if not p.is_dir()]
@@ -501,6 +505,83 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
     # method also one file per key stripe and per other lock slot
     extra = STRIPES + storage.shards + 1 if storage._state.locks.method == "filelock" else 0
     assert len(files) <= 2 + 2 * storage.shards + extra
+
+
+def _replaced_files_open(directory: str) -> list[str]:
+    """The files of ``directory`` this process holds open that were deleted or replaced."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory + os.sep) and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
+
+def _merge_in_the_background(storage: MsgpackFileStorage, key: str = "k") -> None:
+    """Overwrite ``key`` (10 KB) until its shard's dead bytes pass the merge
+    bound, but not the bound at which the writer merges itself; wait for the merge."""
+    from sessionkit.storage._shard import MERGER, SLACK
+
+    shard = storage._locate(key)[0]
+    with shard.mutex, shard:
+        ident = shard.log_ident
+    for i in range(SLACK // 10_000 + 20):
+        storage.write(key, {"pad": "x" * 10_000, "i": i})
+    assert MERGER.wait()
+    with shard.mutex, shard:
+        assert shard.log_ident != ident, "no merge replaced the log"
+
+
+def test_a_background_merge_closes_the_files_it_replaced_a_moment_later(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever closes a replaced log last frees its blocks: the merging
+    process keeps it open a while, so another process moving to the new
+    files does not pay for that in a request; then the space comes back."""
+    monkeypatch.setattr(_shard, "RETIRE_AFTER", 3.0)
+    storage = MsgpackFileStorage(directory, shards=1)
+    _merge_in_the_background(storage)
+    kept = _replaced_files_open(directory)
+    assert any("shard-000.log" in name for name in kept), kept
+    assert any("shard-000.idx" in name for name in kept), kept
+    deadline = time.monotonic() + 3.0 + 10
+    while _replaced_files_open(directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _replaced_files_open(directory) == []
+    assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
+    storage.close()
+
+
+def test_closing_the_store_or_forking_lets_go_of_replaced_files_at_once(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
+    storage = MsgpackFileStorage(directory, shards=1)
+    _merge_in_the_background(storage)
+    assert _replaced_files_open(directory)
+    pid = os.fork()
+    if pid == 0:  # the child does not keep the parent's replaced files
+        os._exit(0 if _replaced_files_open(directory) == [] else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert _replaced_files_open(directory)  # the parent still does
+    storage.close()
+    assert _replaced_files_open(directory) == []
+
+
+def test_a_process_keeps_few_replaced_files_however_often_it_merges(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
+    storage = MsgpackFileStorage(directory, shards=1)
+    for _ in range(_shard.RETIRE_MAX + 4):
+        _merge_in_the_background(storage)
+        logs = [name for name in _replaced_files_open(directory) if "shard-000.log" in name]
+        assert 1 <= len(logs) <= _shard.RETIRE_MAX
+    storage.close()
+    assert _replaced_files_open(directory) == []
 
 
 def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None:

@@ -129,6 +129,10 @@ PACE = 20e-6  # seconds of work between pauses of a background merge
 PAUSE = 200e-6  # seconds of each pause
 MERGE_RUN = 128 << 10  # bytes a merge reads or writes at a time (each one a slice of work between pauses)
 MERGE_PARTS = 256  # records a merge writes with one pwritev (under IOV_MAX)
+# Seconds a background merge keeps the log and index it replaced open (see Shard.retire),
+# and how many such pairs a process keeps at most (an older one is closed early).
+RETIRE_AFTER = 1.0
+RETIRE_MAX = 8
 
 
 class _Pace:
@@ -243,6 +247,9 @@ class Shard:
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
         self.verify_pending = False  # a large index mapped, to be checked by the merge thread
         self.retry_private = 0.0
+        # (monotonic deadline, index, log descriptor): files a background merge
+        # replaced, kept open until the deadline (see retire); oldest first.
+        self.retired: list[tuple[float, ix.Index | None, int]] = []
         # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
         # one, so merges in the background expire sessions by the same clock.
         self.skew = 0.0
@@ -989,7 +996,8 @@ class Shard:
             fresh = ix.Index(new_index, checked=False)
             try:
                 self._swap(
-                    fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable, indexed_by
+                    fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable, indexed_by,
+                    paced,
                 )
             except BaseException:
                 if self.idx is not fresh:  # else handed to the shard before the exception (see _swap)
@@ -1068,8 +1076,10 @@ class Shard:
     def _swap(
         self, fresh: ix.Index, merged: ix.Table, start: int, pos: int, source: int, target: int,
         log_ident: tuple[int, int], new_log: str, new_index: str, durable: bool, indexed_by: ix.Index | None,
+        keep: bool = False,
     ) -> None:
-        """Under the lock: add what was appended since ``start``, then rename the new files into place."""
+        """Under the lock: add what was appended since ``start``, then rename the new files into place.
+        ``keep``: the replaced files are kept open a while (see :meth:`retire`)."""
         table = fresh.table()
         start, pos = self._catch_up(source, target, table, start, pos)
         with self.mutex, self:
@@ -1122,8 +1132,43 @@ class Shard:
                     self.dir_unsynced = 1
                     table.store_counters(pos, 1)
                     log.warning("sessionkit: cannot make the merge of %s durable yet: %s", self.path, exc)
-        retired[0].close()  # type: ignore[union-attr]
-        os.close(retired[1])
+        self.retire(retired[0], retired[1], keep)
+
+    def retire(self, old: ix.Index | None, fd: int, keep: bool) -> None:
+        """Close the index and log a merge replaced; or, for a background
+        merge (``keep``), leave them open ``RETIRE_AFTER`` seconds, for the
+        merge thread to close.
+
+        The last process to close a replaced log frees its blocks, which
+        takes about a millisecond for a few megabytes.  Closed at once, that
+        is usually another process, in the request that finds the shard
+        replaced and moves to the new files; kept open by the process that
+        merged, that process's merge thread pays instead, off every request
+        path.  The space comes back that much later.
+        """
+        if keep:
+            self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd))
+            MERGER.hold(self)
+            return
+        if old is not None:
+            old.close()
+        os.close(fd)
+
+    def close_retired(self, now: float | None = None) -> bool:
+        """Close the replaced files kept open whose time is up by ``now``
+        (monotonic; ``None``: all of them).  Returns whether any are left."""
+        retired = self.retired
+        while retired and (now is None or retired[0][0] <= now):
+            try:
+                _deadline, old, fd = retired.pop(0)  # one thread gets each entry: never closed twice
+            except IndexError:  # taken by another thread meanwhile
+                break
+            try:
+                if old is not None:
+                    old.close()
+            finally:
+                os.close(fd)
+        return bool(retired)
 
     def _grown_since(self, start: int) -> bool:
         """Whether the log has grown by more than its bound allows since ``start`` (a merge is falling behind)."""
@@ -1175,6 +1220,7 @@ class Shard:
     def close(self) -> None:
         self.closed = True
         self._close_files()
+        self.close_retired()
 
 
 class Merger:
@@ -1191,6 +1237,7 @@ class Merger:
         self._running: Shard | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        self._holding: list[Shard] = []  # shards that keep replaced files open (see Shard.retire)
         _fork.register(self)
 
     def request(self, shard: Shard) -> None:
@@ -1203,8 +1250,42 @@ class Merger:
                 self._thread.start()
         self._wake.set()
 
+    def hold(self, shard: Shard) -> None:
+        """Called by this thread's merge of ``shard`` after it kept the
+        replaced files open: :meth:`_run` closes them when their time is up
+        (the oldest at once if the process keeps ``RETIRE_MAX``)."""
+        with self._mutex:
+            if shard not in self._holding:
+                self._holding.append(shard)
+            holding = list(self._holding)
+        kept = [(s.retired[0][0], s) for s in holding if s.retired]
+        if sum(len(s.retired) for s in holding) > RETIRE_MAX and kept:
+            oldest = min(kept, key=lambda pair: pair[0])[1]
+            oldest.close_retired(oldest.retired[0][0] if oldest.retired else 0.0)
+
+    def _close_retired(self) -> float:
+        """Close the replaced files whose time is up; returns the seconds
+        until the next one is due (30 when none is kept)."""
+        now = time.monotonic()
+        with self._mutex:
+            holding = list(self._holding)
+        wait = 30.0
+        for shard in holding:
+            try:
+                shard.close_retired(now)
+            except OSError as exc:  # a descriptor closed anyway; the space comes back when the process ends
+                log.debug("sessionkit: closing the replaced files of %s: %s", shard.path, exc)
+            try:
+                wait = min(wait, max(shard.retired[0][0] - now, 0.001))
+            except IndexError:  # none left (or closed with the shard meanwhile)
+                with self._mutex:
+                    if not shard.retired and shard in self._holding:
+                        self._holding.remove(shard)
+        return wait
+
     def _run(self) -> None:
         while True:
+            wait = self._close_retired()
             with self._mutex:
                 if self._pending:
                     shard = self._running = self._pending.pop(0)
@@ -1212,10 +1293,10 @@ class Merger:
                     shard = None
                     self._wake.clear()
             if shard is None:
-                if self._wake.wait(30.0):
+                if self._wake.wait(wait):
                     continue
                 with self._mutex:
-                    if not self._pending:
+                    if not self._pending and not self._holding:
                         self._thread = None
                         return
                 continue
@@ -1255,6 +1336,12 @@ class Merger:
         self._pending = []
         self._thread = self._running = None
         self._wake = threading.Event()
+        holding, self._holding = self._holding, []
+        for shard in holding:  # the parent's to close; copies kept here would hold their space
+            try:
+                shard.close_retired()
+            except OSError:
+                pass
         for fd in list(_MERGE_FDS):  # the parent's merge under way: its copies here would pin its files
             _MERGE_FDS.discard(fd)
             try:
