@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -190,3 +192,22 @@ def test_machine_benchmark_runs_and_its_syncs_write_what_they_say(tmp_path: Any)
     assert list(result["sync_ratios"]) == ["append_over_overwrite", "append-fstat_over_overwrite",
                                            "overwrite-fstat_over_overwrite", "sqlite-full_over_overwrite"]
     assert list(tmp_path.iterdir()) == [out]  # the sync files are gone
+
+
+@pytest.mark.skipif(bool(os.environ.get("SESSIONKIT_RERUN")), reason="a harness, checked once by the main run")
+def test_tail_benchmark_runs_each_set_up_and_counts_exactly(tmp_path: Any) -> None:
+    """Every set-up makes real read-modify-writes; merges run where each one says, and only there."""
+    out = tmp_path / "out"
+    ops = 20_000  # 20 MB written over 10 MB live: every shard needs a merge
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tail", "--ops", str(ops), "--repeat", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (out / "tail.md").read_text() in done.stdout
+    result = json.loads((out / "tail.json").read_text())
+    assert list(result["runs"]) == ["thread", "none", "process", "busy-thread"]
+    for mode, (run,) in result["runs"].items():
+        assert run["counted"] == ops, (mode, run)
+        assert 0 < run["p50_us"] <= run["p99_us"] <= run["p999_us"] <= run["max_us"], (mode, run)
+        assert (run["merges"] > 0) == (mode in ("thread", "process")), (mode, run)

@@ -635,6 +635,32 @@ def test_full_disk_is_storage_error_and_keeps_the_old_value(tiny_fs: Path) -> No
     assert storage.read("k") == {"v": "new"}
 
 
+def test_a_nearly_full_disk_gets_a_merges_space_back_at_once(tmp_path: Path) -> None:
+    """A merge's process keeps the log it replaced open for a second only
+    where the disk has room to spare: on a disk the overwrites nearly fill,
+    every one of them fits, as the merges free the space they need."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=1)
+        pad = "x" * 10_000
+        for i in range(100):  # about 1 MB live
+            storage.write(f"k{i}", {"pad": pad, "i": 0})
+        failed = []
+        end = time.monotonic() + stressed(3, 1.5)
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            try:
+                storage.write(f"k{i % 100}", {"pad": pad, "i": i})
+            except StorageError as exc:
+                failed.append(i)
+                assert isinstance(exc.__cause__, OSError)
+            time.sleep(0.002)
+        assert i > 200 and failed == [], f"{len(failed)} of {i} writes failed"
+        assert _replaced_files_open(str(mount / "store")) == []
+        assert storage.read("k7")["i"] == max(n for n in range(1, i + 1) if n % 100 == 7)
+        storage.close()
+
+
 def test_read_only_filesystem_is_storage_error_and_data_survives(tiny_fs: Path) -> None:
     storage = MsgpackFileStorage(tiny_fs / "store", shards=1)
     storage.write("k", 1)

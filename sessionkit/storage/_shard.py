@@ -130,9 +130,13 @@ PAUSE = 200e-6  # seconds of each pause
 MERGE_RUN = 128 << 10  # bytes a merge reads or writes at a time (each one a slice of work between pauses)
 MERGE_PARTS = 256  # records a merge writes with one pwritev (under IOV_MAX)
 # Seconds a background merge keeps the log and index it replaced open (see Shard.retire),
-# and how many such pairs a process keeps at most (an older one is closed early).
+# how many such pairs a process keeps at most (an older one is closed early), and the
+# room the file system must have to spare: RETIRE_ROOM bytes plus RETIRE_FACTOR times
+# what the process would then keep.
 RETIRE_AFTER = 1.0
 RETIRE_MAX = 8
+RETIRE_ROOM = 64 << 20
+RETIRE_FACTOR = 8
 
 
 class _Pace:
@@ -249,7 +253,7 @@ class Shard:
         self.retry_private = 0.0
         # (monotonic deadline, index, log descriptor): files a background merge
         # replaced, kept open until the deadline (see retire); oldest first.
-        self.retired: list[tuple[float, ix.Index | None, int]] = []
+        self.retired: list[tuple[float, ix.Index | None, int, int]] = []  # ..., bytes kept
         # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
         # one, so merges in the background expire sessions by the same clock.
         self.skew = 0.0
@@ -771,16 +775,31 @@ class Shard:
 
     # -- writes ----------------------------------------------------------------
 
-    def append(self, key: str, info: tuple[bytes, int, int, int], value: bytes | None, expiry: float) -> None:
-        """Append a record (``None``: a deletion) and index it (inside a section)."""
-        kb = info[0]
-        size = rec.HEADER_SIZE + len(kb) + (0 if value is None else len(value))
+    def build(
+        self, key: str, info: tuple[bytes, int, int, int], value: bytes | None, expiry: float
+    ) -> tuple[bytes, bool]:
+        """The record that :meth:`append` would write, built before the
+        section (so that the shard's lock is held for less), and whether it
+        is marked durable.  ``SerializationError`` if it is too long."""
+        size = rec.HEADER_SIZE + len(info[0]) + (0 if value is None else len(value))
         if size > _MAX_RECORD:
             raise SerializationError(
                 f"cannot store session {key!r}: its record would be {size:,} bytes, and a record holds "
                 f"at most {_MAX_RECORD:,}; the stored value is unchanged",
                 key=key,
             )
+        durable = self.durable
+        flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if durable else 0)
+        return rec.build(info[0], value or b"", flags, expiry), durable
+
+    def append(
+        self, key: str, info: tuple[bytes, int, int, int], value: bytes | None, expiry: float,
+        built: tuple[bytes, bool] | None = None,
+    ) -> None:
+        """Append a record (``None``: a deletion) and index it (inside a section).
+        ``built``: the record, from :meth:`build` with the same arguments."""
+        if built is None or built[1] != self.durable:  # (durable: another handle asked for it meanwhile)
+            built = self.build(key, info, value, expiry)
         if self.private:
             raise StorageError(
                 f"cannot write session {key!r} to {self.path}: its index could not be written (is the disk "
@@ -798,10 +817,9 @@ class Shard:
             # release): never write over a record; index the log anew.
             self._rebuild(f"the log is not where its index says (size {st.st_size}, index {self.end})")
             if self.private:
-                return self.append(key, info, value, expiry)  # refused, with the reason
+                return self.append(key, info, value, expiry, built)  # refused, with the reason
         table: ix.Table = self.table  # type: ignore[assignment]
-        flags = (0 if value is not None else rec.FLAG_DELETE) | (rec.FLAG_DURABLE if self.durable else 0)
-        data = rec.build(kb, value or b"", flags, expiry)
+        data = built[0]
         offset = self.end
         m = self.map
         _U64.pack_into(m, _DIRTY_AT, 1)
@@ -1144,10 +1162,21 @@ class Shard:
         is usually another process, in the request that finds the shard
         replaced and moves to the new files; kept open by the process that
         merged, that process's merge thread pays instead, off every request
-        path.  The space comes back that much later.
+        path (for the processes that come back to the shard within the
+        second).  The space comes back that much later, so they are kept
+        only while the file system has room to spare: ``RETIRE_ROOM`` plus
+        ``RETIRE_FACTOR`` times all that the process would keep.
         """
         if keep:
-            self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd))
+            try:
+                size = os.fstat(fd).st_size
+                vfs = os.fstatvfs(fd)
+                kept = MERGER.kept_bytes() + size
+                keep = vfs.f_bavail * vfs.f_frsize >= RETIRE_ROOM + RETIRE_FACTOR * kept
+            except OSError:
+                keep = False
+        if keep:
+            self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd, size))
             MERGER.hold(self)
             return
         if old is not None:
@@ -1160,7 +1189,7 @@ class Shard:
         retired = self.retired
         while retired and (now is None or retired[0][0] <= now):
             try:
-                _deadline, old, fd = retired.pop(0)  # one thread gets each entry: never closed twice
+                _deadline, old, fd, _size = retired.pop(0)  # one thread gets each entry: never closed twice
             except IndexError:  # taken by another thread meanwhile
                 break
             try:
@@ -1242,9 +1271,10 @@ class Merger:
 
     def request(self, shard: Shard) -> None:
         with self._mutex:
-            if shard in self._pending:
+            if shard in self._pending and self._thread is not None:
                 return
-            self._pending.append(shard)
+            if shard not in self._pending:
+                self._pending.append(shard)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
                 self._thread.start()
@@ -1262,6 +1292,12 @@ class Merger:
         if sum(len(s.retired) for s in holding) > RETIRE_MAX and kept:
             oldest = min(kept, key=lambda pair: pair[0])[1]
             oldest.close_retired(oldest.retired[0][0] if oldest.retired else 0.0)
+
+    def kept_bytes(self) -> int:
+        """The bytes of the replaced logs this process keeps open (see Shard.retire)."""
+        with self._mutex:
+            holding = list(self._holding)
+        return sum(entry[3] for shard in holding for entry in list(shard.retired))
 
     def _close_retired(self) -> float:
         """Close the replaced files whose time is up; returns the seconds
@@ -1284,8 +1320,21 @@ class Merger:
         return wait
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:  # an exception raised in this thread asynchronously: the next request starts another
+            with self._mutex:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                    self._running = None
+
+    def _loop(self) -> None:
         while True:
-            wait = self._close_retired()
+            try:
+                wait = self._close_retired()
+            except Exception as exc:  # maintenance only
+                log.debug("sessionkit: closing replaced files: %s", exc)
+                wait = 1.0
             with self._mutex:
                 if self._pending:
                     shard = self._running = self._pending.pop(0)

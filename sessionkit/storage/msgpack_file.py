@@ -161,7 +161,12 @@ class MsgpackFileStorage(EncodedStorage):
     takes the lock only to add what was appended meanwhile and rename the
     new files into place.  Disk use stays within about twice the live data
     plus a constant; a process whose writes outrun its merge thread merges
-    in the writing thread.  ``close()`` waits for a merge under way.
+    in the writing thread.  ``close()`` waits for a merge under way.  Where
+    the file system has room to spare (64 MiB plus 8 times the logs kept),
+    the merging process keeps the log a merge replaced open for about a
+    second: closing a log frees its blocks, which the last process to close
+    it pays for, and this way it is not another process, in a request.
+    That log's space comes back then.
 
     Crash safety: every record carries checksums, and the index is a cache
     of the log that is rebuilt from it whenever it may be stale (a process
@@ -280,9 +285,11 @@ class MsgpackFileStorage(EncodedStorage):
         ttl = self.ttl
         if self._clock is not _time:
             shard.skew = self._clock() - _time()
+        expiry = 0.0 if ttl is None else self._clock() + ttl
+        built = shard.build(key, info, raw, expiry)
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
-            shard.append(key, info, raw, 0.0 if ttl is None else self._clock() + ttl)
+            shard.append(key, info, raw, expiry, built)
         if shard.overdue:
             shard.merge_if_overdue()
 

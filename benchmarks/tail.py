@@ -1,0 +1,215 @@
+"""Where the msgpack engine's tail latency comes from: its merges.
+
+    python -m benchmarks.tail [--ops N] [--repeat R] [--out DIR | --save]
+
+The ``latency`` scenario of ``benchmarks.engine``, sessionkit alone: one
+thread makes ``--ops`` read-modify-writes of 1 KB sessions on random keys of
+10,000 (``Sessions(MsgpackFileStorage(dir), initial=dict)``), each one
+timed.  Writing 1 KB values that fast, the store needs a merge of one of its
+16 shards every few milliseconds, and the run repeats in four set-ups that
+differ only in where that work goes:
+
+``thread``
+    as shipped: the process's background merge thread.
+``none``
+    no merges at all (the logs grow without bound): what the engine's own
+    path costs, the floor of the tail.
+``process``
+    no merge thread; a second process that opens the same store merges
+    every shard that needs it, as a merge thread would (``paced``), so the
+    timed process shares no GIL with the merging; it only moves to the new
+    files when it next writes to a merged shard.
+``busy-thread``
+    no merges, but a thread beside the timed one doing pure-Python work in
+    slices of the merge thread's (``PACE`` of work, then ``PAUSE`` asleep):
+    what a background thread at that duty costs the request thread by
+    taking the GIL, whatever its work.
+
+Each set-up runs in a fresh process; the set-ups take turns within a
+repetition.  The report gives the median over repetitions of p50, p99,
+p99.9 and max (µs), and the merges made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SAVED = Path(__file__).resolve().parent / "results" / "tail"
+MODES = ("thread", "none", "process", "busy-thread")
+SESSIONS = 10_000
+PAD = b"x" * 1000
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    return sorted_ns[min(len(sorted_ns) - 1, int(len(sorted_ns) * q / 100))] / 1e3
+
+
+def _side_merger(directory: str, stop: Any, merges: Any) -> None:
+    """The ``process`` set-up's merging process: merges every shard that needs it until ``stop``."""
+    from sessionkit import MsgpackFileStorage
+    from sessionkit.storage import _shard
+
+    _shard.MERGER.request = lambda shard: None  # type: ignore[method-assign]
+    storage = MsgpackFileStorage(directory)
+    while not stop.is_set():
+        merged = False
+        for shard in storage._state.shards:
+            with shard.mutex, shard:
+                needed = shard.needs_merge()
+            if needed and shard.merge(time.time(), paced=True):
+                merged = True
+                merges.value += 1
+        if not merged:
+            time.sleep(0.002)
+    storage.close()
+
+
+def one_run(mode: str, ops: int, seed: int) -> dict[str, Any]:
+    """One set-up, in this process: prefill, then ``ops`` timed read-modify-writes."""
+    from sessionkit import MsgpackFileStorage, Sessions
+    from sessionkit.storage import _shard
+
+    merges = multiprocessing.get_context("spawn").Value("i", 0) if mode == "process" else None
+    merged = [0]
+    if mode in ("none", "process", "busy-thread"):
+        _shard.MERGER.request = lambda shard: None  # type: ignore[method-assign]
+    if mode == "none" or mode == "busy-thread":
+        _shard.SLACK = 1 << 50  # never overdue either
+    if mode == "thread":
+        merge = _shard.Shard.merge
+
+        def counting(self: Any, *args: Any, **kwargs: Any) -> bool:
+            done = merge(self, *args, **kwargs)
+            merged[0] += bool(done)
+            return done
+
+        _shard.Shard.merge = counting  # type: ignore[method-assign]
+    directory = tempfile.mkdtemp(prefix="sessionkit-tail-")
+    side = stop = None
+    try:
+        storage = MsgpackFileStorage(directory)
+        sessions = Sessions(storage, initial=dict)
+        for i in range(SESSIONS):
+            storage.write(f"chat:{i}", {"count": 0, "pad": PAD})
+        os.sync()
+        if mode == "process":
+            ctx = multiprocessing.get_context("spawn")
+            stop = ctx.Event()
+            side = ctx.Process(target=_side_merger, args=(directory, stop, merges))
+            side.start()
+            time.sleep(1.0)  # it has opened the store
+        if mode == "busy-thread":
+            quit_busy = threading.Event()
+
+            def busy() -> None:
+                clock = time.perf_counter
+                while not quit_busy.is_set():
+                    until = clock() + _shard.PACE
+                    x = 0
+                    while clock() < until:
+                        for i in range(20):
+                            x += i
+                    time.sleep(_shard.PAUSE)
+
+            threading.Thread(target=busy, daemon=True).start()
+        pick = random.Random(seed).randrange
+        clock = time.perf_counter_ns
+        latencies = []
+        for _ in range(ops):
+            key = f"chat:{pick(SESSIONS)}"
+            t0 = clock()
+            with sessions.open(key) as s:
+                s["count"] = s.get("count", 0) + 1
+            latencies.append(clock() - t0)
+        if mode == "busy-thread":
+            quit_busy.set()
+        if stop is not None and side is not None:
+            stop.set()
+            side.join(60)
+        counted = sum(storage.read(f"chat:{i}")["count"] for i in range(SESSIONS))
+        storage.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    latencies.sort()
+    return {
+        "p50_us": _percentile(latencies, 50), "p99_us": _percentile(latencies, 99),
+        "p999_us": _percentile(latencies, 99.9), "max_us": latencies[-1] / 1e3,
+        "merges": merges.value if merges is not None else merged[0],
+        "counted": counted,
+    }
+
+
+def run(ops: int, repeat: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    root = Path(__file__).resolve().parent.parent
+    for rep in range(repeat):
+        for mode in MODES[rep % len(MODES):] + MODES[: rep % len(MODES)]:
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.tail", "--one", mode, "--ops", str(ops), "--seed", str(rep)],
+                cwd=root, capture_output=True, text=True, timeout=600, check=True,
+            )
+            runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    summary = {
+        mode: {field: statistics.median(r[field] for r in got) for field in got[0] if field != "counted"}
+        for mode, got in runs.items()
+    }
+    return {"ops": ops, "repeat": repeat, "runs": runs, "median": summary,
+            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Tail latency of 1 KB read-modify-writes by where merges run ({result['ops']:,} ops, "
+        f"median of {result['repeat']} runs; {result['system']}, Python {result['python']}, "
+        f"{result['cpus']} CPUs)",
+        "",
+        "| set-up | p50 µs | p99 µs | p99.9 µs | max µs | merges |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode, row in result["median"].items():
+        lines.append(f"| {mode} | {row['p50_us']:.1f} | {row['p99_us']:.1f} | {row['p999_us']:.1f} | "
+                     f"{row['max_us']:,.0f} | {row['merges']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tail", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=200_000, help="timed read-modify-writes per run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each set-up")
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # a single run, printed as JSON
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", help="folder for tail.md and tail.json")
+    where.add_argument("--save", action="store_true", help="write to benchmarks/results/tail/")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one_run(args.one, args.ops, args.seed)))
+        return 0
+    result = run(args.ops, args.repeat)
+    text = report(result)
+    print(text, end="")
+    out = SAVED if args.save else (Path(args.out) if args.out else None)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tail.md").write_text(text, encoding="utf-8")
+        (out / "tail.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
