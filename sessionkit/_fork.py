@@ -28,6 +28,7 @@ them all cannot deadlock.
 
 from __future__ import annotations
 
+import logging  # noqa: F401 - its fork hook registered before ours (see install)
 import os
 import threading
 import weakref
@@ -107,7 +108,10 @@ def install() -> None:
     registered *before* ours, or a thread inside a storage call could wait
     on that library while our hook waits on the thread.  So whoever imports
     such a library calls ``install()`` afterwards; the older registrations
-    become no-ops.
+    become no-ops.  The standard library's ``logging`` is one: its hook
+    takes the logging lock, which a thread inside a storage call may need
+    (to log) before it lets go of the mutex ours waits for, so it is
+    imported above, before ours is registered.
     """
     global _generation
     if not hasattr(os, "register_at_fork"):

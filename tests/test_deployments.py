@@ -22,6 +22,8 @@ import multiprocessing
 import os
 import select
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -560,6 +562,40 @@ def test_fork_during_storage_calls_in_another_thread(backend: str, tmp_path: Pat
         assert (read_count(spec, "k"), read_count(spec, other)) == (done[0], 50)
 
     run_isolated(scenario, 20)
+
+
+def test_fork_while_a_thread_logs_under_a_shard_mutex(tmp_path: Path) -> None:
+    """``logging``'s own fork hook takes the logging lock, and ours waits for
+    the shard mutex that a thread holds while it logs: registered after
+    logging's (run before it), ours lets that thread finish; the other way
+    round, the fork deadlocks.  Run in a fresh interpreter that imports
+    sessionkit before logging, as an application may."""
+    script = (
+        "import os, sys, threading, time\n"
+        "from sessionkit import MsgpackFileStorage\n"
+        "import logging\n"
+        "storage = MsgpackFileStorage(sys.argv[1], shards=1)\n"
+        "storage.write('a', 1)\n"
+        "shard = storage._shards[0]\n"
+        "logging.getLogger('app').setLevel(logging.INFO)  # clears every logger's level cache\n"
+        "def hold_and_log():\n"
+        "    with shard.mutex:  # as a storage call does\n"
+        "        time.sleep(0.3)\n"
+        "        logging.getLogger('sessionkit').debug('under the mutex')  # as a rebuild does\n"
+        "threading.Thread(target=hold_and_log, daemon=True).start()\n"
+        "time.sleep(0.1)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('forked')\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")],
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the fork deadlocked")
+    assert done.returncode == 0 and done.stdout.strip() == "forked", done.stderr
 
 
 # -- 8. a handle that is never entered ------------------------------------------------------
