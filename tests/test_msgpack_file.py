@@ -571,6 +571,66 @@ def test_closing_the_store_or_forking_lets_go_of_replaced_files_at_once(
     assert _replaced_files_open(directory) == []
 
 
+def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept while free space covers RETIRE_ROOM plus RETIRE_FACTOR times all
+    that would be kept; closed at once when it does not."""
+    monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
+    with tmpfs(tmp_path / "roomy", "160m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=1)
+        _merge_in_the_background(storage)
+        first = _replaced_files_open(str(mount / "store"))
+        assert len([name for name in first if ".log" in name]) == 1, first  # room: kept
+        kept = _shard.MERGER.kept_bytes()
+        assert kept > _shard.SLACK
+        # Leave room for RETIRE_ROOM and a few times what is kept, but not RETIRE_FACTOR times
+        # what the next merge would keep (that log is as big again).
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        ballast = free - (_shard.RETIRE_ROOM + 4 * kept)
+        with open(mount / "ballast", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, ballast)
+        _merge_in_the_background(storage)
+        assert _replaced_files_open(str(mount / "store")) == first  # no room: closed at once
+        os.unlink(mount / "ballast")
+        _merge_in_the_background(storage)  # room again: kept
+        assert len([n for n in _replaced_files_open(str(mount / "store")) if ".log" in n]) == 2
+        storage.close()
+        assert _replaced_files_open(str(mount / "store")) == []
+
+
+def test_a_merge_thread_that_cannot_start_fails_no_write(directory: str) -> None:
+    """A process out of threads: the write that asked for a merge is made and
+    says nothing; a later write starts the thread, and the merge is made.
+    (A fresh interpreter: here an earlier test's merge thread may still run.)"""
+    script = (
+        "import sys, threading\n"
+        "from sessionkit import MsgpackFileStorage\n"
+        "from sessionkit.storage._shard import MERGER, SLACK\n"
+        "refused = []\n"
+        "start = threading.Thread.start\n"
+        "def start_once_refused(self):\n"
+        "    if self.name == 'sessionkit-merge' and not refused:\n"
+        "        refused.append(self)\n"
+        "        raise RuntimeError(\"can't start new thread\")\n"
+        "    start(self)\n"
+        "threading.Thread.start = start_once_refused\n"
+        "storage = MsgpackFileStorage(sys.argv[1], shards=1)\n"
+        "shard = storage._shards[0]\n"
+        "with shard.mutex, shard:\n"
+        "    ident = shard.log_ident\n"
+        "for i in range(SLACK // 10_000 + 20):\n"
+        "    storage.write('k', {'pad': 'x' * 10_000, 'i': i})\n"
+        "assert MERGER.wait()\n"
+        "with shard.mutex, shard:\n"
+        "    assert shard.log_ident != ident, 'no merge replaced the log'\n"
+        "assert refused and storage.read('k')['i'] == SLACK // 10_000 + 19\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, directory], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_a_process_keeps_few_replaced_files_however_often_it_merges(
     directory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

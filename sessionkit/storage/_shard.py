@@ -1150,12 +1150,20 @@ class Shard:
                     self.dir_unsynced = 1
                     table.store_counters(pos, 1)
                     log.warning("sessionkit: cannot make the merge of %s durable yet: %s", self.path, exc)
-        self.retire(retired[0], retired[1], keep)
+            # Decided and listed under the lock: a child forked from then on closes them.
+            kept = keep and self._retain(retired[0], retired[1])
+        if kept:
+            MERGER.trim()
+            return
+        if retired[0] is not None:
+            retired[0].close()
+        os.close(retired[1])
 
-    def retire(self, old: ix.Index | None, fd: int, keep: bool) -> None:
-        """Close the index and log a merge replaced; or, for a background
-        merge (``keep``), leave them open ``RETIRE_AFTER`` seconds, for the
-        merge thread to close.
+    def _retain(self, old: ix.Index | None, fd: int) -> bool:
+        """For a background merge, inside the section that replaced them:
+        keep the index and log it replaced open ``RETIRE_AFTER`` seconds,
+        for the merge thread to close, if the file system has room; returns
+        whether it kept them.
 
         The last process to close a replaced log frees its blocks, which
         takes about a millisecond for a few megabytes.  Closed at once, that
@@ -1165,23 +1173,19 @@ class Shard:
         path (for the processes that come back to the shard within the
         second).  The space comes back that much later, so they are kept
         only while the file system has room to spare: ``RETIRE_ROOM`` plus
-        ``RETIRE_FACTOR`` times all that the process would keep.
+        ``RETIRE_FACTOR`` times all that the process would keep (space a
+        quota limits is not seen).
         """
-        if keep:
-            try:
-                size = os.fstat(fd).st_size
-                vfs = os.fstatvfs(fd)
-                kept = MERGER.kept_bytes() + size
-                keep = vfs.f_bavail * vfs.f_frsize >= RETIRE_ROOM + RETIRE_FACTOR * kept
-            except OSError:
-                keep = False
-        if keep:
-            self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd, size))
-            MERGER.hold(self)
-            return
-        if old is not None:
-            old.close()
-        os.close(fd)
+        try:
+            size = os.fstat(fd).st_size + (0 if old is None else ix.HEADER_SIZE + old.capacity * ix.SLOT_SIZE)
+            vfs = os.fstatvfs(fd)
+            if vfs.f_bavail * vfs.f_frsize < RETIRE_ROOM + RETIRE_FACTOR * (MERGER.kept_bytes() + size):
+                return False
+        except OSError:
+            return False
+        MERGER.hold(self)  # first: a child forked once the entry is listed finds the shard
+        self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd, size))
+        return True
 
     def close_retired(self, now: float | None = None) -> bool:
         """Close the replaced files kept open whose time is up by ``now``
@@ -1276,17 +1280,26 @@ class Merger:
             if shard not in self._pending:
                 self._pending.append(shard)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # no thread to be had: the next request tries again
+                    log.warning("sessionkit: cannot start the merge thread: %s", exc)
+                    return
+                self._thread = thread
         self._wake.set()
 
     def hold(self, shard: Shard) -> None:
-        """Called by this thread's merge of ``shard`` after it kept the
-        replaced files open: :meth:`_run` closes them when their time is up
-        (the oldest at once if the process keeps ``RETIRE_MAX``)."""
+        """Note that ``shard`` keeps replaced files open (see Shard._retain):
+        :meth:`_run` closes them when their time is up."""
         with self._mutex:
             if shard not in self._holding:
                 self._holding.append(shard)
+
+    def trim(self) -> None:
+        """Close the oldest replaced files kept if the process keeps more
+        than ``RETIRE_MAX`` (called by the merge thread, outside any section)."""
+        with self._mutex:
             holding = list(self._holding)
         kept = [(s.retired[0][0], s) for s in holding if s.retired]
         if sum(len(s.retired) for s in holding) > RETIRE_MAX and kept:
@@ -1324,9 +1337,16 @@ class Merger:
             self._loop()
         finally:  # an exception raised in this thread asynchronously: the next request starts another
             with self._mutex:
-                if self._thread is threading.current_thread():
+                mine = self._thread is threading.current_thread()
+                if mine:
                     self._thread = None
                     self._running = None
+                holding = list(self._holding) if mine else []
+            for shard in holding:  # kept for this thread to close: closed now
+                try:
+                    shard.close_retired()
+                except Exception:  # noqa: BLE001 - the space comes back when the process ends
+                    pass
 
     def _loop(self) -> None:
         while True:

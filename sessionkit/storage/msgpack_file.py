@@ -161,12 +161,13 @@ class MsgpackFileStorage(EncodedStorage):
     takes the lock only to add what was appended meanwhile and rename the
     new files into place.  Disk use stays within about twice the live data
     plus a constant; a process whose writes outrun its merge thread merges
-    in the writing thread.  ``close()`` waits for a merge under way.  Where
-    the file system has room to spare (64 MiB plus 8 times the logs kept),
-    the merging process keeps the log a merge replaced open for about a
-    second: closing a log frees its blocks, which the last process to close
-    it pays for, and this way it is not another process, in a request.
-    That log's space comes back then.
+    in the writing thread.  ``close()`` waits for a merge under way.  A
+    replaced log's space comes back when the last process that has it open
+    closes it, which frees its blocks (a millisecond for a few megabytes):
+    every process moves to the new files at its next call on the shard.
+    Where the file system has room to spare (64 MiB plus 8 times what is
+    kept), the merging process keeps the old files open about a second, so
+    that the others do not pay for that inside a request.
 
     Crash safety: every record carries checksums, and the index is a cache
     of the log that is rebuilt from it whenever it may be stale (a process
