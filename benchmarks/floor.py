@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import mmap
 import os
 import platform
@@ -49,6 +48,7 @@ from sessionkit.storage import _index as ix
 from sessionkit.storage import _records as rec
 
 from .engine import Diskcache, Lmdb, Sessionkit, Subject, bump
+from .report import save_outputs
 
 SAVED = Path(__file__).resolve().parent / "results" / "floor"  # the committed run (--save)
 F_OFD_SETLKW = 38  # Linux; fcntl.F_OFD_SETLKW from Python 3.12 on
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.seconds, args.repeat)
     text = report(result)
     print(text, end="")
-    out = SAVED if args.save else (Path(args.out) if args.out else None)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "floor.md").write_text(text, encoding="utf-8")
-        (out / "floor.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    save_outputs(args.out, args.save, SAVED, "floor", text, result)
     wrong = {name: counts for name, counts in result["counts"].items() if counts[0] != counts[1]}
     if wrong:
         print(f"counters that do not match the read-modify-writes made (counted, made): {wrong}")

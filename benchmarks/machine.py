@@ -40,7 +40,6 @@ Results go to ``machine.md`` and ``machine.json`` in ``--out DIR``, or with
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -52,6 +51,8 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+
+from .report import save_outputs
 
 SAVED = Path(__file__).resolve().parent / "results" / "machine"  # the committed run (--save)
 PROCESSES = (1, 2, 4, 8)
@@ -241,11 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.seconds, args.repeat, args.syncs, args.dir)
     text = report(result)
     print(text, end="")
-    out = SAVED if args.save else (Path(args.out) if args.out else None)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "machine.md").write_text(text, encoding="utf-8")
-        (out / "machine.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    save_outputs(args.out, args.save, SAVED, "machine", text, result)
     return 0 if all(result["sync_checks"].values()) else 1
 
 

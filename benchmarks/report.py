@@ -7,11 +7,22 @@ import os
 import platform
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 from .cell import SCENARIOS
 
 BASELINE = "diskcache"
+
+
+def save_outputs(out: str | None, save: bool, saved: Path, stem: str, text: str, result: Any) -> None:
+    """Write ``stem``.md (``text``) and ``stem``.json (``result``): to
+    ``saved`` with ``--save``, to ``out`` with ``--out DIR``, else nowhere."""
+    where = saved if save else (Path(out) if out else None)
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        (where / f"{stem}.md").write_text(text, encoding="utf-8")
+        (where / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def environment(workdir: str) -> dict[str, Any]:

@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .report import save_outputs
+
 SAVED = Path(__file__).resolve().parent / "results" / "tail"
 MODES = ("thread", "none", "process", "busy-thread")
 SESSIONS = 10_000
@@ -203,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.ops, args.repeat)
     text = report(result)
     print(text, end="")
-    out = SAVED if args.save else (Path(args.out) if args.out else None)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "tail.md").write_text(text, encoding="utf-8")
-        (out / "tail.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    save_outputs(args.out, args.save, SAVED, "tail", text, result)
     return 0
 
 

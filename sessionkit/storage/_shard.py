@@ -129,7 +129,7 @@ PACE = 20e-6  # seconds of work between pauses of a background merge
 PAUSE = 200e-6  # seconds of each pause
 MERGE_RUN = 128 << 10  # bytes a merge reads or writes at a time (each one a slice of work between pauses)
 MERGE_PARTS = 256  # records a merge writes with one pwritev (under IOV_MAX)
-# Seconds a background merge keeps the log and index it replaced open (see Shard.retire),
+# Seconds a background merge keeps the log and index it replaced open (see Shard._retain),
 # how many such pairs a process keeps at most (an older one is closed early), and the
 # room the file system must have to spare: RETIRE_ROOM bytes plus RETIRE_FACTOR times
 # what the process would then keep.
@@ -160,6 +160,15 @@ class _Pace:
             return
         time.sleep(PAUSE)
         self._next = time.perf_counter() + PACE
+
+
+def _close_replaced(old: ix.Index | None, fd: int) -> None:
+    """Close the index (if any) and the log descriptor a merge replaced."""
+    try:
+        if old is not None:
+            old.close()
+    finally:
+        os.close(fd)
 
 
 def _in_runs(fd: int, entries: list[Any], at: int, run: int = CHUNK) -> Iterator[tuple[Any, bytes]]:
@@ -251,9 +260,9 @@ class Shard:
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
         self.verify_pending = False  # a large index mapped, to be checked by the merge thread
         self.retry_private = 0.0
-        # (monotonic deadline, index, log descriptor): files a background merge
-        # replaced, kept open until the deadline (see retire); oldest first.
-        self.retired: list[tuple[float, ix.Index | None, int, int]] = []  # ..., bytes kept
+        # (monotonic deadline, index, log descriptor, bytes): files a background
+        # merge replaced, kept open until the deadline (see _retain); oldest first.
+        self.retired: list[tuple[float, ix.Index | None, int, int]] = []
         # The writers' clock (``MsgpackFileStorage(clock=...)``) minus the real
         # one, so merges in the background expire sessions by the same clock.
         self.skew = 0.0
@@ -1154,10 +1163,8 @@ class Shard:
             kept = keep and self._retain(retired[0], retired[1])
         if kept:
             MERGER.trim()
-            return
-        if retired[0] is not None:
-            retired[0].close()
-        os.close(retired[1])
+        else:
+            _close_replaced(*retired)
 
     def _retain(self, old: ix.Index | None, fd: int) -> bool:
         """For a background merge, inside the section that replaced them:
@@ -1187,21 +1194,16 @@ class Shard:
         self.retired.append((time.monotonic() + RETIRE_AFTER, old, fd, size))
         return True
 
-    def close_retired(self, now: float | None = None) -> bool:
+    def close_retired(self, now: float | None = None) -> None:
         """Close the replaced files kept open whose time is up by ``now``
-        (monotonic; ``None``: all of them).  Returns whether any are left."""
+        (monotonic; ``None``: all of them)."""
         retired = self.retired
         while retired and (now is None or retired[0][0] <= now):
             try:
                 _deadline, old, fd, _size = retired.pop(0)  # one thread gets each entry: never closed twice
             except IndexError:  # taken by another thread meanwhile
                 break
-            try:
-                if old is not None:
-                    old.close()
-            finally:
-                os.close(fd)
-        return bool(retired)
+            _close_replaced(old, fd)
 
     def _grown_since(self, start: int) -> bool:
         """Whether the log has grown by more than its bound allows since ``start`` (a merge is falling behind)."""
@@ -1270,7 +1272,7 @@ class Merger:
         self._running: Shard | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
-        self._holding: list[Shard] = []  # shards that keep replaced files open (see Shard.retire)
+        self._holding: list[Shard] = []  # shards that keep replaced files open (see Shard._retain)
         _fork.register(self)
 
     def request(self, shard: Shard) -> None:
@@ -1307,7 +1309,7 @@ class Merger:
             oldest.close_retired(oldest.retired[0][0] if oldest.retired else 0.0)
 
     def kept_bytes(self) -> int:
-        """The bytes of the replaced logs this process keeps open (see Shard.retire)."""
+        """The bytes of the replaced logs and indexes this process keeps open (see Shard._retain)."""
         with self._mutex:
             holding = list(self._holding)
         return sum(entry[3] for shard in holding for entry in list(shard.retired))
