@@ -9,16 +9,17 @@ timed.  Writing 1 KB values that fast, the store needs a merge of one of its
 16 shards every few milliseconds, and the run repeats in four set-ups that
 differ only in where that work goes:
 
+``helper``
+    as shipped: the process's merge thread hands each merge to a helper
+    process (``sessionkit.storage._merge_helper``) and waits for it without
+    the GIL; the timed process moves to the new files when it next writes
+    to a merged shard.
 ``thread``
-    as shipped: the process's background merge thread.
+    ``SESSIONKIT_MERGES=thread``: the merge thread merges itself, paced,
+    sharing the GIL with the timed thread.
 ``none``
     no merges at all (the logs grow without bound): what the engine's own
     path costs, the floor of the tail.
-``process``
-    no merge thread; a second process that opens the same store merges
-    every shard that needs it, as a merge thread would (``paced``), so the
-    timed process shares no GIL with the merging; it only moves to the new
-    files when it next writes to a merged shard.
 ``busy-thread``
     no merges, but a thread beside the timed one doing pure-Python work in
     slices of the merge thread's (``PACE`` of work, then ``PAUSE`` asleep):
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import random
@@ -51,7 +51,7 @@ from typing import Any
 from .report import save_outputs
 
 SAVED = Path(__file__).resolve().parent / "results" / "tail"
-MODES = ("thread", "none", "process", "busy-thread")
+MODES = ("helper", "thread", "none", "busy-thread")
 SESSIONS = 10_000
 PAD = b"x" * 1000
 
@@ -60,36 +60,16 @@ def _percentile(sorted_ns: list[int], q: float) -> float:
     return sorted_ns[min(len(sorted_ns) - 1, int(len(sorted_ns) * q / 100))] / 1e3
 
 
-def _side_merger(directory: str, stop: Any, merges: Any) -> None:
-    """The ``process`` set-up's merging process: merges every shard that needs it until ``stop``."""
-    from sessionkit import MsgpackFileStorage
-    from sessionkit.storage import _shard
-
-    _shard.MERGER.request = lambda shard: None  # type: ignore[method-assign]
-    storage = MsgpackFileStorage(directory)
-    while not stop.is_set():
-        merged = False
-        for shard in storage._state.shards:
-            with shard.mutex, shard:
-                needed = shard.needs_merge()
-            if needed and shard.merge(time.time(), paced=True):
-                merged = True
-                merges.value += 1
-        if not merged:
-            time.sleep(0.002)
-    storage.close()
-
-
 def one_run(mode: str, ops: int, seed: int) -> dict[str, Any]:
     """One set-up, in this process: prefill, then ``ops`` timed read-modify-writes."""
     from sessionkit import MsgpackFileStorage, Sessions
     from sessionkit.storage import _shard
 
-    merges = multiprocessing.get_context("spawn").Value("i", 0) if mode == "process" else None
     merged = [0]
-    if mode in ("none", "process", "busy-thread"):
+    if mode == "thread":
+        os.environ["SESSIONKIT_MERGES"] = "thread"
+    if mode in ("none", "busy-thread"):
         _shard.MERGER.request = lambda shard: None  # type: ignore[method-assign]
-    if mode == "none" or mode == "busy-thread":
         _shard.SLACK = 1 << 50  # never overdue either
     if mode == "thread":
         merge = _shard.Shard.merge
@@ -101,19 +81,12 @@ def one_run(mode: str, ops: int, seed: int) -> dict[str, Any]:
 
         _shard.Shard.merge = counting  # type: ignore[method-assign]
     directory = tempfile.mkdtemp(prefix="sessionkit-tail-")
-    side = stop = None
     try:
         storage = MsgpackFileStorage(directory)
         sessions = Sessions(storage, initial=dict)
         for i in range(SESSIONS):
             storage.write(f"chat:{i}", {"count": 0, "pad": PAD})
         os.sync()
-        if mode == "process":
-            ctx = multiprocessing.get_context("spawn")
-            stop = ctx.Event()
-            side = ctx.Process(target=_side_merger, args=(directory, stop, merges))
-            side.start()
-            time.sleep(1.0)  # it has opened the store
         if mode == "busy-thread":
             quit_busy = threading.Event()
 
@@ -139,9 +112,7 @@ def one_run(mode: str, ops: int, seed: int) -> dict[str, Any]:
             latencies.append(clock() - t0)
         if mode == "busy-thread":
             quit_busy.set()
-        if stop is not None and side is not None:
-            stop.set()
-            side.join(60)
+        _shard.MERGER.wait()
         counted = sum(storage.read(f"chat:{i}")["count"] for i in range(SESSIONS))
         storage.close()
     finally:
@@ -150,7 +121,7 @@ def one_run(mode: str, ops: int, seed: int) -> dict[str, Any]:
     return {
         "p50_us": _percentile(latencies, 50), "p99_us": _percentile(latencies, 99),
         "p999_us": _percentile(latencies, 99.9), "max_us": latencies[-1] / 1e3,
-        "merges": merges.value if merges is not None else merged[0],
+        "merges": _shard.MERGER.helper.merges if mode == "helper" else merged[0],
         "counted": counted,
     }
 

@@ -4,9 +4,11 @@
 each write it logs ``w <key> <n>`` (``-`` for a delete), after the write
 returns ``a <key> <n>``, so the parent knows every acknowledged value and the
 one in flight.  ``merge-often`` (a msgpack store): its shards are merged
-after 16 KiB of dead bytes instead of 1 MiB, and each merge logs ``m+ <shard>
-0`` when it starts and ``m- <shard> 0`` when it ends, so the parent knows
-which kills landed inside a background merge.
+after 16 KiB of dead bytes instead of 1 MiB, and each merge made in this
+process logs ``m+ <shard> 0`` when it starts and ``m- <shard> 0`` when it
+ends, so the parent knows which kills landed inside a background merge (a
+merge helper, ``SESSIONKIT_MERGES=process``, is started again at once after
+the parent kills it).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def read_log(path: Path) -> tuple[dict[str, int | None], tuple[str, int | None] 
 
 
 def merge_often(fd: int) -> None:
-    from sessionkit.storage import _shard
+    from sessionkit.storage import _merge_helper, _shard
 
     _shard.SLACK = 16 << 10
+    _merge_helper.RETRY_AFTER = 0.0  # a helper the parent killed is replaced at the next merge
     merge = _shard.Shard.merge
 
     def logged(self: Any, *args: Any, **kwargs: Any) -> bool:

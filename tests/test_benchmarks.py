@@ -206,8 +206,8 @@ def test_tail_benchmark_runs_each_set_up_and_counts_exactly(tmp_path: Any) -> No
     assert done.returncode == 0, done.stdout + done.stderr
     assert (out / "tail.md").read_text() in done.stdout
     result = json.loads((out / "tail.json").read_text())
-    assert list(result["runs"]) == ["thread", "none", "process", "busy-thread"]
+    assert list(result["runs"]) == ["helper", "thread", "none", "busy-thread"]
     for mode, (run,) in result["runs"].items():
         assert run["counted"] == ops, (mode, run)
         assert 0 < run["p50_us"] <= run["p99_us"] <= run["p999_us"] <= run["max_us"], (mode, run)
-        assert (run["merges"] > 0) == (mode in ("thread", "process")), (mode, run)
+        assert (run["merges"] > 0) == (mode in ("helper", "thread")), (mode, run)

@@ -42,6 +42,14 @@ def directory(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.fixture
+def thread_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's background merges made by its merge thread, not a
+    helper process (``SESSIONKIT_MERGES=thread``): for what happens in the
+    merging process itself."""
+    monkeypatch.setenv("SESSIONKIT_MERGES", "thread")
+
+
 def shard_files(directory: str) -> list[Path]:
     return sorted(Path(directory).glob("shard-*.log"))
 
@@ -536,7 +544,7 @@ def _merge_in_the_background(storage: MsgpackFileStorage, key: str = "k") -> Non
 
 
 def test_a_background_merge_closes_the_files_it_replaced_a_moment_later(
-    directory: str, monkeypatch: pytest.MonkeyPatch
+    directory: str, monkeypatch: pytest.MonkeyPatch, thread_merges: None
 ) -> None:
     """Whoever closes a replaced log last frees its blocks: the merging
     process keeps it open a while, so another process moving to the new
@@ -556,7 +564,7 @@ def test_a_background_merge_closes_the_files_it_replaced_a_moment_later(
 
 
 def test_closing_the_store_or_forking_lets_go_of_replaced_files_at_once(
-    directory: str, monkeypatch: pytest.MonkeyPatch
+    directory: str, monkeypatch: pytest.MonkeyPatch, thread_merges: None
 ) -> None:
     monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
     storage = MsgpackFileStorage(directory, shards=1)
@@ -572,7 +580,7 @@ def test_closing_the_store_or_forking_lets_go_of_replaced_files_at_once(
 
 
 def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_merges: None
 ) -> None:
     """Kept while free space covers RETIRE_ROOM plus RETIRE_FACTOR times all
     that would be kept; closed at once when it does not."""
@@ -599,7 +607,7 @@ def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
         assert _replaced_files_open(str(mount / "store")) == []
 
 
-def test_a_merge_thread_that_cannot_start_fails_no_write(directory: str) -> None:
+def test_a_merge_thread_that_cannot_start_fails_no_write(directory: str, thread_merges: None) -> None:
     """A process out of threads: the write that asked for a merge is made and
     says nothing; a later write starts the thread, and the merge is made.
     (A fresh interpreter: here an earlier test's merge thread may still run.)"""
@@ -632,7 +640,7 @@ def test_a_merge_thread_that_cannot_start_fails_no_write(directory: str) -> None
 
 
 def test_a_process_keeps_few_replaced_files_however_often_it_merges(
-    directory: str, monkeypatch: pytest.MonkeyPatch
+    directory: str, monkeypatch: pytest.MonkeyPatch, thread_merges: None
 ) -> None:
     monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
     storage = MsgpackFileStorage(directory, shards=1)
@@ -695,10 +703,16 @@ def test_full_disk_is_storage_error_and_keeps_the_old_value(tiny_fs: Path) -> No
     assert storage.read("k") == {"v": "new"}
 
 
-def test_a_nearly_full_disk_gets_a_merges_space_back_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("merges", ["thread", "process"])
+def test_a_nearly_full_disk_gets_a_merges_space_back_at_once(
+    tmp_path: Path, merges: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A merge's process keeps the log it replaced open for a second only
     where the disk has room to spare: on a disk the overwrites nearly fill,
-    every one of them fits, as the merges free the space they need."""
+    every one of them fits, as the merges free the space they need (made by
+    the merge thread, or by the helper process, which keeps nothing open
+    either on such a disk)."""
+    monkeypatch.setenv("SESSIONKIT_MERGES", merges)
     with tmpfs(tmp_path / "small", "4m") as mount:
         storage = MsgpackFileStorage(mount / "store", shards=1)
         pad = "x" * 10_000
@@ -892,10 +906,42 @@ def test_the_kill_loops_log_reader_drops_a_line_a_kill_cut_short(tmp_path: Path)
     assert cut >= 3, "no kill cut a line short: the premise of this test no longer holds here"
 
 
-def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]:
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (from any of its threads)."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _kill_helpers_inside_merges(directory: Path, writer: subprocess.Popen[bytes], seconds: float) -> int:
+    """For ``seconds``: kill -9 the writer's merge helper whenever a merge's
+    new log is on disk (the helper is inside a merge); how many were killed."""
+    killed = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and writer.poll() is None:
+        if any(name.endswith(".merge") for name in os.listdir(directory)):
+            for child in _children(writer.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:  # it had just ended
+                    pass
+        time.sleep(0.001)
+    return killed
+
+
+def msgpack_kill_loop(directory: Path, cycles: int, seed: int, merges: str = "thread") -> dict[str, int]:
     """Kill a writer whose shards merge every few dozen writes, ``cycles``
     times at random moments; after each kill a reader that stayed open and
-    a fresh one must read every acknowledged value (or the one in flight)."""
+    a fresh one must read every acknowledged value (or the one in flight).
+
+    ``merges="process"``: the writer's merges are made by its merge helper,
+    which is killed too, inside merges, as often as the cycle allows."""
     import random
     import sys
 
@@ -904,18 +950,21 @@ def msgpack_kill_loop(directory: Path, cycles: int, seed: int) -> dict[str, int]
     MsgpackFileStorage(directory, shards=2).close()
     reader = MsgpackFileStorage(directory)
     acked: dict[str, int | None] = {}
-    counts = {"checks": 0, "in_flight_seen": 0, "killed_in_merge": 0}
+    counts = {"checks": 0, "in_flight_seen": 0, "killed_in_merge": 0, "helpers_killed": 0}
     for cycle in range(cycles):
         log = directory.parent / f"log{cycle}"
         writer = subprocess.Popen(
             [sys.executable, "-m", "tests.shelf_writer", str(directory), str(cycle + 1), str(log), "merge-often"],
-            cwd=root,
+            cwd=root, env={**os.environ, "SESSIONKIT_MERGES": merges},
         )
         deadline = time.monotonic() + 60
         while not (log.exists() and log.read_bytes().startswith(b"ready")):
             assert time.monotonic() < deadline and writer.poll() is None, "the writer did not start"
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.01, 0.15))
+        if merges == "process":
+            counts["helpers_killed"] += _kill_helpers_inside_merges(directory, writer, rng.uniform(0.2, 0.6))
+        else:
+            time.sleep(rng.uniform(0.01, 0.15))
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(30)
         mine, pending, in_merge = read_log(log)
@@ -951,6 +1000,12 @@ def test_kill_9_inside_background_merges_loses_nothing(tmp_path: Path) -> None:
     counts = msgpack_kill_loop(tmp_path / "store", cycles=40, seed=3)
     assert counts["checks"] > 0
     assert counts["killed_in_merge"] >= 3, counts  # the loop did land inside merges
+
+
+def test_kill_9_of_merge_helpers_inside_merges_loses_nothing(tmp_path: Path) -> None:
+    counts = msgpack_kill_loop(tmp_path / "store", cycles=int(stressed(20, 6)), seed=5, merges="process")
+    assert counts["checks"] > 0
+    assert counts["helpers_killed"] >= 10, counts
 
 
 @pytest.mark.slow

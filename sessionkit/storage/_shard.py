@@ -42,6 +42,7 @@ from .. import _fork
 from ..errors import CorruptSessionError, LockTimeout, SerializationError, StorageError
 from . import _index as ix
 from . import _records as rec
+from ._merge_helper import Helper, HelperUnavailable
 
 log = logging.getLogger("sessionkit")
 
@@ -258,7 +259,8 @@ class Shard:
         self.private = False  # indexed in memory only: its index file could not be written
         self.stale_idx: ix.Index | None = None  # while private: the index file that others may still map
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
-        self.verify_pending = False  # a large index mapped, to be checked by the merge thread
+        self.verify_pending = False  # an index mapped unchecked, to be checked by the merge thread (see _use)
+        self.merge_asked = False  # a write found a merge due (a request may be for verify_pending only)
         self.retry_private = 0.0
         # (monotonic deadline, index, log descriptor, bytes): files a background
         # merge replaced, kept open until the deadline (see _retain); oldest first.
@@ -305,7 +307,7 @@ class Shard:
             return
         c = table.load_counters()
         if c[5]:  # replaced by a rebuild, a growth or a merge: take the new files
-            self._open()
+            self._open(moved=True)
         elif c[4]:  # a writer died between its append and its index update
             self._rebuild("a process stopped while writing to it")
         else:
@@ -342,9 +344,14 @@ class Shard:
         if fd >= 0:
             os.close(fd)
 
-    def _open(self) -> None:
+    def _open(self, moved: bool = False) -> None:
         """(Re)open the log and its index; rebuild the index unless it is
-        whole, of this log, of this boot, and ends where the log ends."""
+        whole, of this log, of this boot, and ends where the log ends.
+
+        ``moved``: the files in use were replaced (by a merge, a rebuild or a
+        growth, most often of another process): the new index's slots are
+        checked against its counters by the merge thread a moment later, not
+        in the request that moves to it (see :meth:`_use`)."""
         self._close_files()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -373,7 +380,7 @@ class Shard:
         self.log_ident = (st.st_dev, st.st_ino)
         why = ""
         try:
-            idx = ix.Index(self.index_path)
+            idx = ix.Index(self.index_path, checked=not moved)
         except FileNotFoundError:
             why = "it has no index yet"
         except ix.Damaged as exc:
@@ -395,18 +402,26 @@ class Shard:
             elif c[0] != size:
                 why = f"its index ends at byte {c[0]}, the log at {size}"
             if not why:
-                self._use(idx)
+                self._use(idx, checked=not moved)
                 return
             self.idx = idx  # replaced by the rebuild, for every process that maps it
         self._rebuild(why, reopen=False)
 
-    def _use(self, idx: ix.Index) -> None:
+    def _use(self, idx: ix.Index, checked: bool = True) -> None:
+        """Use ``idx``.  One not ``checked`` as it was mapped (a table over
+        ``CHECK_AT_OPEN`` slots, or one that replaced the index in use) is
+        checked by the merge thread (:meth:`verify`), off the request's path:
+        the check reads every slot, which for a table of a few thousand
+        slots costs a request after every merge more than the rest of its
+        work.  Damage found then is indexed anew, as it is when found at
+        mapping time; damage done after a check is found by the next one
+        (at the next mapping, and in every merge's snapshot)."""
         self.idx = idx
         self.map = idx.map
         self.private = False
         self.hint = None
         self.table = table = idx.table()
-        if idx.capacity > ix.CHECK_AT_OPEN and not self.verify_pending:
+        if (not checked or idx.capacity > ix.CHECK_AT_OPEN) and not self.verify_pending:
             self.verify_pending = True
             MERGER.request(self)
         c = table.load_counters()
@@ -890,6 +905,7 @@ class Shard:
             return
         if end - table.live > OVERDUE * max(table.live, SLACK):
             self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
+        self.merge_asked = True
         MERGER.request(self)
 
     def merge_if_overdue(self) -> None:
@@ -920,7 +936,9 @@ class Shard:
             if idx is None:
                 return
             data = idx.read_table()
-        why = ix.check(data, idx.capacity, lambda: time.sleep(PAUSE))
+        # A large table in slices with pauses between them (other threads get the GIL back)
+        pause = (lambda: time.sleep(PAUSE)) if idx.capacity > ix.CHECK_AT_OPEN else None
+        why = ix.check(data, idx.capacity, pause)
         if why:
             log.warning("sessionkit: %s: %s; indexing its log anew", self.index_path, why)
             with self.mutex, self:
@@ -929,7 +947,7 @@ class Shard:
 
     def merge(
         self, now: float, wait: bool = False, force: bool = False, paced: bool = False,
-        dropped: list[int] | None = None,
+        dropped: list[int] | None = None, keep: bool | None = None,
     ) -> bool:
         """Rewrite the log without dead and expired records, and index it anew;
         the shard is locked only at the start and for the swap at the end.
@@ -941,6 +959,8 @@ class Shard:
         ``paced`` (the background thread): pause every ``PACE`` seconds of
         work, so the threads that serve requests get the GIL back at once.
         ``dropped`` gets the number of expired sessions the merge dropped.
+        ``keep``: keep the replaced files open a moment (see :meth:`_retain`;
+        default: when ``paced``, as background merges do).
 
         A merge is claimed by the shard's ``merge_mutex`` (threads) and a
         lock on its merge slot (processes), held throughout: the kernel
@@ -955,13 +975,13 @@ class Shard:
                 self.next_request = time.monotonic() + 0.1  # another process is merging it
                 return False
             try:
-                return self._merge(now, force, paced, dropped)
+                return self._merge(now, force, paced, dropped, paced if keep is None else keep)
             finally:
                 self.locks.unlock(claim, self.merge_slot)
         finally:
             self.merge_mutex.release()
 
-    def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None) -> bool:
+    def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None, keep: bool) -> bool:
         token = f"{os.getpid()}.{threading.get_ident()}.merge"
         # Files left by merges or index rebuilds that died, looked for before
         # the shard is locked (a rebuild's file found now is gone, renamed,
@@ -1024,7 +1044,7 @@ class Shard:
             try:
                 self._swap(
                     fresh, merged, start, pos, source, target, log_ident, new_log, new_index, durable, indexed_by,
-                    paced,
+                    keep,
                 )
             except BaseException:
                 if self.idx is not fresh:  # else handed to the shard before the exception (see _swap)
@@ -1273,6 +1293,7 @@ class Merger:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._holding: list[Shard] = []  # shards that keep replaced files open (see Shard._retain)
+        self.helper = Helper()  # the process that merges for this one's thread (see _merge_helper)
         _fork.register(self)
 
     def request(self, shard: Shard) -> None:
@@ -1374,12 +1395,42 @@ class Merger:
             try:
                 if shard.verify_pending:
                     shard.verify()
-                shard.merge(time.time() + shard.skew, paced=True)
+                if shard.merge_asked:
+                    shard.merge_asked = False
+                    if not self._merge_in_helper(shard):
+                        shard.merge(time.time() + shard.skew, paced=True)
             except Exception as exc:  # maintenance only: the writes go on without it
                 log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)
             finally:
                 with self._mutex:
                     self._running = None
+
+    def _merge_in_helper(self, shard: Shard) -> bool:
+        """Have the helper process merge ``shard`` (see ``_merge_helper``);
+        False if this process merges in its own thread (no helper to be had,
+        or the shard is indexed in memory only, which the helper cannot see)."""
+        if shard.private or not self.helper.usable():
+            return False
+        try:
+            st = os.stat(shard.directory)
+        except OSError:
+            return True  # the store is gone: nothing to merge
+        try:
+            self.helper.merge(
+                shard.directory, (st.st_dev, st.st_ino), shard.number, shard.durable, shard.skew, SLACK
+            )
+        except HelperUnavailable:
+            return False
+        except StorageError as exc:  # it failed there: this thread tries, and reports what it finds
+            log.debug("sessionkit: the merge helper could not merge %s: %s", shard.path, exc)
+            return False
+        return True
+
+    def close_due(self) -> float:
+        """Close the replaced files kept open whose time is up (as the merge
+        thread does, for a process that merges without one: the helper);
+        returns the seconds until the next is due."""
+        return self._close_retired()
 
     def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0) -> bool:
         """Wait until no merge of ``shards`` (default: of any shard) is asked
@@ -1403,6 +1454,7 @@ class Merger:
         pass
 
     def _fork_after_child(self) -> None:
+        self.helper.forget()  # the parent's: this process starts its own when it needs one
         self._mutex = threading.Lock()
         self._pending = []
         self._thread = self._running = None

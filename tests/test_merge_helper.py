@@ -1,0 +1,256 @@
+"""Background merges made by a helper process (``sessionkit.storage._merge_helper``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sessionkit import MsgpackFileStorage
+from sessionkit.storage import _index as ix
+from sessionkit.storage import _merge_helper, _shard
+from sessionkit.storage._shard import MERGER
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+
+
+@pytest.fixture(autouse=True)
+def helper_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SESSIONKIT_MERGES", "process")
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _merge(storage: MsgpackFileStorage, key: str = "k") -> None:
+    """Overwrite ``key`` (10 KB) until its shard's dead bytes pass the merge
+    bound (not the bound at which the writer merges itself); wait for the merge."""
+    shard = storage._locate(key)[0]
+    with shard.mutex, shard:
+        ident = shard.log_ident
+    for i in range(_shard.SLACK // 10_000 + 20):
+        storage.write(key, {"pad": "x" * 10_000, "i": i})
+    assert MERGER.wait()
+    with shard.mutex, shard:
+        assert shard.log_ident != ident, "no merge replaced the log"
+
+
+def _run(script: str, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, env={**os.environ, **env},
+    )
+
+
+def test_merges_are_made_by_a_helper_process(tmp_path: Path) -> None:
+    """The merge thread hands the merge to a child process running
+    ``_merge_helper``; the data comes through whole, and this process moves
+    to the new files at its next call."""
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    before = MERGER.helper.merges
+    _merge(storage)
+    assert MERGER.helper.merges > before
+    pid = MERGER.helper.pid
+    assert pid is not None and pid != os.getpid() and _alive(pid)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"sessionkit.storage._merge_helper" in f.read()
+    with open(f"/proc/{pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()  # our child
+    assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
+    assert [p.name for p in (tmp_path / "store").iterdir() if ".merge" in p.name] == []
+    storage.close()
+
+
+def test_the_helper_ends_with_the_process_it_merges_for(tmp_path: Path) -> None:
+    """Killed with -9, a process leaves no helper behind: the helper finds
+    its stdin at end of file (or its parent gone) and exits."""
+    script = """
+        import sys, time
+        from sessionkit import MsgpackFileStorage
+        from sessionkit.storage._shard import MERGER, SLACK
+        storage = MsgpackFileStorage(sys.argv[1], shards=1)
+        for i in range(SLACK // 10_000 + 20):
+            storage.write("k", {"pad": "x" * 10_000})
+        assert MERGER.wait() and MERGER.helper.merges
+        print(MERGER.helper.pid, flush=True)
+        time.sleep(600)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "store")],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        helper = int(proc.stdout.readline())  # type: ignore[union-attr]
+        assert _alive(helper)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert _gone_within(helper, 10), "the helper outlived its process"
+
+
+def test_a_forked_child_merges_with_a_helper_of_its_own(tmp_path: Path) -> None:
+    """A store built before fork(): the child never talks to its parent's
+    helper (their requests would mix), starts its own, and that one ends with
+    the child; the parent's goes on serving the parent."""
+    storage = MsgpackFileStorage(tmp_path / "store", shards=2)
+    _merge(storage, "a")
+    parents = MERGER.helper.pid
+    assert parents is not None
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            os.close(read)
+            assert MERGER.helper.pid is None
+            _merge(storage, "b")
+            os.write(write, f"{MERGER.helper.pid}\n".encode())
+            code = 0 if MERGER.helper.pid not in (None, parents) else 2
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        childs = int(f.read().strip() or 0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert childs and childs != parents
+    assert _gone_within(childs, 10), "the child's helper outlived the child"
+    assert MERGER.helper.pid == parents and _alive(parents)
+    merges = MERGER.helper.merges
+    _merge(storage, "a")
+    assert MERGER.helper.merges > merges and MERGER.helper.pid == parents
+    assert storage.read("a")["i"] == storage.read("b")["i"] == _shard.SLACK // 10_000 + 19
+    storage.close()
+
+
+def test_a_helper_that_died_is_replaced_and_the_thread_merges_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    _merge(storage)
+    first = MERGER.helper.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    assert _gone_within(first, 10)
+    monkeypatch.setattr(_merge_helper, "RETRY_AFTER", 3600.0)
+    merges = MERGER.helper.merges
+    with caplog.at_level(logging.WARNING, logger="sessionkit"):
+        _merge(storage)  # made by the merge thread
+    assert MERGER.helper.merges == merges and MERGER.helper.pid is None
+    assert "the merge helper failed" in caplog.text
+    monkeypatch.setattr(MERGER.helper, "_retry_at", 0.0)  # the retry time comes
+    _merge(storage)
+    assert MERGER.helper.merges == merges + 1
+    assert MERGER.helper.pid not in (None, first)
+    assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
+    storage.close()
+
+
+@pytest.mark.parametrize("executable", ["no-python", "exits", "mute"])
+def test_without_a_helper_to_be_had_the_merge_thread_merges(tmp_path: Path, executable: str) -> None:
+    """``sys.executable`` not a Python (an embedded interpreter's host
+    program, which must never be run), one that exits at once, or one that
+    never answers: the merge thread merges, and the writes never notice."""
+    fake = tmp_path / "bin" / ("uwsgi" if executable == "no-python" else "python3")
+    fake.parent.mkdir()
+    fake.write_text({"no-python": "#!/bin/sh\ntouch \"$0.ran\"\n", "exits": "#!/bin/sh\nexit 1\n",
+                     "mute": "#!/bin/sh\nexec sleep 30\n"}[executable])
+    fake.chmod(0o755)
+    script = """
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        from sessionkit import MsgpackFileStorage
+        from sessionkit.storage import _merge_helper
+        from sessionkit.storage._shard import MERGER, SLACK
+        _merge_helper.START_TIMEOUT = 1.0
+        sys.executable = sys.argv[2]
+        storage = MsgpackFileStorage(sys.argv[1], shards=1)
+        shard = storage._shards[0]
+        with shard.mutex, shard:
+            ident = shard.log_ident
+        for i in range(SLACK // 10_000 + 20):
+            storage.write("k", {"pad": "x" * 10_000, "i": i})
+        assert MERGER.wait()
+        with shard.mutex, shard:
+            assert shard.log_ident != ident, "no merge replaced the log"
+        assert MERGER.helper.merges == 0 and MERGER.helper.pid is None
+        assert storage.read("k")["i"] == SLACK // 10_000 + 19
+        print("ok")
+    """
+    done = _run(script, str(tmp_path / "store"), str(fake))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert not Path(str(fake) + ".ran").exists()
+    if executable == "no-python":
+        assert "merge helper" not in done.stderr
+    else:
+        assert "the merge helper failed" in done.stderr
+
+
+def test_sessionkit_merges_picks_where_merges_go(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SESSIONKIT_MERGES", "thread")
+    assert _merge_helper.wanted() == "thread"
+    for value in ("", "auto", "process", " Process "):
+        monkeypatch.setenv("SESSIONKIT_MERGES", value)
+        assert _merge_helper.wanted() == "process"
+    monkeypatch.setenv("SESSIONKIT_MERGES", "threads")
+    with caplog.at_level(logging.WARNING, logger="sessionkit"):
+        assert _merge_helper.wanted() == "process"
+        assert _merge_helper.wanted() == "process"
+    assert caplog.text.count("'threads' is not one of auto, process, thread") == 1
+
+
+def test_a_damaged_index_a_merge_left_is_found_by_the_merge_thread(tmp_path: Path) -> None:
+    """A process moving to an index another process's merge put in place
+    maps it without reading every slot (that is the merge thread's job, a
+    moment later).  Slots zeroed in it are found then, and the log indexed
+    anew: no session stays hidden, none is dropped by a merge."""
+    directory = str(tmp_path / "store")
+    storage = MsgpackFileStorage(directory, shards=1)
+    for i in range(200):
+        storage.write(f"k{i}", {"i": i})
+    storage.read("k0")  # the shard is open here
+    merged = _run(
+        """
+        import sys, time
+        from sessionkit import MsgpackFileStorage
+        storage = MsgpackFileStorage(sys.argv[1])
+        assert storage._shards[0].merge(time.time(), wait=True, force=True)
+        storage.close()
+        """,
+        directory, SESSIONKIT_MERGES="thread",
+    )
+    assert merged.returncode == 0, merged.stderr
+    path = Path(directory) / "shard-000.idx"
+    with open(path, "r+b") as f:  # zero every slot of the new table: 200 sessions hidden
+        data = f.read()
+        f.seek(ix.HEADER_SIZE)
+        f.write(bytes(len(data) - ix.HEADER_SIZE))
+    shard = storage._shards[0]
+    storage.read("k1")  # moves to the new files; the check is the merge thread's
+    assert shard.verify_pending or not shard.table.count == 0  # (it may have run already)
+    assert MERGER.wait()
+    assert {k: storage.read(k)["i"] for k in storage.keys()} == {f"k{i}": i for i in range(200)}
+    storage.close()
