@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from sessionkit import MsgpackFileStorage
-from sessionkit.storage import _index as ix
 from sessionkit.storage import _merge_helper, _shard
 from sessionkit.storage._shard import MERGER
 
@@ -220,37 +219,3 @@ def test_sessionkit_merges_picks_where_merges_go(monkeypatch: pytest.MonkeyPatch
         assert _merge_helper.wanted() == "process"
         assert _merge_helper.wanted() == "process"
     assert caplog.text.count("'threads' is not one of auto, process, thread") == 1
-
-
-def test_a_damaged_index_a_merge_left_is_found_by_the_merge_thread(tmp_path: Path) -> None:
-    """A process moving to an index another process's merge put in place
-    maps it without reading every slot (that is the merge thread's job, a
-    moment later).  Slots zeroed in it are found then, and the log indexed
-    anew: no session stays hidden, none is dropped by a merge."""
-    directory = str(tmp_path / "store")
-    storage = MsgpackFileStorage(directory, shards=1)
-    for i in range(200):
-        storage.write(f"k{i}", {"i": i})
-    storage.read("k0")  # the shard is open here
-    merged = _run(
-        """
-        import sys, time
-        from sessionkit import MsgpackFileStorage
-        storage = MsgpackFileStorage(sys.argv[1])
-        assert storage._shards[0].merge(time.time(), wait=True, force=True)
-        storage.close()
-        """,
-        directory, SESSIONKIT_MERGES="thread",
-    )
-    assert merged.returncode == 0, merged.stderr
-    path = Path(directory) / "shard-000.idx"
-    with open(path, "r+b") as f:  # zero every slot of the new table: 200 sessions hidden
-        data = f.read()
-        f.seek(ix.HEADER_SIZE)
-        f.write(bytes(len(data) - ix.HEADER_SIZE))
-    shard = storage._shards[0]
-    storage.read("k1")  # moves to the new files; the check is the merge thread's
-    assert shard.verify_pending or not shard.table.count == 0  # (it may have run already)
-    assert MERGER.wait()
-    assert {k: storage.read(k)["i"] for k in storage.keys()} == {f"k{i}": i for i in range(200)}
-    storage.close()

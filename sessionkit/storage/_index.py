@@ -221,33 +221,38 @@ def check(data: bytes, capacity: int, pause: Any = None) -> str:
     c = COUNTERS.unpack_from(data, 0)
     if c[4] or c[5]:
         return ""  # being written, or replaced: the caller looks at those itself
-    words_per_slot = SLOT_SIZE // 4
     table = memoryview(data)[HEADER_SIZE - COUNTERS_AT :]
     if len(table) != capacity * SLOT_SIZE:
         return "its table is cut short"
-    if pause is None:
-        counted = _count_fast(table)
-        if counted is not None:
-            table.release()
-            return "" if counted == (c[2], c[3], c[6], c[1]) else "its slots do not match its counters"
     live = used = corrupt = count = 0
-    step = (8192 if pause is None else 512) * SLOT_SIZE
+    step = (8192 if pause is None else 1024) * SLOT_SIZE
     for start in range(0, len(table), step):
-        words = array.array("I")
-        words.frombytes(table[start : start + step])
-        if sys.byteorder == "big":
-            words.byteswap()
-        states = words[7::words_per_slot]
-        count += states.count(LIVE)
-        corrupt += states.count(CORRUPT)
-        used += len(states) - states.count(EMPTY)
-        live += sum(words[6::words_per_slot])
+        part = table[start : start + step]
+        counted = _count_fast(part)
+        if counted is None:
+            counted = _count_slow(part)
+        count += counted[0]
+        used += counted[1]
+        corrupt += counted[2]
+        live += counted[3]
+        part.release()
         if pause is not None:
             pause()
     table.release()
     if (count, used, corrupt, live) != (c[2], c[3], c[6], c[1]):
         return "its slots do not match its counters"
     return ""
+
+
+def _count_slow(table: memoryview) -> tuple[int, int, int, int]:
+    """What :func:`_count_fast` counts, for a table with a state not one of the four."""
+    words = array.array("I")
+    words.frombytes(table)
+    if sys.byteorder == "big":
+        words.byteswap()
+    states = words[7 :: SLOT_SIZE // 4]
+    count = states.count(LIVE)
+    return count, len(states) - states.count(EMPTY), states.count(CORRUPT), sum(words[6 :: SLOT_SIZE // 4])
 
 
 _LENGTH_AT = 24  # a slot's length (u32) in bytes from its start; its state (u32) follows
@@ -345,6 +350,12 @@ class Index:
         fd, self.fd = self.fd, -1  # forgotten before it is closed: the number may be reused at once
         if fd >= 0:
             os.close(fd)
+
+
+def file_ident(idx: Index) -> tuple[int, int]:
+    """Which file ``idx`` maps: its device and inode (``OSError`` once closed)."""
+    st = os.fstat(idx.fd)
+    return st.st_dev, st.st_ino
 
 
 def slots(snapshot: bytes) -> Iterator[tuple[int, int, int, int, int, float]]:

@@ -1,13 +1,17 @@
 """Background merges made by a helper process, off the GIL of the process that serves requests.
 
-A merge of a shard (see ``_shard.Shard.merge``) is Python work: tens of
-milliseconds for a few megabytes of log.  Made by a thread of the serving
-process, it shares that process's GIL, and every request that runs meanwhile
-waits for the GIL at each of its system calls: on a machine with a core to
-spare, that is most of a request's tail latency.  So the process's merge
-thread (``_shard.Merger``) hands each merge to a helper: a child process,
-started when the first merge is due, that opens the same store and merges the
-shard there, while the merge thread waits for its answer without the GIL.
+A merge of a shard (see ``_shard.Shard.merge``) is Python work: milliseconds
+for a shard of a few megabytes.  Made by a thread of the serving process, it
+shares that process's GIL, and a request that runs meanwhile waits for the
+GIL at each of its system calls, then for the kernel to wake it: on a
+machine with a core to spare, that is most of a request's tail latency.  So
+a writer that finds a merge due asks a helper instead: a child process,
+started with the first request, that opens the same store and merges the
+shard there.  The writer only writes the request to a pipe; answers are
+collected by later requests (and by ``_shard.Merger.wait``), so no thread
+of the serving process waits for the helper or wakes when it answers.  The
+writer moves to the merged files at its next call on that shard, as it does
+after any other process's merge.
 
 The protocol between the two is private to this module: one line of JSON
 each way per merge, over the helper's stdin and stdout.
@@ -15,7 +19,12 @@ each way per merge, over the helper's stdin and stdout.
 * helper → parent, once started: ``{"ready": pid, "module": path}``;
 * parent → helper: ``{"dir": directory, "ident": [dev, ino], "shard": n,
   "durable": bool, "skew": seconds, "slack": bytes}``;
-* helper → parent: ``{"merged": bool}`` or ``{"error": message}``.
+* helper → parent: ``{"merged": bool}`` or ``{"error": message}``;
+* parent → helper: ``{"dir": ..., "ident": ..., "shard": n, "verify": [dev,
+  ino]}``: check the shard's index against its counters if it is still
+  that file (the parent maps it unchecked; see ``_shard.Shard._use``), and
+  index the log anew if it fails;
+* helper → parent: ``{"why": reason or ""}`` or ``{"error": message}``.
 
 The helper keeps a store open while merges of it come, and closes it after
 ``IDLE`` seconds without one.  It ends when its stdin reaches end of file,
@@ -24,14 +33,16 @@ parent changed.  A forked child does not share its parent's helper: it
 closes its copies of the pipes and starts its own when it needs one.
 
 Where no helper can be had (no Python executable to start: an embedded
-interpreter; a helper that does not answer, or that died), the merge thread
-merges itself, as it does when ``SESSIONKIT_MERGES=thread``, and tries a
-helper again ``RETRY_AFTER`` seconds later.  A helper's death costs nothing
-but that: merges are safe to kill at any point.
+interpreter; a helper that does not answer, or that died), the process's
+merge thread merges, as it does when ``SESSIONKIT_MERGES=thread``, and a
+helper is tried again ``RETRY_AFTER`` seconds later.  A helper's death costs
+nothing but that: merges are safe to kill at any point, and the requests it
+had not answered go to the thread.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -81,66 +92,129 @@ def wanted() -> str:
     return "process"
 
 
+_checked: dict[str, str | None] = {}
+
+
 def _python_executable() -> str | None:
     """The interpreter to start the helper with, if this process runs one
     that can be started (not an embedded one: ``sys.executable`` may then be
     the host program, which must never be run with our arguments)."""
     exe = sys.executable
-    if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
-        return None
-    name = os.path.basename(exe).lower()
-    return exe if name.startswith(("python", "pypy")) else None
-
-
-class HelperUnavailable(Exception):
-    """No helper answered: the caller merges in its own thread."""
+    if exe in _checked:
+        return _checked[exe]
+    found = None
+    if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
+        name = os.path.basename(exe).lower()
+        found = exe if name.startswith(("python", "pypy")) else None
+    _checked[exe] = found
+    return found
 
 
 class Helper:
-    """The parent's side: the helper process, started on first use.
+    """The parent's side: the helper process, started with the first request.
 
-    Used by the merge thread only (one merge at a time), so it needs no mutex
-    of its own; the fork hook of ``_shard.Merger`` calls :meth:`forget`."""
+    Requests are written without waiting (a pipe takes a line of up to
+    ``PIPE_BUF`` bytes whole or not at all) and answered in order; the
+    caller collects answers with :meth:`poll`, which never blocks longer
+    than asked.  So a request costs the thread that makes it (a writer, in
+    its section) one ``write`` and nothing else: no thread of this process
+    waits for the helper, and none takes the GIL when it answers.
+
+    Not thread-safe: ``_shard.Merger`` calls it under its mutex, and its
+    fork hook calls :meth:`forget`."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
+        self._ready = False
+        self._started = 0.0
+        self._asked: collections.deque[tuple[Any, float]] = collections.deque()  # (token, when sent), oldest first
         self._retry_at = 0.0
         self.merges = 0  # merges the helper made (for tests and benchmarks)
         self.pid: int | None = None  # the helper's, while it runs
 
     def usable(self) -> bool:
-        """Whether the next merge should go to a helper (``SESSIONKIT_MERGES``, and no recent failure)."""
+        """Whether requests go to a helper (``SESSIONKIT_MERGES``, and no recent failure)."""
         return (self._proc is not None or time.monotonic() >= self._retry_at) and wanted() == "process"
 
-    def merge(
-        self, directory: str, ident: tuple[int, int], shard: int, durable: bool, skew: float, slack: int
-    ) -> bool:
-        """Have the helper merge shard ``shard`` of the store in ``directory``
-        (``skew``: the store's clock minus the real one; ``slack``: this
-        process's ``_shard.SLACK``, which the helper adopts); returns whether
-        it merged.  Raises :class:`HelperUnavailable` if no helper answered
-        (it is stopped, and not tried again for ``RETRY_AFTER`` seconds), and
-        :class:`~sessionkit.StorageError` for a merge that failed there."""
-        request = {
-            "dir": directory, "ident": list(ident), "shard": shard, "durable": durable, "skew": skew, "slack": slack,
-        }
+    def asked(self) -> list[Any]:
+        """The tokens of the requests not answered yet, oldest first."""
+        return [token for token, _ in self._asked]
+
+    def send(self, token: Any, request: dict[str, Any]) -> bool:
+        """Write ``request`` for the helper (started if need be); ``token``
+        comes back from :meth:`poll` with the answer.  False if it was not
+        sent: no helper to be had, the pipe full, or the line too long."""
+        line = json.dumps(request).encode() + b"\n"
+        if len(line) > select.PIPE_BUF:
+            return False
         try:
             if self._proc is None:
                 self._start()
             assert self._proc is not None and self._proc.stdin is not None
-            os.write(self._proc.stdin.fileno(), json.dumps(request).encode() + b"\n")
-            reply = self._read_line(REPLY_TIMEOUT)
+            os.write(self._proc.stdin.fileno(), line)
+        except BlockingIOError:
+            return False
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._fail(f"cannot ask it: {exc}")
+            return False
+        self._asked.append((token, time.monotonic()))
+        return True
+
+    def poll(self, timeout: float = 0.0) -> tuple[list[tuple[Any, dict[str, Any]]], list[Any]]:
+        """``(answered, failed)``: the requests answered since the last call,
+        each as ``(token, answer)``, and those that never will be (the
+        helper failed: it is stopped, and not started again for
+        ``RETRY_AFTER`` seconds).  Waits up to ``timeout`` seconds for an
+        answer if none has come."""
+        answered: list[tuple[Any, dict[str, Any]]] = []
+        if self._proc is None:
+            return answered, []
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        try:
+            if timeout > 0 and b"\n" not in self._buffer:
+                select.select([fd], [], [], timeout)
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    raise HelperUnavailable("it exited")
+                self._buffer += chunk
+            while b"\n" in self._buffer:
+                line, _, self._buffer = self._buffer.partition(b"\n")
+                reply = json.loads(line)
+                if not isinstance(reply, dict):
+                    raise HelperUnavailable(f"unexpected answer {line[:200]!r}")
+                if not self._ready:
+                    here = os.path.abspath(__file__)
+                    if reply.get("module") != here:
+                        raise HelperUnavailable(f"it imported {reply.get('module')!r}, not {here!r}")
+                    self._ready = True
+                    self.pid = int(reply["ready"])
+                    continue
+                if not self._asked:
+                    raise HelperUnavailable(f"an answer to no request: {line[:200]!r}")
+                token = self._asked.popleft()[0]
+                self.merges += bool(reply.get("merged"))
+                answered.append((token, reply))
+            now = time.monotonic()
+            if not self._ready and now - self._started > START_TIMEOUT:
+                raise HelperUnavailable(f"not ready in {START_TIMEOUT:.0f} s")
+            if self._asked and now - self._asked[0][1] > REPLY_TIMEOUT:
+                raise HelperUnavailable(f"no answer in {REPLY_TIMEOUT:.0f} s")
         except (OSError, ValueError, HelperUnavailable) as exc:
-            self.stop()
-            self._retry_at = time.monotonic() + RETRY_AFTER
-            log.warning("sessionkit: the merge helper failed (%s); merging in a thread for %.0f s", exc, RETRY_AFTER)
-            raise HelperUnavailable(str(exc)) from None
-        if "error" in reply:
-            raise StorageError(str(reply["error"]), path=directory)
-        merged = bool(reply.get("merged"))
-        self.merges += merged
-        return merged
+            return answered, self._fail(str(exc))
+        return answered, []
+
+    def _fail(self, why: str) -> list[Any]:
+        failed = self.asked()
+        self.stop()
+        self._retry_at = time.monotonic() + RETRY_AFTER
+        log.warning("sessionkit: the merge helper failed (%s); merging in a thread for %.0f s", why, RETRY_AFTER)
+        return failed
 
     def _start(self) -> None:
         exe = _python_executable()
@@ -152,38 +226,23 @@ class Helper:
         # The same modules as ours: our sys.path first (an application may have changed it).
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         self._buffer = b""
-        self._proc = subprocess.Popen(
+        self._ready = False
+        self._asked.clear()
+        self._started = time.monotonic()
+        self._proc = proc = subprocess.Popen(
             [exe, "-c", code, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             close_fds=True, env=env, cwd="/",
         )
-        ready = self._read_line(START_TIMEOUT)
-        here = os.path.abspath(__file__)
-        if ready.get("module") != here:
-            raise HelperUnavailable(f"the helper imported {ready.get('module')!r}, not {here!r}")
-        self.pid = int(ready["ready"])
-
-    def _read_line(self, timeout: float) -> dict[str, Any]:
-        assert self._proc is not None and self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise HelperUnavailable(f"no answer in {timeout:.0f} s")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                raise HelperUnavailable("it exited")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        reply = json.loads(line)
-        if not isinstance(reply, dict):
-            raise ValueError(f"unexpected answer {line!r}")
-        return reply
+        os.set_blocking(proc.stdin.fileno(), False)  # type: ignore[union-attr]
+        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
 
     def stop(self) -> None:
-        """Stop the helper (it is between merges, or stuck in one): closing its stdin ends it."""
+        """Stop the helper: closing its stdin ends it (at once between
+        requests; a merge under way is finished first, or killed after 2 s)."""
         proc, self._proc, self.pid = self._proc, None, None
+        self._asked.clear()
+        self._ready = False
         if proc is None:
             return
         for pipe in (proc.stdin, proc.stdout):
@@ -201,6 +260,8 @@ class Helper:
         """In a forked child: close this process's copies of the parent's pipes (the helper is the parent's)."""
         proc, self._proc, self.pid = self._proc, None, None
         self._buffer = b""
+        self._ready = False
+        self._asked.clear()
         self._retry_at = 0.0
         if proc is None:
             return
@@ -210,6 +271,10 @@ class Helper:
             except (OSError, ValueError):
                 pass
         proc.returncode = 0  # not our child: never waited for here
+
+
+class HelperUnavailable(Exception):
+    """The helper failed (internal to :meth:`Helper.poll`)."""
 
 
 def _open(stores: dict[str, Any], request: dict[str, Any]) -> Any:
@@ -241,10 +306,12 @@ def _serve(request: dict[str, Any], stores: dict[str, Any], used: dict[str, floa
     from . import _shard
 
     try:
-        _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
         storage = _open(stores, request)
         used[request["dir"]] = time.monotonic()
         shard = storage._state.shards[request["shard"]]
+        if "verify" in request:
+            return {"why": shard.verify(tuple(request["verify"]), pace=False)}
+        _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
         if request["durable"]:
             shard.durable = True
         return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}

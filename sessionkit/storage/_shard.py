@@ -42,7 +42,7 @@ from .. import _fork
 from ..errors import CorruptSessionError, LockTimeout, SerializationError, StorageError
 from . import _index as ix
 from . import _records as rec
-from ._merge_helper import Helper, HelperUnavailable
+from ._merge_helper import Helper
 
 log = logging.getLogger("sessionkit")
 
@@ -232,6 +232,7 @@ class Shard:
 
     def __init__(self, directory: str, number: int, locks: Any, slot: int) -> None:
         self.directory = directory
+        self.dir_ident = (0, 0)  # the directory's device and inode (set by the store; told to the merge helper)
         self.number = number
         self.path = os.path.join(directory, log_name(number))
         self.index_path = os.path.join(directory, index_name(number))
@@ -349,9 +350,13 @@ class Shard:
         whole, of this log, of this boot, and ends where the log ends.
 
         ``moved``: the files in use were replaced (by a merge, a rebuild or a
-        growth, most often of another process): the new index's slots are
-        checked against its counters by the merge thread a moment later, not
-        in the request that moves to it (see :meth:`_use`)."""
+        growth, most often of another process's): the new index was written
+        a moment ago from a table that was checked or built anew, so its
+        slots are not read again against its counters (:func:`_index.check`),
+        a cost of a hundred microseconds or more that would fall on the
+        request that moves to it.  An index found at opening is checked
+        (one of a large table, by the merge thread: see :meth:`_use`), and
+        so is the table every merge starts from."""
         self._close_files()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -402,20 +407,16 @@ class Shard:
             elif c[0] != size:
                 why = f"its index ends at byte {c[0]}, the log at {size}"
             if not why:
-                self._use(idx, checked=not moved)
+                self._use(idx, checked=True)
                 return
             self.idx = idx  # replaced by the rebuild, for every process that maps it
         self._rebuild(why, reopen=False)
 
     def _use(self, idx: ix.Index, checked: bool = True) -> None:
-        """Use ``idx``.  One not ``checked`` as it was mapped (a table over
-        ``CHECK_AT_OPEN`` slots, or one that replaced the index in use) is
-        checked by the merge thread (:meth:`verify`), off the request's path:
-        the check reads every slot, which for a table of a few thousand
-        slots costs a request after every merge more than the rest of its
-        work.  Damage found then is indexed anew, as it is when found at
-        mapping time; damage done after a check is found by the next one
-        (at the next mapping, and in every merge's snapshot)."""
+        """Use ``idx``.  A table over ``CHECK_AT_OPEN`` slots, not checked as
+        it was mapped, is checked in the background (:meth:`verify`, by the
+        merge helper or thread), off the request's path; ``checked=False``:
+        check it so whatever its size."""
         self.idx = idx
         self.map = idx.map
         self.private = False
@@ -926,24 +927,27 @@ class Shard:
         table: ix.Table = self.table  # type: ignore[assignment]
         return table.used * 10 > table.capacity * 6 or self.end - table.live > max(table.live, SLACK)
 
-    def verify(self) -> None:
-        """Check a large index against its counters (see ``_index.check``),
-        off the path of every request: indexes up to ``CHECK_AT_OPEN`` slots
-        are checked as they are mapped.  One that fails is indexed anew."""
+    def verify(self, only: tuple[int, int] | None = None, pace: bool = True) -> str:
+        """Check the index in use against its counters (see ``_index.check``),
+        off the path of every request (see :meth:`_use`); one that fails is
+        indexed anew.  Returns why it failed, or ``""``.
+
+        ``only``: check only if the index in use is that file (device,
+        inode), as the merge helper does for its parent.  ``pace``: pause
+        between slices of a large table, giving the GIL back."""
         self.verify_pending = False
         with self.mutex, self:
             idx = self.idx
-            if idx is None:
-                return
+            if idx is None or (only is not None and ix.file_ident(idx) != only):
+                return ""
             data = idx.read_table()
-        # A large table in slices with pauses between them (other threads get the GIL back)
-        pause = (lambda: time.sleep(PAUSE)) if idx.capacity > ix.CHECK_AT_OPEN else None
-        why = ix.check(data, idx.capacity, pause)
+        why = ix.check(data, idx.capacity, (lambda: time.sleep(PAUSE)) if pace else None)
         if why:
             log.warning("sessionkit: %s: %s; indexing its log anew", self.index_path, why)
             with self.mutex, self:
                 if self.idx is idx:
                     self._rebuild(why)
+        return why
 
     def merge(
         self, now: float, wait: bool = False, force: bool = False, paced: bool = False,
@@ -1279,11 +1283,15 @@ class Shard:
 
 
 class Merger:
-    """The process's background merge thread, started when a shard first needs one.
+    """Where the process's background merges and index checks go: its merge
+    helper process (see ``_merge_helper``), or its merge thread, started
+    when a shard first needs one (no helper to be had, or
+    ``SESSIONKIT_MERGES=thread``).
 
     :meth:`request` runs inside a shard's section, so it takes only
     ``_mutex``, which nothing holds while it waits for a shard: the fork
-    hooks leave it alone (a child starts with a new one and no merges).
+    hooks leave it alone (a child starts with a new one, no merges and no
+    helper).
     """
 
     def __init__(self) -> None:
@@ -1297,20 +1305,81 @@ class Merger:
         _fork.register(self)
 
     def request(self, shard: Shard) -> None:
+        """Have ``shard`` merged (``merge_asked``) and its index checked
+        (``verify_pending``), whichever its flags ask for: by the helper
+        process if one can be had (see ``_merge_helper``), else by the merge
+        thread.  Called inside the shard's section; never waits."""
         with self._mutex:
-            if shard in self._pending and self._thread is not None:
+            self._collect(self.helper.poll())
+            if self.helper.usable() and self._ask_helper(shard):
                 return
-            if shard not in self._pending:
-                self._pending.append(shard)
-            if self._thread is None:
-                thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
-                try:
-                    thread.start()
-                except RuntimeError as exc:  # no thread to be had: the next request tries again
-                    log.warning("sessionkit: cannot start the merge thread: %s", exc)
-                    return
-                self._thread = thread
+            self._to_thread(shard)
         self._wake.set()
+
+    def _ask_helper(self, shard: Shard) -> bool:
+        """Send the helper what ``shard``'s flags ask for (under ``_mutex``);
+        False if the thread is to do it."""
+        if shard.private:
+            return False  # indexed in memory only: the helper cannot see that index
+        asked = self.helper.asked()
+        base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
+        if shard.verify_pending and (shard, "verify") not in asked:
+            try:
+                index = ix.file_ident(shard.idx)  # type: ignore[arg-type]
+            except (OSError, AttributeError):
+                index = None
+            if index is not None:
+                if not self.helper.send((shard, "verify"), {**base, "verify": list(index)}):
+                    return False
+                shard.verify_pending = False
+        if shard.merge_asked and (shard, "merge") not in asked:
+            request = {**base, "durable": shard.durable, "skew": shard.skew, "slack": SLACK}
+            if not self.helper.send((shard, "merge"), request):
+                return False
+            shard.merge_asked = False
+        # Asked, or asked already: the writes that find the merge still due
+        # look again a moment later, not at every write.
+        shard.next_request = time.monotonic() + 0.005
+        return True
+
+    def _collect(self, polled: tuple[list[tuple[Any, dict[str, Any]]], list[Any]]) -> None:
+        """The helper's answers (under ``_mutex``): what it failed at, or
+        will never answer, goes to the thread."""
+        answered, failed = polled
+        again = []
+        for (shard, kind), reply in answered:
+            if "error" in reply:
+                log.debug("sessionkit: the merge helper could not %s %s: %s", kind, shard.path, reply["error"])
+                failed.append((shard, kind))
+            elif shard.verify_pending or shard.merge_asked:
+                again.append(shard)  # asked for again while this was under way
+        for shard in again:
+            if not (self.helper.usable() and self._ask_helper(shard)):
+                self._to_thread(shard)
+                self._wake.set()
+        for shard, kind in failed:
+            if kind == "merge":
+                shard.merge_asked = True
+            else:
+                shard.verify_pending = True
+            self._to_thread(shard)
+        if failed:
+            self._wake.set()
+
+    def _to_thread(self, shard: Shard) -> None:
+        """Queue ``shard`` for the merge thread, started if need be (under ``_mutex``)."""
+        if shard in self._pending and self._thread is not None:
+            return
+        if shard not in self._pending:
+            self._pending.append(shard)
+        if self._thread is None:
+            thread = threading.Thread(target=self._run, name="sessionkit-merge", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had: the next request tries again
+                log.warning("sessionkit: cannot start the merge thread: %s", exc)
+                return
+            self._thread = thread
 
     def hold(self, shard: Shard) -> None:
         """Note that ``shard`` keeps replaced files open (see Shard._retain):
@@ -1397,34 +1466,12 @@ class Merger:
                     shard.verify()
                 if shard.merge_asked:
                     shard.merge_asked = False
-                    if not self._merge_in_helper(shard):
-                        shard.merge(time.time() + shard.skew, paced=True)
+                    shard.merge(time.time() + shard.skew, paced=True)
             except Exception as exc:  # maintenance only: the writes go on without it
                 log.debug("sessionkit: merge of %s failed: %s", shard.path, exc)
             finally:
                 with self._mutex:
                     self._running = None
-
-    def _merge_in_helper(self, shard: Shard) -> bool:
-        """Have the helper process merge ``shard`` (see ``_merge_helper``);
-        False if this process merges in its own thread (no helper to be had,
-        or the shard is indexed in memory only, which the helper cannot see)."""
-        if shard.private or not self.helper.usable():
-            return False
-        try:
-            st = os.stat(shard.directory)
-        except OSError:
-            return True  # the store is gone: nothing to merge
-        try:
-            self.helper.merge(
-                shard.directory, (st.st_dev, st.st_ino), shard.number, shard.durable, shard.skew, SLACK
-            )
-        except HelperUnavailable:
-            return False
-        except StorageError as exc:  # it failed there: this thread tries, and reports what it finds
-            log.debug("sessionkit: the merge helper could not merge %s: %s", shard.path, exc)
-            return False
-        return True
 
     def close_due(self) -> float:
         """Close the replaced files kept open whose time is up (as the merge
@@ -1433,19 +1480,22 @@ class Merger:
         return self._close_retired()
 
     def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0) -> bool:
-        """Wait until no merge of ``shards`` (default: of any shard) is asked
-        for or running; returns False if ``timeout`` seconds pass first."""
+        """Wait until no merge or check of ``shards`` (default: of any shard)
+        is asked for or running, here or in the helper; returns False if
+        ``timeout`` seconds pass first."""
         deadline = time.monotonic() + timeout
         while True:
             with self._mutex:
+                self._collect(self.helper.poll())
                 busy = [s for s in (*self._pending, self._running) if s is not None]
+                busy += [token[0] for token in self.helper.asked()]
             if shards is not None:
                 busy = [s for s in busy if s in shards]
             if not busy:
                 return True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.005)
+            time.sleep(0.002)
 
     def _fork_before(self) -> None:
         pass

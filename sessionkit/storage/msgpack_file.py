@@ -69,6 +69,8 @@ class _MsgpackStore(StoreState):
     def setup(self) -> None:
         self.count = self._read_format(self.wanted_shards)
         self.shards = [Shard(self.directory, n, self.locks, _SHARD_BASE + n) for n in range(self.count)]
+        for shard in self.shards:
+            shard.dir_ident = (self.ident[1], self.ident[2])
 
     def _read_format(self, shards: int | None) -> int:
         """The shard count recorded in the directory, recorded on first use.
