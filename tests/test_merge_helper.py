@@ -219,3 +219,33 @@ def test_sessionkit_merges_picks_where_merges_go(monkeypatch: pytest.MonkeyPatch
         assert _merge_helper.wanted() == "process"
         assert _merge_helper.wanted() == "process"
     assert caplog.text.count("'threads' is not one of auto, process, thread") == 1
+
+
+def test_a_dead_helper_never_ends_an_application_that_restored_sigpipe(tmp_path: Path) -> None:
+    """Command-line tools often restore SIGPIPE's default action, which ends
+    the process on a write to a pipe nobody reads: asking a helper that died
+    must be an error the merge thread handles, not the end of the process."""
+    script = """
+        import os, signal, sys, time
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        from sessionkit import MsgpackFileStorage
+        from sessionkit.storage._shard import MERGER, SLACK
+        storage = MsgpackFileStorage(sys.argv[1], shards=1)
+        def merge():
+            for i in range(SLACK // 10_000 + 20):
+                storage.write("k", {"pad": "x" * 10_000, "i": i})
+            assert MERGER.wait()
+        merge()
+        helper = MERGER.helper.pid
+        assert helper
+        os.kill(helper, signal.SIGKILL)
+        while os.path.exists(f"/proc/{helper}") and open(f"/proc/{helper}/stat").read().split(")")[-1].split()[0] != "Z":
+            time.sleep(0.01)
+        # A writer that asks before anything noticed the death (no answer read since):
+        assert MERGER.helper.send("token", {"dir": sys.argv[1]}) is False
+        merge()
+        assert storage.read("k")["i"] == SLACK // 10_000 + 19
+        print("ok")
+    """
+    done = _run(script, str(tmp_path / "store"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-3000:])

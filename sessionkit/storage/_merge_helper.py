@@ -13,8 +13,11 @@ of the serving process waits for the helper or wakes when it answers.  The
 writer moves to the merged files at its next call on that shard, as it does
 after any other process's merge.
 
-The protocol between the two is private to this module: one line of JSON
-each way per merge, over the helper's stdin and stdout.
+The protocol between the two is private to this module: one JSON message
+each way per request, over a ``SOCK_SEQPACKET`` socket pair that is the
+helper's stdin and stdout (a message is sent whole or not at all, and a
+peer that died is an error, never a ``SIGPIPE`` that would end an
+application that restored its default action).
 
 * helper → parent, once started: ``{"ready": pid, "module": path}``;
 * parent → helper: ``{"dir": directory, "ident": [dev, ino], "shard": n,
@@ -48,6 +51,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +66,8 @@ START_TIMEOUT = 30.0  # seconds a new helper has to say it is ready
 REPLY_TIMEOUT = 600.0  # seconds a merge may take in the helper before it is given up for stuck
 RETRY_AFTER = 60.0  # seconds after a helper failed before another is started
 IDLE = 5.0  # seconds without a merge of a store after which the helper closes it
+_MESSAGE = 1 << 16  # the longest message either side reads
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 _warned: set[str] = set()
@@ -113,19 +119,18 @@ def _python_executable() -> str | None:
 class Helper:
     """The parent's side: the helper process, started with the first request.
 
-    Requests are written without waiting (a pipe takes a line of up to
-    ``PIPE_BUF`` bytes whole or not at all) and answered in order; the
-    caller collects answers with :meth:`poll`, which never blocks longer
-    than asked.  So a request costs the thread that makes it (a writer, in
-    its section) one ``write`` and nothing else: no thread of this process
-    waits for the helper, and none takes the GIL when it answers.
+    Requests are sent without waiting and answered in order; the caller
+    collects answers with :meth:`poll`, which never blocks longer than
+    asked.  So a request costs the thread that makes it (a writer, in its
+    section) one ``send`` and nothing else: no thread of this process waits
+    for the helper, and none takes the GIL when it answers.
 
     Not thread-safe: ``_shard.Merger`` calls it under its mutex, and its
     fork hook calls :meth:`forget`."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
-        self._buffer = b""
+        self._sock: socket.socket | None = None
         self._ready = False
         self._started = 0.0
         self._asked: collections.deque[tuple[Any, float]] = collections.deque()  # (token, when sent), oldest first
@@ -144,15 +149,13 @@ class Helper:
     def send(self, token: Any, request: dict[str, Any]) -> bool:
         """Write ``request`` for the helper (started if need be); ``token``
         comes back from :meth:`poll` with the answer.  False if it was not
-        sent: no helper to be had, the pipe full, or the line too long."""
-        line = json.dumps(request).encode() + b"\n"
-        if len(line) > select.PIPE_BUF:
-            return False
+        sent: no helper to be had, or its socket full."""
+        message = json.dumps(request).encode()
         try:
-            if self._proc is None:
+            if self._sock is None:
                 self._start()
-            assert self._proc is not None and self._proc.stdin is not None
-            os.write(self._proc.stdin.fileno(), line)
+            assert self._sock is not None
+            self._sock.send(message, _NOSIGNAL)
         except BlockingIOError:
             return False
         except (OSError, subprocess.SubprocessError) as exc:
@@ -168,23 +171,19 @@ class Helper:
         ``RETRY_AFTER`` seconds).  Waits up to ``timeout`` seconds for an
         answer if none has come."""
         answered: list[tuple[Any, dict[str, Any]]] = []
-        if self._proc is None:
+        sock = self._sock
+        if sock is None:
             return answered, []
-        assert self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
         try:
-            if timeout > 0 and b"\n" not in self._buffer:
-                select.select([fd], [], [], timeout)
+            if timeout > 0:
+                select.select([sock], [], [], timeout)
             while True:
                 try:
-                    chunk = os.read(fd, 65536)
+                    line = sock.recv(_MESSAGE)
                 except BlockingIOError:
                     break
-                if not chunk:
+                if not line:
                     raise HelperUnavailable("it exited")
-                self._buffer += chunk
-            while b"\n" in self._buffer:
-                line, _, self._buffer = self._buffer.partition(b"\n")
                 reply = json.loads(line)
                 if not isinstance(reply, dict):
                     raise HelperUnavailable(f"unexpected answer {line[:200]!r}")
@@ -225,31 +224,35 @@ class Helper:
         env[ENV] = "thread"  # the helper merges in its own main thread; it starts no helper of its own
         # The same modules as ours: our sys.path first (an application may have changed it).
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        self._buffer = b""
         self._ready = False
         self._asked.clear()
         self._started = time.monotonic()
-        self._proc = proc = subprocess.Popen(
-            [exe, "-c", code, str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            close_fds=True, env=env, cwd="/",
-        )
-        os.set_blocking(proc.stdin.fileno(), False)  # type: ignore[union-attr]
-        os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [exe, "-c", code, str(os.getpid())],
+                stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL,
+                close_fds=True, env=env, cwd="/",
+            )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        mine.setblocking(False)
+        self._sock = mine
 
     def stop(self) -> None:
         """Stop the helper: closing its stdin ends it (at once between
         requests; a merge under way is finished first, or killed after 2 s)."""
         proc, self._proc, self.pid = self._proc, None, None
+        sock, self._sock = self._sock, None
         self._asked.clear()
         self._ready = False
+        if sock is not None:
+            sock.close()
         if proc is None:
             return
-        for pipe in (proc.stdin, proc.stdout):
-            try:
-                pipe.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
         try:
             proc.wait(2.0)
         except subprocess.TimeoutExpired:
@@ -259,18 +262,14 @@ class Helper:
     def forget(self) -> None:
         """In a forked child: close this process's copies of the parent's pipes (the helper is the parent's)."""
         proc, self._proc, self.pid = self._proc, None, None
-        self._buffer = b""
+        sock, self._sock = self._sock, None
         self._ready = False
         self._asked.clear()
         self._retry_at = 0.0
-        if proc is None:
-            return
-        for pipe in (proc.stdin, proc.stdout):
-            try:
-                os.close(pipe.fileno())  # type: ignore[union-attr]
-            except (OSError, ValueError):
-                pass
-        proc.returncode = 0  # not our child: never waited for here
+        if sock is not None:
+            sock.close()  # this process's copy only: the parent's helper goes on
+        if proc is not None:
+            proc.returncode = 0  # not our child: never waited for here
 
 
 class HelperUnavailable(Exception):
@@ -327,8 +326,7 @@ def main() -> None:
     parent = int(sys.argv[1])
     stores: dict[str, Any] = {}
     used: dict[str, float] = {}
-    os.write(1, json.dumps({"ready": os.getpid(), "module": os.path.abspath(__file__)}).encode() + b"\n")
-    buffer = b""
+    os.write(1, json.dumps({"ready": os.getpid(), "module": os.path.abspath(__file__)}).encode())
     try:
         while True:
             wait = MERGER.close_due()  # replaced files kept open a moment (see _shard.Shard._retain)
@@ -343,14 +341,10 @@ def main() -> None:
                 if os.getppid() != parent:
                     return
                 continue
-            chunk = os.read(0, 65536)
-            if not chunk:
+            message = os.read(0, _MESSAGE)  # one request (a SOCK_SEQPACKET socket)
+            if not message:
                 return
-            buffer += chunk
-            while b"\n" in buffer:
-                line, _, buffer = buffer.partition(b"\n")
-                reply = _serve(json.loads(line), stores, used)
-                os.write(1, json.dumps(reply).encode() + b"\n")
+            os.write(1, json.dumps(_serve(json.loads(message), stores, used)).encode())
     finally:
         for storage in stores.values():
             storage.close()

@@ -158,18 +158,25 @@ class MsgpackFileStorage(EncodedStorage):
     session of a million-session store is read in about a millisecond.
 
     Dead records are merged away once they outweigh the live ones (beyond
-    1 MiB per shard) by a background thread of the process that noticed:
-    it copies the live records to a new log without the shard's lock, then
-    takes the lock only to add what was appended meanwhile and rename the
-    new files into place.  Disk use stays within about twice the live data
-    plus a constant; a process whose writes outrun its merge thread merges
-    in the writing thread.  ``close()`` waits for a merge under way.  A
-    replaced log's space comes back when the last process that has it open
-    closes it, which frees its blocks (a millisecond for a few megabytes):
-    every process moves to the new files at its next call on the shard.
-    Where the file system has room to spare (64 MiB plus 8 times what is
-    kept), the merging process keeps the old files open about a second, so
-    that the others do not pay for that inside a request.
+    1 MiB per shard), in the background: the merge copies the live records
+    to a new log without the shard's lock, then takes the lock only to add
+    what was appended meanwhile and rename the new files into place.  The
+    process that noticed asks its merge helper, a child process it starts
+    with ``sys.executable`` the first time a merge is due and that ends with
+    it, so that merging never takes the serving process's GIL; the writer
+    only writes the request to a pipe.  Where no helper can be had (an
+    embedded interpreter whose ``sys.executable`` is not a Python, a helper
+    that failed), or with ``SESSIONKIT_MERGES=thread`` in the environment,
+    a background thread of the process merges instead.  Disk use stays
+    within about twice the live data plus a constant; a process whose writes
+    outrun its merges merges in the writing thread.  ``close()`` waits for a
+    merge under way.  A replaced log's space comes back when the last
+    process that has it open closes it, which frees its blocks (a
+    millisecond for a few megabytes): every process moves to the new files
+    at its next call on the shard.  Where the file system has room to spare
+    (64 MiB plus 8 times what is kept), the merging process keeps the old
+    files open about a second, so that the others do not pay for that
+    inside a request.
 
     Crash safety: every record carries checksums, and the index is a cache
     of the log that is rebuilt from it whenever it may be stale (a process
