@@ -239,7 +239,10 @@ def test_a_dead_helper_never_ends_an_application_that_restored_sigpipe(tmp_path:
         helper = MERGER.helper.pid
         assert helper
         os.kill(helper, signal.SIGKILL)
-        while os.path.exists(f"/proc/{helper}") and open(f"/proc/{helper}/stat").read().split(")")[-1].split()[0] != "Z":
+        def running():
+            with open(f"/proc/{helper}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        while running():  # dead, not yet waited for
             time.sleep(0.01)
         # A writer that asks before anything noticed the death (no answer read since):
         assert MERGER.helper.send("token", {"dir": sys.argv[1]}) is False
