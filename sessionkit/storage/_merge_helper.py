@@ -323,6 +323,10 @@ def main() -> None:
     from ._shard import MERGER
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the parent, whose exit ends us
+    if os.environ.get("NICE"):
+        os.nice(int(os.environ["NICE"]))
+    if os.environ.get("BATCH"):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     parent = int(sys.argv[1])
     stores: dict[str, Any] = {}
     used: dict[str, float] = {}
