@@ -75,11 +75,6 @@ _monotonic = time.monotonic
 # 100 µs, and two processes on random keys spent about 12% of their time
 # asleep there, for sections released a few microseconds into each sleep.
 SECTION_SPIN = 50e-6
-# The longest of those sleeps for a section (a key lock's grow to 2 ms): a
-# section's holder that is descheduled (another process's merge, on a busy
-# machine) releases it within its time slice, and a waiter asleep for
-# milliseconds more would add all of that to a request.
-QUICK_CAP = 250e-6
 
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -155,8 +150,8 @@ def _method_of(fd: int) -> str:
     return "ofd"  # made before the method was recorded: classic POSIX locks
 
 
-def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str, cap: float = 0.002) -> None:
-    """Retry ``try_once`` with a sleep growing up to ``cap`` until it succeeds or time runs out."""
+def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
+    """Retry ``try_once`` with a growing sleep until it succeeds or time runs out."""
     deadline = _monotonic() + timeout
     delay = 0.0001
     while True:
@@ -164,7 +159,7 @@ def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str, cap: floa
         if left <= 0:
             raise LockTimeout(f"could not lock session {key!r} within {timeout} s", key=key)
         time.sleep(min(delay, left))
-        delay = min(delay * 2, cap)  # short: a lock freed for an instant is often retaken
+        delay = min(delay * 2, 0.002)  # short: a lock freed for an instant is often retaken
         if try_once():
             return
 
@@ -395,7 +390,7 @@ class OfdLocks:
                     if deadline is None:
                         self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
-                        _wait_loop(again, max(0.0, deadline - _monotonic()), key, QUICK_CAP if quick else 0.002)
+                        _wait_loop(again, max(0.0, deadline - _monotonic()), key)
                 if f.is_linked() if quick else f.is_current():
                     return f
             except BaseException:
