@@ -159,7 +159,7 @@ def test_a_helper_that_died_is_replaced_and_the_thread_merges_meanwhile(
         _merge(storage)  # made by the merge thread
     assert MERGER.helper.merges == merges and MERGER.helper.pid is None
     assert "the merge helper failed" in caplog.text
-    monkeypatch.setattr(MERGER.helper, "_retry_at", 0.0)  # the retry time comes
+    MERGER.helper._retry_at = 0.0  # the retry time comes (for good: later tests use helpers too)
     _merge(storage)
     assert MERGER.helper.merges == merges + 1
     assert MERGER.helper.pid not in (None, first)
@@ -252,3 +252,60 @@ def test_a_dead_helper_never_ends_an_application_that_restored_sigpipe(tmp_path:
     """
     done = _run(script, str(tmp_path / "store"))
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-3000:])
+
+
+def test_a_store_made_again_at_the_same_path_is_merged_by_the_helper(tmp_path: Path) -> None:
+    """The helper keeps a store open between requests: a store deleted and
+    made again at that path is another store, and the helper merges that one."""
+    import shutil
+
+    path = tmp_path / "store"
+    first = MsgpackFileStorage(path, shards=1)
+    _merge(first)
+    first.close()
+    shutil.rmtree(path)
+    again = MsgpackFileStorage(path, shards=1)
+    merges = MERGER.helper.merges
+    _merge(again)
+    assert MERGER.helper.merges > merges
+    assert again.read("k")["i"] == _shard.SLACK // 10_000 + 19
+    again.close()
+
+
+def test_a_sys_path_of_any_kind_starts_the_helper(tmp_path: Path) -> None:
+    """Applications put ``pathlib.Path`` objects and relative folders in
+    ``sys.path``; the helper is started with what of it can be passed on."""
+    script = """
+        import pathlib, sys
+        sys.path.append(pathlib.Path("/opt/app/lib"))
+        sys.path.insert(0, "relative/folder")
+        from sessionkit import MsgpackFileStorage
+        from sessionkit.storage._shard import MERGER, SLACK
+        storage = MsgpackFileStorage(sys.argv[1], shards=1)
+        for i in range(SLACK // 10_000 + 20):
+            storage.write("k", {"pad": "x" * 10_000, "i": i})
+        assert MERGER.wait() and MERGER.helper.merges > 0
+        print("ok")
+    """
+    done = _run(script, str(tmp_path / "store"))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_helper_running_other_code_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a deploy replaced sessionkit's files, a process that still runs
+    the old code does not hand merges to a helper that would run the new."""
+    MERGER.helper.stop()
+    MERGER.helper._retry_at = 0.0
+    monkeypatch.setattr(_merge_helper, "_FINGERPRINT", "the code this process imported before the deploy")
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="sessionkit"):
+            merges = MERGER.helper.merges
+            _merge(storage)  # by the merge thread
+        assert MERGER.helper.merges == merges and MERGER.helper.pid is None
+        assert "its sessionkit files changed since this process imported them" in caplog.text
+    finally:
+        storage.close()
+        MERGER.helper._retry_at = 0.0

@@ -48,7 +48,9 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import hashlib
 import os
+import re
 import select
 import signal
 import socket
@@ -63,14 +65,36 @@ log = logging.getLogger("sessionkit")
 
 ENV = "SESSIONKIT_MERGES"  # "auto" (the default: a helper where one can be started), "process", "thread"
 START_TIMEOUT = 30.0  # seconds a new helper has to say it is ready
-REPLY_TIMEOUT = 600.0  # seconds a merge may take in the helper before it is given up for stuck
+REPLY_TIMEOUT = 30.0  # seconds a request may wait for its answer before the helper is given up for stuck
 RETRY_AFTER = 60.0  # seconds after a helper failed before another is started
 IDLE = 5.0  # seconds without a merge of a store after which the helper closes it
+NICENESS = 10  # added to the helper's nice value (it also runs as SCHED_BATCH where there is one)
 _MESSAGE = 1 << 16  # the longest message either side reads
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 _warned: set[str] = set()
+
+
+def _code_fingerprint() -> str:
+    """Which sessionkit code this process runs: the size and time of every
+    module file of the package, as they were when this module was imported.
+    A helper started after a deploy replaced the files runs other code, and
+    is not used (its protocol or its file formats may differ)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    marks = []
+    for folder, _, names in sorted(os.walk(package)):
+        for name in sorted(names):
+            if name.endswith(".py"):
+                try:
+                    st = os.stat(os.path.join(folder, name))
+                except OSError:
+                    continue
+                marks.append(f"{os.path.relpath(os.path.join(folder, name), package)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(marks).encode()).hexdigest()[:32]
+
+
+_FINGERPRINT = _code_fingerprint()
 
 
 def _warn_once(message: str, *args: Any) -> None:
@@ -101,17 +125,20 @@ def wanted() -> str:
 _checked: dict[str, str | None] = {}
 
 
+_PYTHON_NAME = re.compile(r"(python|pypy)[0-9.]*[a-z]?(\.exe)?", re.IGNORECASE)  # python3.11, pypy3, python3.13t
+
+
 def _python_executable() -> str | None:
     """The interpreter to start the helper with, if this process runs one
-    that can be started (not an embedded one: ``sys.executable`` may then be
-    the host program, which must never be run with our arguments)."""
+    that can be started (not an embedded or frozen one: ``sys.executable``
+    may then be the host program, which must never be run with our
+    arguments)."""
     exe = sys.executable
     if exe in _checked:
         return _checked[exe]
     found = None
-    if exe and os.path.isfile(exe) and os.access(exe, os.X_OK):
-        name = os.path.basename(exe).lower()
-        found = exe if name.startswith(("python", "pypy")) else None
+    if exe and not getattr(sys, "frozen", False) and os.path.isfile(exe) and os.access(exe, os.X_OK):
+        found = exe if _PYTHON_NAME.fullmatch(os.path.basename(exe)) else None
     _checked[exe] = found
     return found
 
@@ -135,6 +162,7 @@ class Helper:
         self._started = 0.0
         self._asked: collections.deque[tuple[Any, float]] = collections.deque()  # (token, when sent), oldest first
         self._retry_at = 0.0
+        self._reaping: list[subprocess.Popen[bytes]] = []  # helpers given up, killed, not yet waited for
         self.merges = 0  # merges the helper made (for tests and benchmarks)
         self.pid: int | None = None  # the helper's, while it runs
 
@@ -158,7 +186,7 @@ class Helper:
             self._sock.send(message, _NOSIGNAL)
         except BlockingIOError:
             return False
-        except (OSError, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError, SubprocessError, a sys.path Popen refuses...
             self._fail(f"cannot ask it: {exc}")
             return False
         self._asked.append((token, time.monotonic()))
@@ -171,6 +199,7 @@ class Helper:
         ``RETRY_AFTER`` seconds).  Waits up to ``timeout`` seconds for an
         answer if none has come."""
         answered: list[tuple[Any, dict[str, Any]]] = []
+        self._reap()
         sock = self._sock
         if sock is None:
             return answered, []
@@ -191,6 +220,8 @@ class Helper:
                     here = os.path.abspath(__file__)
                     if reply.get("module") != here:
                         raise HelperUnavailable(f"it imported {reply.get('module')!r}, not {here!r}")
+                    if reply.get("code") != _FINGERPRINT:
+                        raise HelperUnavailable("its sessionkit files changed since this process imported them")
                     self._ready = True
                     self.pid = int(reply["ready"])
                     continue
@@ -209,8 +240,17 @@ class Helper:
         return answered, []
 
     def _fail(self, why: str) -> list[Any]:
+        """Give the helper up (killed, not waited for: the caller may be a
+        writer); returns the tokens it will never answer."""
         failed = self.asked()
-        self.stop()
+        proc = self._proc
+        self._drop()
+        if proc is not None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+            self._reaping.append(proc)
         self._retry_at = time.monotonic() + RETRY_AFTER
         log.warning("sessionkit: the merge helper failed (%s); merging in a thread for %.0f s", why, RETRY_AFTER)
         return failed
@@ -222,8 +262,14 @@ class Helper:
         code = "from sessionkit.storage._merge_helper import main; main()"
         env = dict(os.environ)
         env[ENV] = "thread"  # the helper merges in its own main thread; it starts no helper of its own
-        # The same modules as ours: our sys.path first (an application may have changed it).
-        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # The same modules as ours: the folder this sessionkit was imported
+        # from, then our sys.path (an application may have changed it; ""
+        # is our working directory, and the helper's is "/").
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [package] + [os.path.abspath(p) for p in sys.path if isinstance(p, str)]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if os.pathsep not in p and "\0" not in p)
         self._ready = False
         self._asked.clear()
         self._started = time.monotonic()
@@ -242,34 +288,40 @@ class Helper:
         mine.setblocking(False)
         self._sock = mine
 
-    def stop(self) -> None:
-        """Stop the helper: closing its stdin ends it (at once between
-        requests; a merge under way is finished first, or killed after 2 s)."""
-        proc, self._proc, self.pid = self._proc, None, None
+    def _drop(self) -> None:
+        self._proc = self.pid = None
         sock, self._sock = self._sock, None
         self._asked.clear()
         self._ready = False
         if sock is not None:
-            sock.close()
-        if proc is None:
-            return
-        try:
-            proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            sock.close()  # the helper's end of the socket closes: it exits (after a merge under way)
+
+    def _reap(self) -> None:
+        """Wait for the helpers given up that have ended (no zombie is left)."""
+        if self._reaping:
+            self._reaping = [proc for proc in self._reaping if proc.poll() is None]
+
+    def stop(self, wait: float = 0.5) -> None:
+        """Stop the helper: its socket closes, and it exits once a merge
+        under way is done; waits up to ``wait`` seconds for that (so that
+        the parent, not init, reaps it), never kills it."""
+        proc = self._proc
+        self._drop()
+        for ended in [*self._reaping, *([proc] if proc is not None else [])]:
+            try:
+                ended.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reaping = []
 
     def forget(self) -> None:
         """In a forked child: close this process's copies of the parent's pipes (the helper is the parent's)."""
-        proc, self._proc, self.pid = self._proc, None, None
-        sock, self._sock = self._sock, None
-        self._ready = False
-        self._asked.clear()
+        proc = self._proc
+        self._drop()  # this process's copy of the socket only: the parent's helper goes on
         self._retry_at = 0.0
-        if sock is not None:
-            sock.close()  # this process's copy only: the parent's helper goes on
-        if proc is not None:
-            proc.returncode = 0  # not our child: never waited for here
+        for theirs in [*self._reaping, *([proc] if proc is not None else [])]:
+            theirs.returncode = 0  # the parent's children: never waited for here
+        self._reaping = []
 
 
 class HelperUnavailable(Exception):
@@ -277,24 +329,18 @@ class HelperUnavailable(Exception):
 
 
 def _open(stores: dict[str, Any], request: dict[str, Any]) -> Any:
-    """The helper's storage on the request's store, opened if need be, never created."""
-    from .msgpack_file import FORMAT_FILE, MsgpackFileStorage
+    """The helper's storage on the request's store (the directory's device
+    and inode are ``request["ident"]``), opened if need be, never created."""
+    from .msgpack_file import _ExistingStore
 
     directory = request["dir"]
     storage = stores.get(directory)
     if storage is not None:
-        try:
-            st = os.stat(directory)
-            if [st.st_dev, st.st_ino] == request["ident"]:
-                return storage
-        except OSError:
-            pass
-        stores.pop(directory).close()
-    if not os.path.exists(os.path.join(directory, FORMAT_FILE)):
-        raise StorageError(f"{directory} holds no store any more", path=directory)
-    storage = MsgpackFileStorage(directory)
-    st = os.stat(directory)
-    if [st.st_dev, st.st_ino] != request["ident"]:
+        if list(storage._state.ident[1:3]) == request["ident"]:
+            return storage
+        stores.pop(directory).close()  # that store is gone: the path names another now
+    storage = _ExistingStore(directory)
+    if list(storage._state.ident[1:3]) != request["ident"]:
         storage.close()
         raise StorageError(f"{directory} is another store now", path=directory)
     stores[directory] = storage
@@ -308,11 +354,11 @@ def _serve(request: dict[str, Any], stores: dict[str, Any], used: dict[str, floa
         storage = _open(stores, request)
         used[request["dir"]] = time.monotonic()
         shard = storage._state.shards[request["shard"]]
+        if request["durable"]:
+            shard.durable = True
         if "verify" in request:
             return {"why": shard.verify(tuple(request["verify"]), pace=False)}
         _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
-        if request["durable"]:
-            shard.durable = True
         return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, whose write goes on
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -323,14 +369,19 @@ def main() -> None:
     from ._shard import MERGER
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the parent, whose exit ends us
-    if os.environ.get("NICE"):
-        os.nice(int(os.environ["NICE"]))
-    if os.environ.get("BATCH"):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    # Background work: on a machine with no core to spare, the requests of
+    # the processes it serves go first (and it never preempts one as it wakes).
+    try:
+        os.nice(NICENESS)
+        if hasattr(os, "SCHED_BATCH"):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        pass
     parent = int(sys.argv[1])
     stores: dict[str, Any] = {}
     used: dict[str, float] = {}
-    os.write(1, json.dumps({"ready": os.getpid(), "module": os.path.abspath(__file__)}).encode())
+    ready = {"ready": os.getpid(), "module": os.path.abspath(__file__), "code": _FINGERPRINT}
+    os.write(1, json.dumps(ready).encode())
     try:
         while True:
             wait = MERGER.close_due()  # replaced files kept open a moment (see _shard.Shard._retain)

@@ -30,6 +30,7 @@ agree with each other.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import heapq
 import logging
@@ -262,6 +263,8 @@ class Shard:
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
         self.verify_pending = False  # an index mapped unchecked, to be checked by the merge thread (see _use)
         self.merge_asked = False  # a write found a merge due (a request may be for verify_pending only)
+        self.verify_ident: tuple[int, int] | None = None  # the index file verify_pending is for
+        self.wanted = False  # merge_asked or verify_pending set in a section: after_section asks for them
         self.retry_private = 0.0
         # (monotonic deadline, index, log descriptor, bytes): files a background
         # merge replaced, kept open until the deadline (see _retain); oldest first.
@@ -423,8 +426,12 @@ class Shard:
         self.hint = None
         self.table = table = idx.table()
         if (not checked or idx.capacity > ix.CHECK_AT_OPEN) and not self.verify_pending:
+            try:
+                self.verify_ident = ix.file_ident(idx)  # the file to check, named while it is surely the one in use
+            except OSError:
+                self.verify_ident = None
             self.verify_pending = True
-            MERGER.request(self)
+            self.wanted = True  # asked for once out of the section (see after_section)
         c = table.load_counters()
         self.end, self.dir_unsynced = c[0], c[8]
 
@@ -907,7 +914,21 @@ class Shard:
         if end - table.live > OVERDUE * max(table.live, SLACK):
             self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
         self.merge_asked = True
-        MERGER.request(self)
+        self.wanted = True  # asked for once out of the section (see after_section)
+
+    def after_section(self) -> None:
+        """Called after a section, outside it: ask for what the section found
+        due (a merge, an index check: ``MERGER.request``, which may start the
+        merge helper, never inside a section), and merge now if the log is
+        far past its bound.  Maintenance only: it never fails the call."""
+        if self.wanted:
+            self.wanted = False
+            try:
+                MERGER.request(self)
+            except Exception as exc:  # noqa: BLE001 - the write was made; a later one asks again
+                log.warning("sessionkit: cannot ask for a merge of %s: %s", self.path, exc)
+        if self.overdue:
+            self.merge_if_overdue()
 
     def merge_if_overdue(self) -> None:
         """Merge now, in the calling thread, if a write found the log far past
@@ -1301,8 +1322,19 @@ class Merger:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._holding: list[Shard] = []  # shards that keep replaced files open (see Shard._retain)
-        self.helper = Helper()  # the process that merges for this one's thread (see _merge_helper)
+        self.helper = Helper()  # the process that merges for this one (see _merge_helper)
         _fork.register(self)
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """At the interpreter's exit: stop the helper and wait for it a moment,
+        so that this process reaps it (not init, which in a container may
+        never).  A thread of ours inside ``request`` is left alone."""
+        if self._mutex.acquire(timeout=0.5):
+            try:
+                self.helper.stop()
+            finally:
+                self._mutex.release()
 
     def request(self, shard: Shard) -> None:
         """Have ``shard`` merged (``merge_asked``) and its index checked
@@ -1324,12 +1356,9 @@ class Merger:
         asked = self.helper.asked()
         base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
         if shard.verify_pending and (shard, "verify") not in asked:
-            try:
-                index = ix.file_ident(shard.idx)  # type: ignore[arg-type]
-            except (OSError, AttributeError):
-                index = None
+            index = shard.verify_ident
             if index is not None:
-                if not self.helper.send((shard, "verify"), {**base, "verify": list(index)}):
+                if not self.helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
                     return False
                 shard.verify_pending = False
         if shard.merge_asked and (shard, "merge") not in asked:
@@ -1348,6 +1377,8 @@ class Merger:
         answered, failed = polled
         again = []
         for (shard, kind), reply in answered:
+            if shard.closed:
+                continue
             if "error" in reply:
                 log.debug("sessionkit: the merge helper could not %s %s: %s", kind, shard.path, reply["error"])
                 failed.append((shard, kind))
@@ -1358,6 +1389,8 @@ class Merger:
                 self._to_thread(shard)
                 self._wake.set()
         for shard, kind in failed:
+            if shard.closed:
+                continue
             if kind == "merge":
                 shard.merge_asked = True
             else:
@@ -1479,16 +1512,17 @@ class Merger:
         returns the seconds until the next is due."""
         return self._close_retired()
 
-    def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0) -> bool:
+    def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0, helper: bool = True) -> bool:
         """Wait until no merge or check of ``shards`` (default: of any shard)
-        is asked for or running, here or in the helper; returns False if
-        ``timeout`` seconds pass first."""
+        is asked for or running, here or (``helper``) in the helper; returns
+        False if ``timeout`` seconds pass first."""
         deadline = time.monotonic() + timeout
         while True:
             with self._mutex:
                 self._collect(self.helper.poll())
                 busy = [s for s in (*self._pending, self._running) if s is not None]
-                busy += [token[0] for token in self.helper.asked()]
+                if helper:
+                    busy += [token[0] for token in self.helper.asked()]
             if shards is not None:
                 busy = [s for s in busy if s in shards]
             if not busy:

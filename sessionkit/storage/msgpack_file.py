@@ -56,8 +56,9 @@ def parse_format(path: str, raw: bytes) -> tuple[int, int]:
 class _MsgpackStore(StoreState):
     """A msgpack store's state in this process: its shards (logs and indexes)."""
 
-    def __init__(self, ident: tuple[Any, ...], directory: str, shards: int | None) -> None:
+    def __init__(self, ident: tuple[Any, ...], directory: str, shards: int | None, create: bool = True) -> None:
         self.directory = directory
+        self.create = create  # False: refuse a directory without a store (see _ExistingStore)
         super().__init__(ident, os.path.join(directory, LOCK_FILE), directory)
         self.wanted_shards = shards
         self.count = 0
@@ -87,6 +88,8 @@ class _MsgpackStore(StoreState):
                 with open(path, "rb") as f:
                     raw = f.read()
             except FileNotFoundError:
+                if not self.create:
+                    raise StorageError(f"{self.directory} holds no store", path=self.directory) from None
                 count = self._count_for_new_format(shards)
                 self._write_format(path, count)
                 return count
@@ -131,7 +134,9 @@ class _MsgpackStore(StoreState):
         return shards or 16
 
     def teardown(self) -> None:
-        MERGER.wait(self.shards)  # a merge under way finishes (or gives up) first
+        # A merge under way in this process finishes (or gives up) first; the
+        # merge helper's are its own, made with shards of its own.
+        MERGER.wait(self.shards, helper=False)
         for shard in self.shards:
             with shard.mutex:
                 shard.close()
@@ -231,7 +236,9 @@ class MsgpackFileStorage(EncodedStorage):
         except OSError as exc:
             raise StorageError(f"cannot open {self.directory}: {exc}", path=self.directory) from exc
         ident = ("msgpack", *store_identity(self.directory))
-        self._state = state = _MsgpackStore.attach(ident, lambda: _MsgpackStore(ident, self.directory, shards))
+        self._state = state = _MsgpackStore.attach(
+            ident, lambda: _MsgpackStore(ident, self.directory, shards, self._create)
+        )
         if shards is not None and shards != state.count:
             state.detach()
             raise ValueError(f"{self.directory} was created with shards={state.count}, not {shards}")
@@ -253,8 +260,10 @@ class MsgpackFileStorage(EncodedStorage):
 
     # -- set-up ----------------------------------------------------------------
 
+    _create = True  # a directory without a store is made one (see _ExistingStore)
+
     def _make_directory(self) -> None:
-        if not os.path.isdir(self.directory):
+        if not os.path.isdir(self.directory) and self._create:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             os.chmod(self.directory, 0o700)
 
@@ -288,7 +297,10 @@ class MsgpackFileStorage(EncodedStorage):
             if raw is not False:
                 return raw  # type: ignore[return-value]
         with shard.mutex, shard:
-            return shard.read(key, info, self._clock())
+            raw = shard.read(key, info, self._clock())
+        if shard.wanted:
+            shard.after_section()
+        return raw
 
     def _raw_write(self, key: str, raw: bytes) -> None:
         shard, info = self._locate(key)
@@ -300,8 +312,8 @@ class MsgpackFileStorage(EncodedStorage):
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             shard.append(key, info, raw, expiry, built)
-        if shard.overdue:
-            shard.merge_if_overdue()
+        if shard.wanted or shard.overdue:
+            shard.after_section()
 
     def _raw_loads(self, raw: bytes, key: str) -> Any:
         try:
@@ -322,8 +334,8 @@ class MsgpackFileStorage(EncodedStorage):
             self._keylocks.check_held(key, self.directory)
             if shard.state(info) in (_index.LIVE, _index.CORRUPT):
                 shard.append(key, info, None, 0.0)
-        if shard.overdue:
-            shard.merge_if_overdue()
+        if shard.wanted or shard.overdue:
+            shard.after_section()
 
     def keys(self) -> Iterator[str]:
         """The keys of every live session in the store."""
@@ -331,6 +343,8 @@ class MsgpackFileStorage(EncodedStorage):
         for shard in self._every_shard():
             with shard.mutex, shard:
                 found.extend(key for key, _ in shard.live_records(self._clock(), False))
+            if shard.wanted:
+                shard.after_section()
         return iter(found)
 
     def items(self) -> Iterator[tuple[str, Any]]:
@@ -339,6 +353,8 @@ class MsgpackFileStorage(EncodedStorage):
         for shard in self._every_shard():
             with shard.mutex, shard:
                 raws = list(shard.live_records(self._clock(), True))
+            if shard.wanted:
+                shard.after_section()
             found.extend((key, self._raw_loads(raw, key)) for key, raw in raws)
         return iter(found)
 
@@ -367,3 +383,11 @@ class MsgpackFileStorage(EncodedStorage):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _ExistingStore(MsgpackFileStorage):
+    """A handle on a store that exists, which never creates one: the merge
+    helper's (``_merge_helper``), whose requests may outlive the store they
+    name (a directory deleted, and made again by the application)."""
+
+    _create = False
