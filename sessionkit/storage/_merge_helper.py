@@ -68,7 +68,6 @@ START_TIMEOUT = 30.0  # seconds a new helper has to say it is ready
 REPLY_TIMEOUT = 30.0  # seconds a request may wait for its answer before the helper is given up for stuck
 RETRY_AFTER = 60.0  # seconds after a helper failed before another is started
 IDLE = 5.0  # seconds without a merge of a store after which the helper closes it
-NICENESS = 10  # added to the helper's nice value (it also runs as SCHED_BATCH where there is one)
 _MESSAGE = 1 << 16  # the longest message either side reads
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
@@ -85,12 +84,18 @@ def _code_fingerprint() -> str:
     marks = []
     for folder, _, names in sorted(os.walk(package)):
         for name in sorted(names):
-            if name.endswith(".py"):
+            if name.endswith((".py", ".pyc")) and "__pycache__" not in folder:
                 try:
                     st = os.stat(os.path.join(folder, name))
                 except OSError:
                     continue
                 marks.append(f"{os.path.relpath(os.path.join(folder, name), package)}:{st.st_size}:{st.st_mtime_ns}")
+    where = package
+    while not os.path.exists(where) and os.path.dirname(where) != where:
+        where = os.path.dirname(where)  # imported from an archive: the archive's size and time
+    if os.path.isfile(where):
+        st = os.stat(where)
+        marks.append(f"{where}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(marks).encode()).hexdigest()[:32]
 
 
@@ -162,6 +167,7 @@ class Helper:
         self._started = 0.0
         self._asked: collections.deque[tuple[Any, float]] = collections.deque()  # (token, when sent), oldest first
         self._retry_at = 0.0
+        self._answered = 0.0  # when the last answer came
         self._reaping: list[subprocess.Popen[bytes]] = []  # helpers given up, killed, not yet waited for
         self.merges = 0  # merges the helper made (for tests and benchmarks)
         self.pid: int | None = None  # the helper's, while it runs
@@ -228,16 +234,22 @@ class Helper:
                 if not self._asked:
                     raise HelperUnavailable(f"an answer to no request: {line[:200]!r}")
                 token = self._asked.popleft()[0]
+                self._answered = time.monotonic()  # (answers come in order: the next one's wait starts now)
                 self.merges += bool(reply.get("merged"))
                 answered.append((token, reply))
             now = time.monotonic()
             if not self._ready and now - self._started > START_TIMEOUT:
                 raise HelperUnavailable(f"not ready in {START_TIMEOUT:.0f} s")
-            if self._asked and now - self._asked[0][1] > REPLY_TIMEOUT:
+            if self._asked and now - max(self._asked[0][1], self._answered) > REPLY_TIMEOUT:
                 raise HelperUnavailable(f"no answer in {REPLY_TIMEOUT:.0f} s")
         except (OSError, ValueError, HelperUnavailable) as exc:
             return answered, self._fail(str(exc))
         return answered, []
+
+    def give_up(self, why: str) -> None:
+        """Give the helper up (see :meth:`_fail`), dropping what it was asked."""
+        if self._proc is not None:
+            self._fail(why)
 
     def _fail(self, why: str) -> list[Any]:
         """Give the helper up (killed, not waited for: the caller may be a
@@ -259,24 +271,24 @@ class Helper:
         exe = _python_executable()
         if exe is None:
             raise HelperUnavailable("no Python executable to start")
-        code = "from sessionkit.storage._merge_helper import main; main()"
+        # The same modules as ours, found in the same order: our sys.path (an
+        # application may have changed it; "" is our working directory, and
+        # the helper's is "/"), then the folder this sessionkit came from.
+        code = (
+            "import json, sys; sys.path[:0] = json.loads(sys.argv[2]); "
+            "from sessionkit.storage._merge_helper import main; main()"
+        )
+        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        paths = [os.path.abspath(p) for p in sys.path if isinstance(p, str) and "\0" not in p] + [package]
         env = dict(os.environ)
         env[ENV] = "thread"  # the helper merges in its own main thread; it starts no helper of its own
-        # The same modules as ours: the folder this sessionkit was imported
-        # from, then our sys.path (an application may have changed it; ""
-        # is our working directory, and the helper's is "/").
-        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        paths = [package] + [os.path.abspath(p) for p in sys.path if isinstance(p, str)]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if os.pathsep not in p and "\0" not in p)
         self._ready = False
         self._asked.clear()
         self._started = time.monotonic()
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [exe, "-c", code, str(os.getpid())],
+                [exe, "-c", code, str(os.getpid()), json.dumps(paths), _FINGERPRINT],
                 stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.DEVNULL,
                 close_fds=True, env=env, cwd="/",
             )
@@ -287,6 +299,13 @@ class Helper:
             theirs.close()
         mine.setblocking(False)
         self._sock = mine
+        if "multiprocessing" in sys.modules:
+            # A multiprocessing child ends with os._exit, which runs no atexit
+            # hook but does run multiprocessing's finalizers: stop the helper
+            # there too, so that this process reaps it rather than init.
+            from multiprocessing import util
+
+            util.Finalize(None, self.stop, exitpriority=0)
 
     def _drop(self) -> None:
         self._proc = self.pid = None
@@ -331,7 +350,7 @@ class HelperUnavailable(Exception):
 def _open(stores: dict[str, Any], request: dict[str, Any]) -> Any:
     """The helper's storage on the request's store (the directory's device
     and inode are ``request["ident"]``), opened if need be, never created."""
-    from .msgpack_file import _ExistingStore
+    from .msgpack_file import FORMAT_FILE, _ExistingStore
 
     directory = request["dir"]
     storage = stores.get(directory)
@@ -339,6 +358,8 @@ def _open(stores: dict[str, Any], request: dict[str, Any]) -> Any:
         if list(storage._state.ident[1:3]) == request["ident"]:
             return storage
         stores.pop(directory).close()  # that store is gone: the path names another now
+    if not os.path.exists(os.path.join(directory, FORMAT_FILE)):  # (before any file is opened, or made)
+        raise StorageError(f"{directory} holds no store any more", path=directory)
     storage = _ExistingStore(directory)
     if list(storage._state.ident[1:3]) != request["ident"]:
         storage.close()
@@ -348,40 +369,47 @@ def _open(stores: dict[str, Any], request: dict[str, Any]) -> Any:
 
 
 def _serve(request: dict[str, Any], stores: dict[str, Any], used: dict[str, float]) -> dict[str, Any]:
-    from . import _shard
-
+    """The answer to one request (an error, as a message, rather than an exception)."""
     try:
-        storage = _open(stores, request)
-        used[request["dir"]] = time.monotonic()
-        shard = storage._state.shards[request["shard"]]
-        if request["durable"]:
-            shard.durable = True
-        if "verify" in request:
-            return {"why": shard.verify(tuple(request["verify"]), pace=False)}
-        _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
-        return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}
+        try:
+            return _serve_once(request, stores, used)
+        except StorageError:
+            cached = stores.pop(request["dir"], None)
+            if cached is None:
+                raise
+            cached.close()  # a store whose files were replaced under the same folder, say: opened anew, once
+            return _serve_once(request, stores, used)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, whose write goes on
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _serve_once(request: dict[str, Any], stores: dict[str, Any], used: dict[str, float]) -> dict[str, Any]:
+    from . import _shard
+
+    storage = _open(stores, request)
+    used[request["dir"]] = time.monotonic()
+    shard = storage._state.shards[request["shard"]]
+    if request["durable"]:
+        shard.durable = True
+    if "verify" in request:
+        return {"why": shard.verify(tuple(request["verify"]), pace=False)}
+    _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
+    return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}
+
+
 def main() -> None:
-    """The helper process (``python -c ... <parent pid>``): merge what the parent asks, until it is gone."""
+    """The helper process (``python -c ... <parent pid> <sys.path> <code
+    fingerprint>``): merge what the parent asks, until it is gone."""
     from ._shard import MERGER
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the parent, whose exit ends us
-    # Background work: on a machine with no core to spare, the requests of
-    # the processes it serves go first (and it never preempts one as it wakes).
-    try:
-        os.nice(NICENESS)
-        if hasattr(os, "SCHED_BATCH"):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError:
-        pass
     parent = int(sys.argv[1])
     stores: dict[str, Any] = {}
     used: dict[str, float] = {}
     ready = {"ready": os.getpid(), "module": os.path.abspath(__file__), "code": _FINGERPRINT}
     os.write(1, json.dumps(ready).encode())
+    if sys.argv[3] != _FINGERPRINT:
+        return  # other code than the parent's: it serves nothing (the parent gives it up when it reads that)
     try:
         while True:
             wait = MERGER.close_due()  # replaced files kept open a moment (see _shard.Shard._retain)

@@ -425,7 +425,7 @@ class Shard:
         self.private = False
         self.hint = None
         self.table = table = idx.table()
-        if (not checked or idx.capacity > ix.CHECK_AT_OPEN) and not self.verify_pending:
+        if not checked or idx.capacity > ix.CHECK_AT_OPEN:
             try:
                 self.verify_ident = ix.file_ident(idx)  # the file to check, named while it is surely the one in use
             except OSError:
@@ -1357,10 +1357,11 @@ class Merger:
         base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
         if shard.verify_pending and (shard, "verify") not in asked:
             index = shard.verify_ident
-            if index is not None:
-                if not self.helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
-                    return False
-                shard.verify_pending = False
+            if index is None:
+                return False  # which file is not known: the thread checks the one in use
+            if not self.helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
+                return False
+            shard.verify_pending = False
         if shard.merge_asked and (shard, "merge") not in asked:
             request = {**base, "durable": shard.durable, "skew": shard.skew, "slack": SLACK}
             if not self.helper.send((shard, "merge"), request):
@@ -1505,6 +1506,11 @@ class Merger:
             finally:
                 with self._mutex:
                     self._running = None
+
+    def give_up_helper(self, why: str) -> None:
+        """Stop using the helper (killed; another is tried ``RETRY_AFTER`` later); what it was asked is dropped."""
+        with self._mutex:
+            self.helper.give_up(why)
 
     def close_due(self) -> float:
         """Close the replaced files kept open whose time is up (as the merge

@@ -53,6 +53,9 @@ def parse_format(path: str, raw: bytes) -> tuple[int, int]:
     return count, FORMAT_VERSIONS[lines[0]]
 
 
+CLOSE_WAIT = 10.0  # seconds the last close() of a store waits for the merge helper's work on it
+
+
 class _MsgpackStore(StoreState):
     """A msgpack store's state in this process: its shards (logs and indexes)."""
 
@@ -134,9 +137,13 @@ class _MsgpackStore(StoreState):
         return shards or 16
 
     def teardown(self) -> None:
-        # A merge under way in this process finishes (or gives up) first; the
-        # merge helper's are its own, made with shards of its own.
+        # A merge under way in this process finishes (or gives up) first, and
+        # so do the merge helper's (an application may delete the directory
+        # next), for up to CLOSE_WAIT seconds: a helper that does not answer
+        # by then is given up (it may be stopped, or stuck).
         MERGER.wait(self.shards, helper=False)
+        if not MERGER.wait(self.shards, CLOSE_WAIT):
+            MERGER.give_up_helper(f"no answer in {CLOSE_WAIT:.0f} s while {self.directory} closed")
         for shard in self.shards:
             with shard.mutex:
                 shard.close()
@@ -365,6 +372,8 @@ class MsgpackFileStorage(EncodedStorage):
             now = self._clock()
             with shard.mutex, shard:
                 expired = shard.expired_count(now)
+            if shard.wanted:
+                shard.after_section()
             dropped: list[int] = []
             if expired and shard.merge(now, wait=True, force=True, dropped=dropped):
                 purged += sum(dropped)
