@@ -7,11 +7,11 @@ GIL at each of its system calls, then for the kernel to wake it: on a
 machine with a core to spare, that is most of a request's tail latency.  So
 a writer that finds a merge due asks a helper instead: a child process,
 started with the first request, that opens the same store and merges the
-shard there.  The writer only writes the request to a pipe; answers are
-collected by later requests (and by ``_shard.Merger.wait``), so no thread
-of the serving process waits for the helper or wakes when it answers.  The
-writer moves to the merged files at its next call on that shard, as it does
-after any other process's merge.
+shard there.  The writer, once out of the shard's section, only sends the
+request; answers are collected by later requests (and by
+``_shard.Merger.wait``), so no thread of the serving process waits for the
+helper or wakes when it answers.  The writer moves to the merged files at
+its next call on that shard, as it does after any other process's merge.
 
 The protocol between the two is private to this module: one JSON message
 each way per request, over a ``SOCK_SEQPACKET`` socket pair that is the
@@ -19,21 +19,29 @@ helper's stdin and stdout (a message is sent whole or not at all, and a
 peer that died is an error, never a ``SIGPIPE`` that would end an
 application that restored its default action).
 
-* helper → parent, once started: ``{"ready": pid, "module": path}``;
+The helper is started as ``python -c <code> <parent pid> <parent's sys.path,
+as JSON> <parent's code fingerprint>``.
+
+* helper → parent, once started: ``{"ready": pid, "module": path, "code":
+  fingerprint}``; a helper whose fingerprint is not the parent's (the
+  package's files changed since the parent imported them) then ends, and
+  the parent gives it up;
 * parent → helper: ``{"dir": directory, "ident": [dev, ino], "shard": n,
   "durable": bool, "skew": seconds, "slack": bytes}``;
 * helper → parent: ``{"merged": bool}`` or ``{"error": message}``;
-* parent → helper: ``{"dir": ..., "ident": ..., "shard": n, "verify": [dev,
-  ino]}``: check the shard's index against its counters if it is still
-  that file (the parent maps it unchecked; see ``_shard.Shard._use``), and
-  index the log anew if it fails;
+* parent → helper: ``{"dir": ..., "ident": ..., "shard": n, "durable": bool,
+  "verify": [dev, ino]}``: check the shard's index against its counters if
+  it is still that file (a large one, mapped unchecked; see
+  ``_shard.Shard._use``), and index the log anew if it fails;
 * helper → parent: ``{"why": reason or ""}`` or ``{"error": message}``.
 
 The helper keeps a store open while merges of it come, and closes it after
-``IDLE`` seconds without one.  It ends when its stdin reaches end of file,
-that is when the parent has exited (or closed it), or when it finds its
-parent changed.  A forked child does not share its parent's helper: it
-closes its copies of the pipes and starts its own when it needs one.
+``IDLE`` seconds without one; it opens only a store that exists, and one
+made again at the same path is another store to it.  It ends when its end
+of the socket closes, that is when the parent has exited (or stopped it),
+or when it finds its parent changed.  A forked child does not share its
+parent's helper: it closes its copy of the socket and starts its own when
+it needs one.
 
 Where no helper can be had (no Python executable to start: an embedded
 interpreter; a helper that does not answer, or that died), the process's
