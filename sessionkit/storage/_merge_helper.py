@@ -80,9 +80,6 @@ _MESSAGE = 1 << 16  # the longest message either side reads
 _NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
-_warned: set[str] = set()
-
-
 def _code_fingerprint() -> str:
     """Which sessionkit code this process runs: the size and time of every
     module file of the package, as they were when this module was imported.
@@ -108,6 +105,9 @@ def _code_fingerprint() -> str:
 
 
 _FINGERPRINT = _code_fingerprint()
+
+
+_warned: set[str] = set()
 
 
 def _warn_once(message: str, *args: Any) -> None:
@@ -160,9 +160,9 @@ class Helper:
     """The parent's side: the helper process, started with the first request.
 
     Requests are sent without waiting and answered in order; the caller
-    collects answers with :meth:`poll`, which never blocks longer than
-    asked.  So a request costs the thread that makes it (a writer, in its
-    section) one ``send`` and nothing else: no thread of this process waits
+    collects answers with :meth:`poll`, which never blocks.  So a request
+    costs the thread that makes it (a writer, after its section) one
+    ``send`` and nothing else: no thread of this process waits
     for the helper, and none takes the GIL when it answers.
 
     Not thread-safe: ``_shard.Merger`` calls it under its mutex, and its
@@ -206,20 +206,17 @@ class Helper:
         self._asked.append((token, time.monotonic()))
         return True
 
-    def poll(self, timeout: float = 0.0) -> tuple[list[tuple[Any, dict[str, Any]]], list[Any]]:
+    def poll(self) -> tuple[list[tuple[Any, dict[str, Any]]], list[Any]]:
         """``(answered, failed)``: the requests answered since the last call,
         each as ``(token, answer)``, and those that never will be (the
         helper failed: it is stopped, and not started again for
-        ``RETRY_AFTER`` seconds).  Waits up to ``timeout`` seconds for an
-        answer if none has come."""
+        ``RETRY_AFTER`` seconds)."""
         answered: list[tuple[Any, dict[str, Any]]] = []
         self._reap()
         sock = self._sock
         if sock is None:
             return answered, []
         try:
-            if timeout > 0:
-                select.select([sock], [], [], timeout)
             while True:
                 try:
                     line = sock.recv(_MESSAGE)
@@ -290,9 +287,7 @@ class Helper:
         paths = [os.path.abspath(p) for p in sys.path if isinstance(p, str) and "\0" not in p] + [package]
         env = dict(os.environ)
         env[ENV] = "thread"  # the helper merges in its own main thread; it starts no helper of its own
-        self._ready = False
-        self._asked.clear()
-        self._started = time.monotonic()
+        self._started = time.monotonic()  # (nothing is asked, nor ready: see _drop)
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(

@@ -261,7 +261,7 @@ class Shard:
         self.private = False  # indexed in memory only: its index file could not be written
         self.stale_idx: ix.Index | None = None  # while private: the index file that others may still map
         self.next_grow = 0.0  # monotonic time before which a failed growth is not tried again
-        self.verify_pending = False  # an index mapped unchecked, to be checked by the merge thread (see _use)
+        self.verify_pending = False  # a large index mapped unchecked, to be checked in the background (see _use)
         self.merge_asked = False  # a write found a merge due (a request may be for verify_pending only)
         self.verify_ident: tuple[int, int] | None = None  # the index file verify_pending is for
         self.wanted = False  # merge_asked or verify_pending set in a section: after_section asks for them
@@ -410,22 +410,21 @@ class Shard:
             elif c[0] != size:
                 why = f"its index ends at byte {c[0]}, the log at {size}"
             if not why:
-                self._use(idx, checked=True)
+                self._use(idx)
                 return
             self.idx = idx  # replaced by the rebuild, for every process that maps it
         self._rebuild(why, reopen=False)
 
-    def _use(self, idx: ix.Index, checked: bool = True) -> None:
+    def _use(self, idx: ix.Index) -> None:
         """Use ``idx``.  A table over ``CHECK_AT_OPEN`` slots, not checked as
         it was mapped, is checked in the background (:meth:`verify`, by the
-        merge helper or thread), off the request's path; ``checked=False``:
-        check it so whatever its size."""
+        merge helper or thread), off the request's path."""
         self.idx = idx
         self.map = idx.map
         self.private = False
         self.hint = None
         self.table = table = idx.table()
-        if not checked or idx.capacity > ix.CHECK_AT_OPEN:
+        if idx.capacity > ix.CHECK_AT_OPEN:
             try:
                 self.verify_ident = ix.file_ident(idx)  # the file to check, named while it is surely the one in use
             except OSError:
@@ -1309,9 +1308,9 @@ class Merger:
     when a shard first needs one (no helper to be had, or
     ``SESSIONKIT_MERGES=thread``).
 
-    :meth:`request` runs inside a shard's section, so it takes only
-    ``_mutex``, which nothing holds while it waits for a shard: the fork
-    hooks leave it alone (a child starts with a new one, no merges and no
+    :meth:`request` runs after a shard's section (``Shard.after_section``);
+    ``_mutex`` is held by nothing that waits for a shard: the fork hooks
+    leave it alone (a child starts with a new one, no merges and no
     helper).
     """
 
@@ -1340,13 +1339,16 @@ class Merger:
         """Have ``shard`` merged (``merge_asked``) and its index checked
         (``verify_pending``), whichever its flags ask for: by the helper
         process if one can be had (see ``_merge_helper``), else by the merge
-        thread.  Called inside the shard's section; never waits."""
+        thread.  Called outside the shard's section; never waits."""
         with self._mutex:
             self._collect(self.helper.poll())
-            if self.helper.usable() and self._ask_helper(shard):
-                return
+            self._dispatch(shard)
+
+    def _dispatch(self, shard: Shard) -> None:
+        """Send ``shard``'s flags to the helper, or queue it for the thread (under ``_mutex``)."""
+        if not (self.helper.usable() and self._ask_helper(shard)):
             self._to_thread(shard)
-        self._wake.set()
+            self._wake.set()
 
     def _ask_helper(self, shard: Shard) -> bool:
         """Send the helper what ``shard``'s flags ask for (under ``_mutex``);
@@ -1386,9 +1388,7 @@ class Merger:
             elif shard.verify_pending or shard.merge_asked:
                 again.append(shard)  # asked for again while this was under way
         for shard in again:
-            if not (self.helper.usable() and self._ask_helper(shard)):
-                self._to_thread(shard)
-                self._wake.set()
+            self._dispatch(shard)
         for shard, kind in failed:
             if shard.closed:
                 continue
@@ -1438,9 +1438,10 @@ class Merger:
             holding = list(self._holding)
         return sum(entry[3] for shard in holding for entry in list(shard.retired))
 
-    def _close_retired(self) -> float:
+    def close_due(self) -> float:
         """Close the replaced files whose time is up; returns the seconds
-        until the next one is due (30 when none is kept)."""
+        until the next one is due (30 when none is kept).  Called by the
+        merge thread, and by the merge helper, which merges without one."""
         now = time.monotonic()
         with self._mutex:
             holding = list(self._holding)
@@ -1477,7 +1478,7 @@ class Merger:
     def _loop(self) -> None:
         while True:
             try:
-                wait = self._close_retired()
+                wait = self.close_due()
             except Exception as exc:  # maintenance only
                 log.debug("sessionkit: closing replaced files: %s", exc)
                 wait = 1.0
@@ -1511,12 +1512,6 @@ class Merger:
         """Stop using the helper (killed; another is tried ``RETRY_AFTER`` later); what it was asked is dropped."""
         with self._mutex:
             self.helper.give_up(why)
-
-    def close_due(self) -> float:
-        """Close the replaced files kept open whose time is up (as the merge
-        thread does, for a process that merges without one: the helper);
-        returns the seconds until the next is due."""
-        return self._close_retired()
 
     def wait(self, shards: list[Shard] | None = None, timeout: float = 60.0, helper: bool = True) -> bool:
         """Wait until no merge or check of ``shards`` (default: of any shard)

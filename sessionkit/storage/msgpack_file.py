@@ -176,7 +176,7 @@ class MsgpackFileStorage(EncodedStorage):
     process that noticed asks its merge helper, a child process it starts
     with ``sys.executable`` the first time a merge is due and that ends with
     it, so that merging never takes the serving process's GIL; the writer
-    only writes the request to a pipe.  Where no helper can be had (an
+    only sends it the request, once out of the shard's lock.  Where no helper can be had (an
     embedded interpreter whose ``sys.executable`` is not a Python, a helper
     that failed), or with ``SESSIONKIT_MERGES=thread`` in the environment,
     a background thread of the process merges instead.  Disk use stays
