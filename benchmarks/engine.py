@@ -605,8 +605,14 @@ COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
     "write_large": _cmd_write_large}
 
 
-def _worker(conn: Any, halt: Any) -> None:
-    """A worker process: carry out commands from the parent until told to stop."""
+def _worker(conn: Any, halt: Any, modules: tuple[str, ...] = ()) -> None:
+    """A worker process: carry out commands from the parent until told to stop.
+
+    ``modules`` are imported first: one may add subjects to :data:`SUBJECTS`
+    (``benchmarks.floor`` adds its ``floor``).
+    """
+    for module in modules:
+        importlib.import_module(module)
     stores: dict[str, Subject] = {}
     try:
         while True:
@@ -627,14 +633,14 @@ def _worker(conn: Any, halt: Any) -> None:
 class Pool:
     """Worker processes, spawned once for the whole run, each with a pipe to the parent."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, modules: tuple[str, ...] = ()) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.halt: Any = ctx.RawValue("b", 0)  # the stall scenario's "stop now", read by the reader
         self.conns: list[Any] = []
         self.procs: list[Any] = []
         for _ in range(size):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(theirs, self.halt), daemon=True)
+            proc = ctx.Process(target=_worker, args=(theirs, self.halt, modules), daemon=True)
             proc.start()
             theirs.close()
             self.conns.append(mine)

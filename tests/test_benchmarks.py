@@ -152,7 +152,8 @@ def test_fairness_benchmark_runs_in_a_tiny_configuration(tmp_path: Any) -> None:
 
 
 def test_floor_benchmark_runs_and_its_inline_loop_counts_exactly(tmp_path: Any) -> None:
-    """The floor loop makes real read-modify-writes: every subject's counter ends at the number made."""
+    """The floor loop makes real read-modify-writes, in one thread and in four processes sharing its
+    files: every subject's counter ends at the number made."""
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.floor", "--seconds", "0.2", "--repeat", "2", "--out", str(out)],
@@ -161,14 +162,19 @@ def test_floor_benchmark_runs_and_its_inline_loop_counts_exactly(tmp_path: Any) 
     assert done.returncode == 0, done.stdout + done.stderr
     assert (out / "floor.md").read_text() in done.stdout
     result = json.loads((out / "floor.json").read_text())
-    subjects = [row["subject"] for row in result["rows"]]
-    assert subjects[:2] == ["floor", "sessionkit"]
-    for peer in ("diskcache", "lmdb"):  # beside them when installed (the benchmark extra)
-        assert (peer in subjects) == (importlib.util.find_spec(peer) is not None), (peer, subjects)
-    for name, (counted, made) in result["counts"].items():
-        assert counted == made > 2000, (name, counted, made)
-    for row in result["rows"]:
-        assert row["ops_s"] > 0 and row[f"vs_{row['subject']}"] == 1.0
+    assert list(result["scenarios"]) == ["1t1k", "4p1k"]
+    for scenario, first in (("1t1k", ["floor", "codec", "memory", "sessionkit"]), ("4p1k", ["floor", "sessionkit"])):
+        got = result["scenarios"][scenario]
+        subjects = [row["subject"] for row in got["rows"]]
+        assert subjects[: len(first)] == first, (scenario, subjects)
+        for peer in ("diskcache", "lmdb"):  # beside them when installed (the benchmark extra)
+            assert (peer in subjects) == (importlib.util.find_spec(peer) is not None), (peer, subjects)
+        assert set(got["counts"]) == set(subjects)
+        for name, (counted, made) in got["counts"].items():
+            assert counted == made > 500, (scenario, name, counted, made)
+        for row in got["rows"]:
+            assert row["ops_s"] > 0 and row[f"vs_{row['subject']}"] == 1.0
+    assert "memory − codec:" in done.stdout and "3× diskcache needs" in done.stdout
 
 
 def test_machine_benchmark_runs_and_its_syncs_write_what_they_say(tmp_path: Any) -> None:

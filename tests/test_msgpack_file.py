@@ -816,8 +816,9 @@ def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_pat
     is raised (a descriptor closed before it was forgotten, or a merge's new
     files closed after the shard took them, used to leave the shard closing
     or using a number the kernel had given another file: "Bad file
-    descriptor", "mmap closed", for every later write), and the shard's
-    section is left free."""
+    descriptor", "mmap closed", for every later write; an interrupt just as
+    a merge took its claim left it taken, and every later merge waited a
+    minute for it), and the shard's section is left free."""
     directory = tmp_path / "store"
     MsgpackFileStorage(directory, shards=1).close()
     root = Path(__file__).resolve().parent.parent
@@ -848,6 +849,8 @@ def test_keyboard_interrupts_anywhere_in_a_write_leave_the_store_working(tmp_pat
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["interrupts"] > (1000 if where == "write" else 50), result  # the timer did land inside
     assert result["errors"] == [] and result["wrong"] == {}, result
+    # an interrupt in a merge's claim used to leave it taken: every later merge waited a minute for it
+    assert result["slowest_merge_s"] < 10, result
     # the section is free: this process writes at once
     storage = MsgpackFileStorage(directory)
     storage.write("after", 1)

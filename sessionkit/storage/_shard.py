@@ -14,7 +14,7 @@ index it cannot see (an older release's, a deleted index's) points at.  A
 read by a thread that holds the key's own lock needs neither (see
 :meth:`Shard.read_unlocked`).
 
-A background merge is claimed by the shard's ``merge_mutex`` (threads) and
+A background merge is claimed by the shard's ``merging`` (threads) and
 a lock on its merge slot (processes; the kernel drops it when a merging
 process dies); it paces itself so that request threads get the GIL back
 within microseconds.
@@ -255,7 +255,10 @@ class Shard:
         self.end = 0  # where the valid log ends, and the next record goes
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
-        self.merge_mutex = threading.Lock()  # a merge under way in this process
+        # A merge under way in this process: its claim (see _claim_merge) and
+        # the mutex that guards taking it.
+        self.merging: object | None = None
+        self.merge_mutex = threading.Lock()
         self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
         self.next_request = 0.0  # monotonic time before which no merge is asked for
         self.private = False  # indexed in memory only: its index file could not be written
@@ -986,13 +989,18 @@ class Shard:
         ``keep``: keep the replaced files open a moment (see :meth:`_retain`;
         default: when ``paced``, as background merges do).
 
-        A merge is claimed by the shard's ``merge_mutex`` (threads) and a
-        lock on its merge slot (processes), held throughout: the kernel
-        drops the latter when a merging process dies.
+        A merge is claimed by the shard's ``merging`` (threads: see
+        :meth:`_claim_merge`) and a lock on its merge slot (processes), held
+        throughout: the kernel drops the latter when a merging process dies.
         """
-        if not (self.merge_mutex.acquire(True, SECTION_WAIT) if wait else self.merge_mutex.acquire(False)):
-            return False
+        token = object()
+        claimed: object | None = None
         try:
+            # The claim is taken inside this try, so an exception raised
+            # asynchronously (KeyboardInterrupt) at any point after it lets go.
+            claimed = self._claim_merge(token, wait)
+            if claimed is None:
+                return False
             try:
                 claim = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
             except LockTimeout:
@@ -1003,7 +1011,31 @@ class Shard:
             finally:
                 self.locks.unlock(claim, self.merge_slot)
         finally:
-            self.merge_mutex.release()
+            if self.merging is token:
+                self.merging = None
+
+    def _claim_merge(self, token: object, wait: bool) -> object | None:
+        """Make ``token`` this process's merge of the shard; returns it, or
+        None if another thread's merge holds the shard (``wait``: for up to
+        ``SECTION_WAIT`` seconds, checking every millisecond).
+
+        The claim is an attribute set under ``merge_mutex``, taken with a
+        ``with`` statement, and not the mutex held for the whole merge: a
+        mutex acquired by a call can be left held for ever by an exception
+        raised asynchronously just as the call returns, before the ``try``
+        that would release it (every later merge in the process then waited
+        for it); the caller's ``finally`` clears a claim that holds its
+        token, whenever the exception lands.
+        """
+        deadline = time.monotonic() + SECTION_WAIT if wait else 0.0
+        while True:
+            with self.merge_mutex:
+                if self.merging is None:
+                    self.merging = token
+                    return token
+            if not wait or time.monotonic() > deadline:
+                return None
+            time.sleep(0.001)
 
     def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None, keep: bool) -> bool:
         token = f"{os.getpid()}.{threading.get_ident()}.merge"

@@ -156,6 +156,7 @@ class _MsgpackStore(StoreState):
         # A merge under way in the parent goes on there, not here.
         for shard in self.shards:
             shard.merge_mutex = threading.Lock()
+            shard.merging = None
 
 
 class MsgpackFileStorage(EncodedStorage):
