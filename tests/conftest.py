@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import sys
 from typing import Any, Callable, Iterator
 
@@ -68,17 +69,21 @@ def redis_client(server: Any, **options: Any) -> Any:
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[Any]:
     """A redis-server on a free loopback port, persistence off, for the whole run."""
-    server = redis_servers.RedisServer(redis_servers.temporary_directory("redis"))
+    directory = redis_servers.temporary_directory("redis")
+    server = redis_servers.RedisServer(directory)
     yield server
     server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Any]:
     """A 3-master Redis Cluster on loopback, for the whole run."""
-    cluster = redis_servers.RedisCluster(redis_servers.temporary_directory("cluster"))
+    directory = redis_servers.temporary_directory("cluster")
+    cluster = redis_servers.RedisCluster(directory)
     yield cluster
     cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ for it (``.ci/run`` does that before the tests):
 
 * the **whole suite** once per interpreter, its stress tests (the kill -9
   loops, the soak) at a quarter of their length (``SESSIONKIT_STRESS=0.25``);
+  the tests marked ``slow`` (the longest stress loops) only under Debian's
+  ``python3`` (the one with every dbm), the main run having them at full
+  length;
 * the **shelve tests** once more for each further dbm the interpreter has
   (dbm.gnu and dbm.ndbm on Debian's, dbm.sqlite3 on 3.13).
 
@@ -169,6 +172,8 @@ class Runner:
             if rerun.dbm is None:
                 env["SESSIONKIT_STRESS"] = STRESS
                 cmd += ["--ignore", "tests/test_other_pythons.py"]
+                if not rerun.interp.tag.startswith("system-"):
+                    cmd += ["-m", "not slow"]
             else:
                 env["SESSIONKIT_TEST_DBM"] = rerun.dbm
                 cmd += [*SHELVE_TESTS, *(SQLITE_TESTS if rerun.dbm == "dbm.sqlite3" else []), "-k", SELECT,
