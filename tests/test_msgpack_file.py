@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
@@ -1147,6 +1148,56 @@ def test_a_merge_claim_dies_with_the_process_that_held_it(directory: str) -> Non
     assert storage._shards[0].merge(time.time(), force=True)
     assert time.monotonic() - started < 5
     assert shard_files(directory)[0].stat().st_size < 100_000
+
+
+def test_moving_to_a_merged_shard_closes_the_old_files_after_its_section(
+    directory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that finds its shard merged by another process moves to the
+    new files inside its section, but closes the old ones once the section's
+    lock is free: the last close of a replaced log frees its blocks (tens of
+    milliseconds for a few megabytes), and every other process's request on
+    the shard used to wait for it."""
+    storage = MsgpackFileStorage(directory, shards=1)
+    storage.write("k", {"n": 0})
+    shard = storage._shards[0]
+    old_log = shard.log_ident
+    seen: list[tuple[bool, int]] = []
+    real = _shard._close_shard_files
+
+    def watched(idx: Any, stale: Any, fd: int) -> None:
+        # another open file description of the lock file: it conflicts with
+        # this process's hold on the shard's byte as another process's would
+        probe = os.open(Path(directory) / "sessionkit.lock", os.O_RDWR)
+        try:
+            free = True
+            try:
+                fcntl.fcntl(probe, _lockfile._F_OFD_SETLK, _lockfile._FLOCK.pack(fcntl.F_WRLCK, 0, shard.slot, 1, 0))
+            except OSError:
+                free = False
+            seen.append((free, fd))
+        finally:
+            os.close(probe)  # drops the probe's lock too
+        real(idx, stale, fd)
+
+    monkeypatch.setattr(_shard, "_close_shard_files", watched)
+    code = (
+        "import sys, time; from sessionkit import MsgpackFileStorage as M\n"
+        "s = M(sys.argv[1], shards=1)\n"
+        "for n in range(50): s.write('other', {'n': n, 'pad': 'x' * 10_000})\n"
+        "assert s._shards[0].merge(time.time(), wait=True, force=True)\n"
+        "s.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, directory], check=True, timeout=60)
+    storage.write("k", {"n": 1})  # finds the shard merged: moves to the new files
+    assert shard.log_ident != old_log
+    assert seen and all(free for free, _fd in seen), seen
+    assert not shard.closing
+    assert storage.read("k") == {"n": 1} and storage.read("other") == {"n": 49, "pad": "x" * 10_000}
+    for _free, fd in seen:  # the old log's descriptor is closed (nothing has opened a file since)
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    storage.close()
 
 
 def test_leftovers_of_dead_merges_and_rebuilds_are_removed(directory: str) -> None:

@@ -164,6 +164,17 @@ class _Pace:
         self._next = time.perf_counter() + PACE
 
 
+def _close_shard_files(idx: ix.Index | None, stale: ix.Index | None, fd: int) -> None:
+    """Close a shard's indexes (either may be None) and its log descriptor (-1: none)."""
+    try:
+        for index in (idx, stale):
+            if index is not None:
+                index.close()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def _close_replaced(old: ix.Index | None, fd: int) -> None:
     """Close the index (if any) and the log descriptor a merge replaced."""
     try:
@@ -258,6 +269,8 @@ class Shard:
         # A merge under way in this process: its claim (see _claim_merge) and
         # the mutex that guards taking it.
         self.merging: object | None = None
+        # Files a section moved away from, closed once its lock is free (see _open).
+        self.closing: list[tuple[ix.Index | None, ix.Index | None, int]] = []
         self.merge_mutex = threading.Lock()
         self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
         self.next_request = 0.0  # monotonic time before which no merge is asked for
@@ -303,6 +316,18 @@ class Shard:
 
     def __exit__(self, *exc: Any) -> None:
         self.locks.unlock(self.lock_file, self.slot)
+        if self.closing:
+            self._close_deferred()
+
+    def _close_deferred(self) -> None:
+        """Close the files the section moved away from (see :meth:`_open`), now that its lock is free."""
+        closing = self.closing
+        while closing:
+            try:
+                files = closing.pop()  # one thread gets each entry: never closed twice
+            except IndexError:
+                break
+            _close_shard_files(*files)
 
     def _sync(self) -> None:
         table = self.table
@@ -337,7 +362,9 @@ class Shard:
             self.private = False
             self._rebuild("its index could not be written before", reopen=True)
 
-    def _close_files(self) -> None:
+    def _close_files(self, later: bool = False) -> None:
+        """Forget the files in use and close them; ``later``: when the
+        section ends (see :meth:`_open`)."""
         # Forgotten first, closed after: an exception raised asynchronously
         # in between leaks a descriptor at worst, where the other order could
         # leave this shard holding a number the kernel gives the next file
@@ -345,11 +372,10 @@ class Shard:
         idx, stale, fd = self.idx, self.stale_idx, self.fd
         self.idx = self.table = self.map = self.stale_idx = None
         self.fd = -1
-        for index in (idx, stale):
-            if index is not None:
-                index.close()
-        if fd >= 0:
-            os.close(fd)
+        if later:
+            self.closing.append((idx, stale, fd))
+        else:
+            _close_shard_files(idx, stale, fd)
 
     def _open(self, moved: bool = False) -> None:
         """(Re)open the log and its index; rebuild the index unless it is
@@ -362,8 +388,15 @@ class Shard:
         a cost of a hundred microseconds or more that would fall on the
         request that moves to it.  An index found at opening is checked
         (one of a large table, by the merge thread: see :meth:`_use`), and
-        so is the table every merge starts from."""
-        self._close_files()
+        so is the table every merge starts from.
+
+        The files it moves away from are closed when the section ends, not
+        inside it: the last process to close a log that a merge replaced
+        frees its blocks, 10 to 30 ms of the kernel's time for a few
+        megabytes here, and every other process's request on the shard
+        waited for it (most often a merge helper's, whose merge began by
+        moving to what another process had merged since)."""
+        self._close_files(later=True)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -1331,6 +1364,7 @@ class Shard:
     def close(self) -> None:
         self.closed = True
         self._close_files()
+        self._close_deferred()
         self.close_retired()
 
 
