@@ -1,15 +1,20 @@
 """A writer interrupted by ``KeyboardInterrupt`` every few dozen microseconds.
 
-``python -m tests.interrupted_writer <directory> <seconds> [write|merge]``:
+``python -m tests.interrupted_writer <directory> <seconds> [write|merge|claim]``:
 writes to a msgpack store while a ``SIGALRM`` timer raises
 ``KeyboardInterrupt`` 5 to 120 µs into each write, wherever the engine is
 (locking, appending, indexing anew, opening files), for ``seconds``; with
 ``merge``, the writes go uninterrupted and the timer lands 20 to 1,500 µs
 into a merge of the shard made in this thread after every 20 of them (as
-``purge_expired()`` and an overdue writer make one).  Then it checks that
+``purge_expired()`` and an overdue writer make one); with ``claim``, nothing is
+written, and it lands 1 to 60 µs into every call, a merge with nothing to
+merge (its claim and the shard's merge slot taken and let go), after which
+the claim and the slot are checked.  Then it checks that
 every write that returned reads back, and prints one JSON line: writes,
 interrupts, errors other than the interrupt, wrong values, its open
-descriptors before and after, and its slowest merge call.
+descriptors before and after, its slowest merge call, and, once the
+storm is over, whether its merge claim or the shard's merge slot was left
+taken and whether a merge in another thread still ends in time.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import random
 import signal
 import sys
 import time
+from typing import Callable
 
 
 def main(directory: str, seconds: float, mode: str = "write") -> None:
@@ -49,6 +55,8 @@ def main(directory: str, seconds: float, mode: str = "write") -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGALRM, interrupt)
+    left = {"claim": 0, "slot": 0}  # claim mode: calls that left the claim or the merge slot taken
+    slot_held = _slot_probe(directory, storage._shards[0].merge_slot)
     rng = random.Random(7)
     acked: dict[str, int] = {}
     writes = interrupts = 0
@@ -56,11 +64,29 @@ def main(directory: str, seconds: float, mode: str = "write") -> None:
     errors: list[str] = []
     end = time.monotonic() + seconds
     merging = mode == "merge"
+    claiming = mode == "claim"
     while time.monotonic() < end and len(errors) < 5:
         writes += 1
         key = f"v{writes % 20}"
         try:
             armed[0] = True
+            if claiming:
+                key = ""
+                # a merge with nothing to merge: its claim and the shard's
+                # merge slot taken and let go, where the timer lands
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 60e-6))
+                    storage._shards[0].merge(0.0)
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    armed[0] = False
+                finally:
+                    # checked after every call: this process's next merge takes
+                    # and lets go of them again, hiding what one left taken
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    armed[0] = False
+                    left["claim"] += bool(storage._shards[0].claims)
+                    left["slot"] += slot_held()
+                continue
             if merging and writes % 20 == 0:
                 key = ""  # nothing in flight
                 began = time.monotonic()
@@ -72,7 +98,7 @@ def main(directory: str, seconds: float, mode: str = "write") -> None:
                 finally:
                     slowest_merge = max(slowest_merge, time.monotonic() - began)
                 continue
-            if not merging:
+            if mode == "write":
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(5e-6, 120e-6))
             storage.write(key, {"n": writes})
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -89,13 +115,69 @@ def main(directory: str, seconds: float, mode: str = "write") -> None:
             errors.append(repr(exc))
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    shard = storage._shards[0]
+    claim_left = bool(shard.claims)  # this process's merge claim, left taken by an interrupt
+    slot_free = _slot_comes_free(directory, shard.merge_slot)
+    merged_after = _merges_in_time(shard)
     storage.write("final", 1)
     wrong = {key: [storage.read(key), n] for key, n in acked.items() if (storage.read(key) or {}).get("n") != n}
     fds_after = len(os.listdir("/proc/self/fd"))
     storage.close()
     print(json.dumps({"writes": writes, "interrupts": interrupts, "errors": errors, "wrong": wrong,
-                      "fds_before": fds_before, "fds_after": fds_after, "slowest_merge_s": slowest_merge}),
+                      "fds_before": fds_before, "fds_after": fds_after, "slowest_merge_s": slowest_merge,
+                      "claim_left": claim_left, "slot_free": slot_free, "merged_after": merged_after,
+                      "left_taken": left}),
           flush=True)
+
+
+def _slot_comes_free(directory: str, slot: int, seconds: float = 5.0) -> bool:
+    """Whether the shard's merge slot can be locked through another open file
+    description of the lock file (it conflicts with this process's own locks
+    as another process's would) within ``seconds``: the neighbour's merges
+    hold it a moment at a time, a lock this process left taken for ever."""
+    import fcntl
+    import struct
+
+    probe = os.open(os.path.join(directory, "sessionkit.lock"), os.O_RDWR)
+    try:
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0))  # F_OFD_SETLK
+                return True
+            except OSError:
+                if time.monotonic() > end:
+                    return False
+                time.sleep(0.01)
+    finally:
+        os.close(probe)  # its lock goes with it
+
+
+def _slot_probe(directory: str, slot: int) -> "Callable[[], bool]":
+    """A check of whether the shard's merge slot is locked (by anyone: a
+    lock of this process conflicts with another open file description's)."""
+    import fcntl
+    import struct
+
+    probe = os.open(os.path.join(directory, "sessionkit.lock"), os.O_RDWR)
+    ask = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0)
+
+    def held() -> bool:
+        answer = fcntl.fcntl(probe, 36, ask)  # F_OFD_GETLK
+        return struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK
+
+    return held
+
+
+def _merges_in_time(shard: object, seconds: float = 10.0) -> bool:
+    """Whether a merge of the shard, in another thread, ends within ``seconds``."""
+    import threading
+
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(shard.merge(0.0, wait=True, force=True)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    return done == [True]
 
 
 if __name__ == "__main__":

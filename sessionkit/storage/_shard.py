@@ -14,7 +14,7 @@ index it cannot see (an older release's, a deleted index's) points at.  A
 read by a thread that holds the key's own lock needs neither (see
 :meth:`Shard.read_unlocked`).
 
-A background merge is claimed by the shard's ``merging`` (threads) and
+A background merge is claimed by the shard's ``claims`` (threads) and
 a lock on its merge slot (processes; the kernel drops it when a merging
 process dies); it paces itself so that request threads get the GIL back
 within microseconds.
@@ -35,6 +35,7 @@ import errno
 import heapq
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -266,12 +267,10 @@ class Shard:
         self.end = 0  # where the valid log ends, and the next record goes
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
-        # A merge under way in this process: its claim (see _claim_merge) and
-        # the mutex that guards taking it.
-        self.merging: object | None = None
+        # A merge under way in this process: "merge" -> its claim (see _claim_merge).
+        self.claims: dict[str, tuple[object, int]] = {}
         # Files a section moved away from, closed once its lock is free (see _open).
         self.closing: list[tuple[ix.Index | None, ix.Index | None, int]] = []
-        self.merge_mutex = threading.Lock()
         self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
         self.next_request = 0.0  # monotonic time before which no merge is asked for
         self.private = False  # indexed in memory only: its index file could not be written
@@ -1015,60 +1014,108 @@ class Shard:
         Returns whether it merged (not when the shard holds a damaged record,
         needs no merge, another thread or process is merging it, or the
         shard changed under it).  ``force``: merge even if few records are
-        dead.  ``wait``: wait (up to a minute) for another merge to end.
+        dead.  ``wait``: wait for another merge to end (up to a minute for
+        another thread's, and a minute for another process's).
         ``paced`` (the background thread): pause every ``PACE`` seconds of
         work, so the threads that serve requests get the GIL back at once.
         ``dropped`` gets the number of expired sessions the merge dropped.
         ``keep``: keep the replaced files open a moment (see :meth:`_retain`;
         default: when ``paced``, as background merges do).
 
-        A merge is claimed by the shard's ``merging`` (threads: see
+        A merge is claimed by the shard's ``claims`` (threads: see
         :meth:`_claim_merge`) and a lock on its merge slot (processes), held
         throughout: the kernel drops the latter when a merging process dies.
+        Both are let go so that a ``KeyboardInterrupt`` raised by a signal
+        handler as they are let go does not leave them taken.
         """
-        token = object()
-        claimed: object | None = None
+        token = (object(), threading.get_ident())
         try:
-            # The claim is taken inside this try, so an exception raised
-            # asynchronously (KeyboardInterrupt) at any point after it lets go.
-            claimed = self._claim_merge(token, wait)
-            if claimed is None:
+            # The claim is taken inside this try, and its finally lets go of
+            # a claim that holds this token, wherever an exception raised
+            # asynchronously lands.
+            if not self._claim_merge(token, wait):
                 return False
+            slot_file = self.locks.file  # what lock() returns, known before it returns
             try:
-                claim = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
-            except LockTimeout:
-                self.next_request = time.monotonic() + 0.1  # another process is merging it
-                return False
-            try:
+                # Inside the try as well: the slot is let go however soon
+                # after it is taken an exception lands (letting go of a byte
+                # this process does not hold changes nothing, and no other
+                # thread of it takes this one: it holds the claim).
+                try:
+                    slot_file = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
+                except LockTimeout:
+                    self.next_request = time.monotonic() + 0.1  # another process is merging it
+                    return False
                 return self._merge(now, force, paced, dropped, paced if keep is None else keep)
             finally:
-                self.locks.unlock(claim, self.merge_slot)
+                # Let go of the slot even if an exception raised asynchronously
+                # lands in the unlock: it is made again (it is idempotent) and
+                # that exception raised after.  Written out here, not called:
+                # an exception can land as any function is entered.
+                interrupted: BaseException | None = None
+                while True:
+                    try:
+                        self.locks.unlock(slot_file, self.merge_slot)
+                    except Exception:
+                        raise
+                    except BaseException as exc:
+                        interrupted = exc
+                        continue
+                    break
+                if interrupted is not None:
+                    raise interrupted
         finally:
-            if self.merging is token:
-                self.merging = None
+            # The same for the claim.
+            interrupted = None
+            while True:
+                try:
+                    if self.claims.get("merge") is token:
+                        self.claims.pop("merge", None)
+                except BaseException as exc:
+                    interrupted = exc
+                    continue
+                break
+            if interrupted is not None:
+                raise interrupted
 
-    def _claim_merge(self, token: object, wait: bool) -> object | None:
-        """Make ``token`` this process's merge of the shard; returns it, or
-        None if another thread's merge holds the shard (``wait``: for up to
-        ``SECTION_WAIT`` seconds, checking every millisecond).
+    def _claim_merge(self, token: tuple[object, int], wait: bool) -> bool:
+        """Make ``token`` (an object and the caller's thread id) this
+        process's merge of the shard; False if another thread's merge holds
+        it (``wait``: for up to ``SECTION_WAIT`` seconds, checking every
+        millisecond).
 
-        The claim is an attribute set under ``merge_mutex``, taken with a
-        ``with`` statement, and not the mutex held for the whole merge: a
-        mutex acquired by a call can be left held for ever by an exception
-        raised asynchronously just as the call returns, before the ``try``
-        that would release it (every later merge in the process then waited
-        for it); the caller's ``finally`` clears a claim that holds its
-        token, whenever the exception lands.
+        The claim is one ``dict.setdefault``, a single call that cannot be
+        cut in two, not a mutex: a mutex acquired by a call, or let go by a
+        ``with`` statement before Python 3.10, can be left held for ever by
+        an exception raised asynchronously between two bytecodes (every later
+        merge in the process then waited for it).  A claim of this thread's
+        own found here was left by such an exception in the ``finally`` that
+        lets go of it (before Python 3.10), and is taken over, unless a merge
+        of this shard is under way further up this thread's stack (a signal
+        handler's write that merged inside a merge).
         """
+        claims = self.claims
         deadline = time.monotonic() + SECTION_WAIT if wait else 0.0
         while True:
-            with self.merge_mutex:
-                if self.merging is None:
-                    self.merging = token
-                    return token
+            held = claims.setdefault("merge", token)
+            if held is token:
+                return True
+            if held[1] == token[1] and not self._merging_here():
+                claims["merge"] = token
+                return True
             if not wait or time.monotonic() > deadline:
-                return None
+                return False
             time.sleep(0.001)
+
+    def _merging_here(self) -> bool:
+        """Whether a merge of this shard is under way further up the calling thread's stack."""
+        frame: Any = sys._getframe(3)  # 0: here, 1: _claim_merge, 2: the merge asking
+        code = Shard.merge.__code__
+        while frame is not None:
+            if frame.f_code is code and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
 
     def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None, keep: bool) -> bool:
         token = f"{os.getpid()}.{threading.get_ident()}.merge"

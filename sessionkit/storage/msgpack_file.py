@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import weakref
 from datetime import timedelta
@@ -155,8 +154,7 @@ class _MsgpackStore(StoreState):
         super()._fork_after_child()
         # A merge under way in the parent goes on there, not here.
         for shard in self.shards:
-            shard.merge_mutex = threading.Lock()
-            shard.merging = None
+            shard.claims = {}
 
 
 class MsgpackFileStorage(EncodedStorage):
