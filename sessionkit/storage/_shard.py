@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import errno
 import heapq
+import itertools
 import logging
 import os
 import sys
@@ -238,6 +239,15 @@ class _Stale(_Abort):
 # Descriptors a merge under way holds (closed in a forked child, whose copy
 # of the merge thread does not exist).
 _MERGE_FDS: set[int] = set()
+_MERGE_NUMBERS = itertools.count()  # names a merge's files apart from another's of the same thread
+
+
+def _caller() -> tuple[int, int]:
+    """Who is calling: the thread's id, and its running greenlet's (gevent,
+    eventlet: greenlets share a thread), or 0 where greenlet is not loaded."""
+    greenlet = sys.modules.get("greenlet")
+    current = getattr(greenlet, "getcurrent", None)
+    return threading.get_ident(), (id(current()) if current is not None else 0)
 
 
 class Shard:
@@ -268,7 +278,7 @@ class Shard:
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
         # A merge under way in this process: "merge" -> its claim (see _claim_merge).
-        self.claims: dict[str, tuple[object, int]] = {}
+        self.claims: dict[str, tuple[object, tuple[int, int]]] = {}
         # Files a section moved away from, closed once its lock is free (see _open).
         self.closing: list[tuple[ix.Index | None, ix.Index | None, int]] = []
         self.merge_slot = slot + MERGE_SLOTS  # its lock slot: a merge under way in any process
@@ -1028,7 +1038,7 @@ class Shard:
         Both are let go so that a ``KeyboardInterrupt`` raised by a signal
         handler as they are let go does not leave them taken.
         """
-        token = (object(), threading.get_ident())
+        token = (object(), _caller())
         try:
             # The claim is taken inside this try, and its finally lets go of
             # a claim that holds this token, wherever an exception raised
@@ -1050,8 +1060,11 @@ class Shard:
             finally:
                 # Let go of the slot even if an exception raised asynchronously
                 # lands in the unlock: it is made again (it is idempotent) and
-                # that exception raised after.  Written out here, not called:
-                # an exception can land as any function is entered.
+                # that exception raised after (in place of any error of the
+                # merge in flight, kept as its context).  Written out here,
+                # not called: an exception can land as any function is
+                # entered.  A second one that lands while the first is
+                # handled (two quick Ctrl-Cs) can still get out of the loop.
                 interrupted: BaseException | None = None
                 while True:
                     try:
@@ -1078,8 +1091,8 @@ class Shard:
             if interrupted is not None:
                 raise interrupted
 
-    def _claim_merge(self, token: tuple[object, int], wait: bool) -> bool:
-        """Make ``token`` (an object and the caller's thread id) this
+    def _claim_merge(self, token: tuple[object, tuple[int, int]], wait: bool) -> bool:
+        """Make ``token`` (an object and the caller, see :func:`_caller`) this
         process's merge of the shard; False if another thread's merge holds
         it (``wait``: for up to ``SECTION_WAIT`` seconds, checking every
         millisecond).
@@ -1088,11 +1101,11 @@ class Shard:
         cut in two, not a mutex: a mutex acquired by a call, or let go by a
         ``with`` statement before Python 3.10, can be left held for ever by
         an exception raised asynchronously between two bytecodes (every later
-        merge in the process then waited for it).  A claim of this thread's
-        own found here was left by such an exception in the ``finally`` that
-        lets go of it (before Python 3.10), and is taken over, unless a merge
-        of this shard is under way further up this thread's stack (a signal
-        handler's write that merged inside a merge).
+        merge in the process then waited for it).  A claim of the caller's
+        own (the same thread, and the same greenlet) found here was left by
+        such an exception in the ``finally`` that lets go of it, and is taken
+        over, unless a merge of this shard is under way further up the
+        caller's stack (a signal handler's write that merged inside a merge).
         """
         claims = self.claims
         deadline = time.monotonic() + SECTION_WAIT if wait else 0.0
@@ -1118,7 +1131,7 @@ class Shard:
         return False
 
     def _merge(self, now: float, force: bool, paced: bool, dropped: list[int] | None, keep: bool) -> bool:
-        token = f"{os.getpid()}.{threading.get_ident()}.merge"
+        token = f"{os.getpid()}.{threading.get_ident()}.{next(_MERGE_NUMBERS)}.merge"  # greenlets share a thread
         # Files left by merges or index rebuilds that died, looked for before
         # the shard is locked (a rebuild's file found now is gone, renamed,
         # once it is) and removed under the lock: no merge is under way (this
