@@ -1039,6 +1039,7 @@ class Shard:
         handler as they are let go does not leave them taken.
         """
         token = (object(), _caller())
+        slot_file: Any = None  # set once the claim is ours: the slot may be locked from then on
         try:
             # The claim is taken inside this try, and its finally lets go of
             # a claim that holds this token, wherever an exception raised
@@ -1046,50 +1047,47 @@ class Shard:
             if not self._claim_merge(token, wait):
                 return False
             slot_file = self.locks.file  # what lock() returns, known before it returns
+            # Taken inside the try as well: the slot is let go however soon
+            # after it is taken an exception lands (letting go of a byte this
+            # process does not hold changes nothing, and no other thread of
+            # it takes this one: it holds the claim).
             try:
-                # Inside the try as well: the slot is let go however soon
-                # after it is taken an exception lands (letting go of a byte
-                # this process does not hold changes nothing, and no other
-                # thread of it takes this one: it holds the claim).
-                try:
-                    slot_file = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
-                except LockTimeout:
-                    self.next_request = time.monotonic() + 0.1  # another process is merging it
-                    return False
-                return self._merge(now, force, paced, dropped, paced if keep is None else keep)
-            finally:
-                # Let go of the slot even if an exception raised asynchronously
-                # lands in the unlock: it is made again (it is idempotent) and
-                # that exception raised after (in place of any error of the
-                # merge in flight, kept as its context).  Written out here,
-                # not called: an exception can land as any function is
-                # entered.  A second one that lands while the first is
-                # handled (two quick Ctrl-Cs) can still get out of the loop.
-                interrupted: BaseException | None = None
-                while True:
-                    try:
-                        self.locks.unlock(slot_file, self.merge_slot)
-                    except Exception:
-                        raise
-                    except BaseException as exc:
-                        interrupted = exc
-                        continue
-                    break
-                if interrupted is not None:
-                    raise interrupted
+                slot_file = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
+            except LockTimeout:
+                self.next_request = time.monotonic() + 0.1  # another process is merging it
+                return False
+            return self._merge(now, force, paced, dropped, paced if keep is None else keep)
         finally:
-            # The same for the claim.
-            interrupted = None
+            # Let go of the slot, then of the claim (so that no other thread
+            # takes the slot before this one lets go of it), even if an
+            # exception raised asynchronously lands in between: the steps
+            # are made again (they are idempotent) and that exception raised
+            # after (in place of any error of the merge in flight, kept as
+            # its context).  Written out here, not called: an exception can
+            # land as any function is entered.  A second one that lands while
+            # the first is handled (two quick Ctrl-Cs) can still get out.
+            interrupted: BaseException | None = None
+            failed: Exception | None = None
             while True:
                 try:
+                    if slot_file is not None:
+                        try:
+                            self.locks.unlock(slot_file, self.merge_slot)
+                        except Exception as exc:  # raised once the claim is let go
+                            failed = exc
+                        slot_file = None
                     if self.claims.get("merge") is token:
                         self.claims.pop("merge", None)
+                except Exception:
+                    raise
                 except BaseException as exc:
                     interrupted = exc
                     continue
                 break
             if interrupted is not None:
                 raise interrupted
+            if failed is not None:
+                raise failed
 
     def _claim_merge(self, token: tuple[object, tuple[int, int]], wait: bool) -> bool:
         """Make ``token`` (an object and the caller, see :func:`_caller`) this
