@@ -178,8 +178,12 @@ def test_kill_9_mid_write_never_tears_a_value_or_leaves_a_lock(directory: str) -
     size = 200_000
     MsgpackFileStorage(directory).close()
     last = 0
+    # One event for every round: a new one per round made the semaphores of
+    # the old ones be collected while multiprocessing's resource tracker
+    # registered the next, which Python 3.13 reports as an unraisable warning.
+    ready = spawn.Event()
     for round_ in range(6):
-        ready = spawn.Event()
+        ready.clear()  # set by the worker once its store is open, ahead of the kill
         p = spawn.Process(target=workers.write_forever, args=(directory, "k", size, ready))
         p.start()
         assert ready.wait(60)
