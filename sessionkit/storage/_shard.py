@@ -167,7 +167,8 @@ class _Pace:
 
 
 def _close_shard_files(idx: ix.Index | None, stale: ix.Index | None, fd: int) -> None:
-    """Close a shard's indexes (either may be None) and its log descriptor (-1: none)."""
+    """Close a shard's indexes (either may be None) and its log descriptor (-1: none): the files
+    a section moved away from, or those a merge replaced."""
     try:
         for index in (idx, stale):
             if index is not None:
@@ -175,15 +176,6 @@ def _close_shard_files(idx: ix.Index | None, stale: ix.Index | None, fd: int) ->
     finally:
         if fd >= 0:
             os.close(fd)
-
-
-def _close_replaced(old: ix.Index | None, fd: int) -> None:
-    """Close the index (if any) and the log descriptor a merge replaced."""
-    try:
-        if old is not None:
-            old.close()
-    finally:
-        os.close(fd)
 
 
 def _in_runs(fd: int, entries: list[Any], at: int, run: int = CHUNK) -> Iterator[tuple[Any, bytes]]:
@@ -1331,7 +1323,7 @@ class Shard:
         if kept:
             MERGER.trim()
         else:
-            _close_replaced(*retired)
+            _close_shard_files(retired[0], None, retired[1])
 
     def _retain(self, old: ix.Index | None, fd: int) -> bool:
         """For a background merge, inside the section that replaced them:
@@ -1370,7 +1362,7 @@ class Shard:
                 _deadline, old, fd, _size = retired.pop(0)  # one thread gets each entry: never closed twice
             except IndexError:  # taken by another thread meanwhile
                 break
-            _close_replaced(old, fd)
+            _close_shard_files(old, None, fd)
 
     def _grown_since(self, start: int) -> bool:
         """Whether the log has grown by more than its bound allows since ``start`` (a merge is falling behind)."""
