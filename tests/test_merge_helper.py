@@ -309,3 +309,73 @@ def test_a_helper_running_other_code_is_not_used(
     finally:
         storage.close()
         MERGER.helper._retry_at = 0.0
+
+
+def _deleted_files_open(pid: int, directory: str) -> list[str]:
+    """The files under ``directory`` that process ``pid`` holds open though they were deleted or replaced."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(directory + os.sep) and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
+
+def test_the_helper_keeps_no_log_open_that_another_process_merged_away(tmp_path: Path) -> None:
+    """Between requests the helper holds none of a shard's files, so a merge
+    by another process (here this one's own) frees the log it replaces at
+    once, not when the helper next comes to that shard (or closes an idle store)."""
+    directory = str(tmp_path / "store")
+    storage = MsgpackFileStorage(directory, shards=1)
+    _merge(storage)
+    pid = MERGER.helper.pid
+    assert pid is not None
+    deadline = time.monotonic() + _shard.RETIRE_AFTER + 10
+    while _deleted_files_open(pid, directory) and time.monotonic() < deadline:
+        time.sleep(0.05)  # what the helper's own merge replaced, kept open a moment (Shard._retain)
+    assert _deleted_files_open(pid, directory) == []
+    shard = storage._locate("k")[0]
+    for i in range(20):
+        storage.write("k", {"i": i})
+    assert shard.merge(time.time(), force=True)  # this process replaces the files the helper merged to
+    storage.read("k")
+    assert _deleted_files_open(pid, directory) == []
+    assert _deleted_files_open(os.getpid(), directory) == []
+    _merge(storage)  # and the helper goes on merging the shard
+    assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
+    storage.close()
+
+
+def test_a_stalled_helper_on_a_nearly_full_disk_loses_no_write(tmp_path: Path) -> None:
+    """A helper that gets no CPU (stopped here, starved on a busy machine)
+    leaves the merges to the writers once the disk runs short of room for
+    them: overwrites that fill a 4 MB disk several times over all succeed,
+    and the merges free the space the old logs held."""
+    from .helpers import tmpfs
+
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        directory = str(mount / "store")
+        storage = MsgpackFileStorage(directory, shards=1)
+        _merge(storage)  # the helper has served this store: it knows the shard
+        pid = MERGER.helper.pid
+        assert pid is not None
+        pad = "x" * 10_000
+        for i in range(100):  # about 1 MB live
+            storage.write(f"k{i}", {"pad": pad, "i": 0})
+        os.kill(pid, signal.SIGSTOP)
+        failed = []
+        try:
+            for i in range(1, 1_201):  # 12 MB of overwrites
+                try:
+                    storage.write(f"k{i % 100}", {"pad": pad, "i": i})
+                except Exception as exc:  # noqa: BLE001 - counted, then shown
+                    failed.append((i, repr(exc)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert failed == [], f"{len(failed)} of 1,200 writes failed, the first: {failed[:1]}"
+        assert storage.read("k7")["i"] == 1_107
+        assert _deleted_files_open(os.getpid(), directory) == []
+        storage.close()

@@ -742,6 +742,34 @@ def test_a_nearly_full_disk_gets_a_merges_space_back_at_once(
         storage.close()
 
 
+def test_a_write_the_full_disk_refuses_is_made_once_a_merge_frees_the_dead_bytes(
+    tmp_path: Path, thread_merges: None
+) -> None:
+    """A write that finds the disk full while its shard's log holds dead
+    bytes (fewer than a merge waits for) merges the shard, and is made;
+    one the merge cannot make room for is refused, the stored value kept."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=1)
+        pad = "x" * 10_000
+        for rnd in range(2):  # 0.5 MB live, 0.5 MB dead: no merge is due
+            for i in range(50):
+                storage.write(f"k{i}", {"pad": pad, "i": rnd})
+        vfs = os.statvfs(mount)
+        with open(mount / "filler", "wb") as f:  # leaves 0.8 MB: room for the merged log, not for the write
+            f.write(b"\0" * (vfs.f_bavail * vfs.f_frsize - 800_000))
+        storage.write("big", "y" * 900_000)
+        assert storage.read("big") == "y" * 900_000
+        assert storage.read("k7") == {"pad": pad, "i": 1}
+        with pytest.raises(StorageError) as info:  # nothing dead left: refused, as before
+            storage.write("big", "z" * 1_500_000)
+        assert isinstance(info.value.__cause__, OSError)
+        assert storage.read("big") == "y" * 900_000
+        storage.close()
+        reopened = MsgpackFileStorage(mount / "store")
+        assert reopened.read("big") == "y" * 900_000 and reopened.read("k49") == {"pad": pad, "i": 1}
+        reopened.close()
+
+
 def test_read_only_filesystem_is_storage_error_and_data_survives(tiny_fs: Path) -> None:
     storage = MsgpackFileStorage(tiny_fs / "store", shards=1)
     storage.write("k", 1)

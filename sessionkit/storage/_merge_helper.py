@@ -36,8 +36,10 @@ as JSON> <parent's code fingerprint>``.
 * helper → parent: ``{"why": reason or ""}`` or ``{"error": message}``.
 
 The helper keeps a store open while merges of it come, and closes it after
-``IDLE`` seconds without one; it opens only a store that exists, and one
-made again at the same path is another store to it.  It ends when its end
+``IDLE`` seconds without one; a shard's log and index it closes after each
+request, so a log that another process's merge replaces meanwhile is freed
+at once.  It opens only a store that exists, and one made again at the
+same path is another store to it.  It ends when its end
 of the socket closes, that is when the parent has exited (or stopped it),
 or when it finds its parent changed.  A forked child does not share its
 parent's helper: it closes its copy of the socket and starts its own when
@@ -394,10 +396,15 @@ def _serve_once(request: dict[str, Any], stores: dict[str, Any], used: dict[str,
     shard = storage._state.shards[request["shard"]]
     if request["durable"]:
         shard.durable = True
-    if "verify" in request:
-        return {"why": shard.verify(tuple(request["verify"]), pace=False)}
-    _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
-    return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}
+    try:
+        if "verify" in request:
+            return {"why": shard.verify(tuple(request["verify"]), pace=False)}
+        _shard.SLACK = int(request["slack"])  # when a merge is due: the parent's rule
+        return {"merged": shard.merge(time.time() + request["skew"], paced=False, keep=True)}
+    finally:
+        # Not kept open until the next request: a merge by another process
+        # meanwhile frees the log it replaces only once no process has it open.
+        shard.let_go()
 
 
 def main() -> None:

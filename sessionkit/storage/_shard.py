@@ -52,6 +52,10 @@ log = logging.getLogger("sessionkit")
 CHUNK = 4 << 20  # bytes read at a time when loading or merging a log
 SLACK = 1 << 20  # dead bytes a shard may carry beyond its live bytes before a merge
 OVERDUE = 4  # dead bytes past OVERDUE * max(live, SLACK): the writer merges itself
+# A shard due for a merge on a file system with less room than ROOM_FACTOR * live
+# bytes + SLACK is merged by the writer too, while its new log still fits.
+ROOM_FACTOR = 2
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
 MERGE_SLOTS = 1 << 20  # a shard's merge slot is its slot plus this
 _MAX_RECORD = 0xFFFFFFFF  # a slot keeps a record's length in 32 bits
@@ -947,10 +951,44 @@ class Shard:
             return
         if time.monotonic() < self.next_request:
             return
-        if end - table.live > OVERDUE * max(table.live, SLACK):
-            self.overdue = True  # writes outrun the merge thread: the writer merges (see merge_if_overdue)
+        if end - table.live > OVERDUE * max(table.live, SLACK) or self._short_of_room(table.live):
+            # Writes outrun the background merges, or will soon leave no room
+            # for a merge's new log: the writer merges (see merge_if_overdue).
+            self.overdue = True
         self.merge_asked = True
         self.wanted = True  # asked for once out of the section (see after_section)
+
+    def _short_of_room(self, live: int) -> bool:
+        """Whether the file system has less room than ``ROOM_FACTOR`` times
+        ``live`` bytes plus ``SLACK``: a merge left to the background could
+        then find no room for its new log once the writes in the meantime
+        have filled the disk, and the dead bytes would stay for good."""
+        try:
+            vfs = os.fstatvfs(self.fd)
+        except OSError:
+            return False
+        return vfs.f_bavail * vfs.f_frsize < ROOM_FACTOR * live + SLACK
+
+    def reclaim(self, exc: BaseException) -> bool:
+        """After a write this shard refused for want of room (``exc``, a
+        ``StorageError`` caused by ENOSPC or EDQUOT): merge it now, outside
+        any section, if its log holds dead bytes and the file system has room
+        for the merged log.  Returns whether it merged (then the write is
+        worth one more try); any other error leaves it to the caller."""
+        cause = exc.__cause__
+        if not isinstance(cause, OSError) or cause.errno not in _NO_ROOM:
+            return False
+        table = self.table
+        if table is None or self.private or self.end <= table.live + _MAGIC_SIZE:
+            return False  # nothing dead to reclaim
+        try:
+            vfs = os.fstatvfs(self.fd)
+            if vfs.f_bavail * vfs.f_frsize < table.live:
+                return False  # the merged log would not fit either
+            return self.merge(time.time() + self.skew, force=True)
+        except Exception as failed:  # noqa: BLE001 - the write's own error is the one to raise
+            log.debug("sessionkit: merge of %s to make room failed: %s", self.path, failed)
+            return False
 
     def after_section(self) -> None:
         """Called after a section, outside it: ask for what the section found
@@ -1410,6 +1448,16 @@ class Shard:
             if pace is not None:
                 pace()
         return end, pos + len(tail)
+
+    def let_go(self) -> None:
+        """Close the files in use until a section needs them again (the merge
+        helper, between requests): a process that keeps a shard's log open
+        while another process merges the shard keeps the replaced log's
+        blocks from being freed, however full the disk."""
+        with self.mutex:
+            if not self.private:  # (a table kept in memory only is not read again from the files)
+                self._close_files()
+        self._close_deferred()
 
     def close(self) -> None:
         self.closed = True

@@ -315,11 +315,28 @@ class MsgpackFileStorage(EncodedStorage):
             shard.skew = self._clock() - _time()
         expiry = 0.0 if ttl is None else self._clock() + ttl
         built = shard.build(key, info, raw, expiry)
-        with shard.mutex, shard:
-            self._keylocks.check_held(key, self.directory)
-            shard.append(key, info, raw, expiry, built)
+        try:
+            with shard.mutex, shard:
+                self._keylocks.check_held(key, self.directory)
+                shard.append(key, info, raw, expiry, built)
+        except StorageError as exc:
+            self._append_again(shard, exc, key, info, raw, expiry)
         if shard.wanted or shard.overdue:
             shard.after_section()
+
+    def _append_again(
+        self, shard: Shard, exc: StorageError, key: str, info: tuple[bytes, int, int, int], value: bytes | None,
+        expiry: float,
+    ) -> None:
+        """After ``shard`` refused an append (``value`` ``None``: a deletion)
+        with ``exc``: if the disk was full and merging the shard freed its
+        dead bytes (see ``Shard.reclaim``), append once more; else raise ``exc``."""
+        if not shard.reclaim(exc):
+            raise exc
+        with shard.mutex, shard:
+            self._keylocks.check_held(key, self.directory)
+            if value is not None or shard.state(info) in (_index.LIVE, _index.CORRUPT):
+                shard.append(key, info, value, expiry)
 
     def _raw_loads(self, raw: bytes, key: str) -> Any:
         try:
@@ -336,10 +353,13 @@ class MsgpackFileStorage(EncodedStorage):
         """Remove ``key``; deleting an absent key is not an error."""
         key = check_key(key)
         shard, info = self._locate(key)
-        with shard.mutex, shard:
-            self._keylocks.check_held(key, self.directory)
-            if shard.state(info) in (_index.LIVE, _index.CORRUPT):
-                shard.append(key, info, None, 0.0)
+        try:
+            with shard.mutex, shard:
+                self._keylocks.check_held(key, self.directory)
+                if shard.state(info) in (_index.LIVE, _index.CORRUPT):
+                    shard.append(key, info, None, 0.0)
+        except StorageError as exc:
+            self._append_again(shard, exc, key, info, None, 0.0)
         if shard.wanted or shard.overdue:
             shard.after_section()
 
