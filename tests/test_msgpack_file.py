@@ -1120,6 +1120,61 @@ def test_zeroed_index_slots_lose_no_session(directory: str, fraction: float) -> 
     storage.close()
 
 
+def _dirty_pages(path: str) -> tuple[int, int] | None:
+    """(pages cached, pages dirty) of the file at ``path`` (Linux ``cachestat``), or None without that call."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        found = Stat()
+        if libc.syscall(451, fd, ctypes.byref(Range(0, 0)), ctypes.byref(found), 0) != 0:
+            return None  # (451 on both machines; ENOSYS before Linux 6.5)
+        return found.cache, found.dirty
+    finally:
+        os.close(fd)
+
+
+def test_a_merge_renames_files_already_on_their_way_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_merges: None
+) -> None:
+    """A merge starts writing its new log and index to disk before it locks
+    the shard to rename them into place, so the rename (ext4 writes a file
+    renamed over another out first) does not do it inside the section every
+    other process waits on."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    seen = _dirty_pages(str(probe))
+    if seen is None or seen[1] == 0:
+        pytest.skip("no cachestat here, or a file system that does not write back (tmpfs)")
+    renamed: list[tuple[str, int, int]] = []
+    replace = os.replace
+
+    def watched(src: Any, dst: Any) -> None:
+        if ".merge" in str(src) or ".merge" in str(dst):
+            cached, dirty = _dirty_pages(str(src)) or (0, 0)
+            renamed.append((os.path.basename(str(dst)), cached, dirty))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched)
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    for i in range(50):
+        storage.write(f"k{i}", {"pad": "x" * 20_000})
+    _merge_in_the_background(storage)
+    storage.close()
+    assert {name for name, _, _ in renamed} == {"shard-000.log", "shard-000.idx"}, renamed
+    assert all(dirty <= 4 for _, _, dirty in renamed), renamed  # at most the few pages written in the section
+    assert [cached for name, cached, _ in renamed if name == "shard-000.log"][0] > 40, renamed  # of a megabyte
+
+
 def test_a_merge_never_drops_what_a_damaged_index_lost(directory: str) -> None:
     """A process that mapped the index before it was damaged must not merge by it."""
     from sessionkit.storage._shard import MERGER

@@ -238,6 +238,41 @@ _MERGE_FDS: set[int] = set()
 _MERGE_NUMBERS = itertools.count()  # names a merge's files apart from another's of the same thread
 
 
+def _start_write_back(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk, without waiting for them
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing).
+
+    A merge starts its new files' write-back before it locks the shard to
+    rename them into place: ext4 starts it at a rename over an existing
+    file otherwise (its ``auto_da_alloc``, so that a crash never leaves the
+    new name on a file whose data was not written), and that took 130-280
+    µs per rename inside the section every other process waits on.  Started
+    here, the rename finds the pages on their way and the same ordering
+    holds."""
+    call = _WRITE_BACK[0]
+    if call is None:
+        call = _WRITE_BACK[0] = _sync_file_range()
+    if call is not False:
+        call(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error (a file system without it) changes nothing
+
+
+_WRITE_BACK: list[Any] = [None]  # sync_file_range from the C library, looked up at the first merge; False: none
+
+
+def _sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return False
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
 def _caller() -> tuple[int, int]:
     """Who is calling: the thread's id, and its running greenlet's (gevent,
     eventlet: greenlets share a thread), or 0 where greenlet is not loaded."""
@@ -1306,6 +1341,8 @@ class Shard:
         ``keep``: the replaced files are kept open a while (see :meth:`retire`)."""
         table = fresh.table()
         start, pos = self._catch_up(source, target, table, start, pos)
+        _start_write_back(target)
+        _start_write_back(fresh.fd)
         with self.mutex, self:
             if self.closed or self.log_ident != log_ident:
                 raise _Abort("the log was replaced meanwhile")
