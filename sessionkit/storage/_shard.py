@@ -132,7 +132,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-CATCH_UP = 8 << 10  # bytes appended during a merge that its swap adds under the lock
+CATCH_UP = 512  # bytes appended during a merge that its swap adds under the lock
 PACE = 20e-6  # seconds of work between pauses of a background merge
 PAUSE = 200e-6  # seconds of each pause
 MERGE_RUN = 128 << 10  # bytes a merge reads or writes at a time (each one a slice of work between pauses)
@@ -308,6 +308,7 @@ class Shard:
         self.end = 0  # where the valid log ends, and the next record goes
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
+        self.reopen_unchecked = False  # its files were closed by let_go(): opened again unchecked
         # A merge under way in this process: "merge" -> its claim (see _claim_merge).
         self.claims: dict[str, tuple[object, tuple[int, int]]] = {}
         # Files a section moved away from, closed once its lock is free (see _open).
@@ -372,7 +373,7 @@ class Shard:
     def _sync(self) -> None:
         table = self.table
         if table is None:
-            self._open()
+            self._open(moved=self.reopen_unchecked)
             return
         if self.private:
             self._sync_private()
@@ -1340,9 +1341,13 @@ class Shard:
         """Under the lock: add what was appended since ``start``, then rename the new files into place.
         ``keep``: the replaced files are kept open a while (see :meth:`retire`)."""
         table = fresh.table()
-        start, pos = self._catch_up(source, target, table, start, pos)
         _start_write_back(target)
         _start_write_back(fresh.fd)
+        caught = self._catch_up(source, target, table, start, pos)
+        if caught[1] != pos:  # what the catch-up added, on its way too
+            _start_write_back(target)
+            _start_write_back(fresh.fd)
+        start, pos = caught
         with self.mutex, self:
             if self.closed or self.log_ident != log_ident:
                 raise _Abort("the log was replaced meanwhile")
@@ -1451,7 +1456,7 @@ class Shard:
         """Outside the lock: add to the merged log what was appended since
         ``start``, until little is left for the swap to add under the lock."""
         pace = _Pace(lambda: self._grown_since(start))
-        for _ in range(8):
+        for _ in range(16):
             with self.mutex:  # the thread mutex only: another thread may swap the mapping
                 if self.map is None:
                     break
@@ -1494,6 +1499,10 @@ class Shard:
         with self.mutex:
             if not self.private:  # (a table kept in memory only is not read again from the files)
                 self._close_files()
+                # Opened again by the next section as a shard another process
+                # merged is: the merge and the check that this process makes
+                # next read the whole table anyway, outside the section.
+                self.reopen_unchecked = True
         self._close_deferred()
 
     def close(self) -> None:
