@@ -125,7 +125,20 @@ def wanted() -> str:
     default): a helper process where one can be started (a POSIX system, and
     ``sys.executable`` a Python interpreter), else a thread.  Any other value
     is warned about once and taken as ``auto``."""
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    asked = (os.environ.get(ENV, ""), sys.executable)
+    if asked == _wanted[0]:
+        return _wanted[1]  # (asked at every merge request: the answer to the same question is kept)
+    found = _wanted_for(asked[0])
+    _wanted[:] = [asked, found]
+    return found
+
+
+# The last (SESSIONKIT_MERGES, sys.executable) looked at, and what it meant.
+_wanted: list[Any] = [None, ""]
+
+
+def _wanted_for(given: str) -> str:
+    value = given.strip().lower() or "auto"
     if value == "thread":
         return "thread"
     if value not in ("auto", "process"):
@@ -190,11 +203,18 @@ class Helper:
         """The tokens of the requests not answered yet, oldest first."""
         return [token for token, _ in self._asked]
 
-    def send(self, token: Any, request: dict[str, Any]) -> bool:
-        """Write ``request`` for the helper (started if need be); ``token``
-        comes back from :meth:`poll` with the answer.  False if it was not
-        sent: no helper to be had, or its socket full."""
-        message = json.dumps(request).encode()
+    def is_asked(self, token: Any) -> bool:
+        """Whether a request with ``token`` is not answered yet."""
+        for asked, _ in self._asked:
+            if asked == token:
+                return True
+        return False
+
+    def send(self, token: Any, request: dict[str, Any] | bytes) -> bool:
+        """Write ``request`` (or its JSON, encoded) for the helper (started
+        if need be); ``token`` comes back from :meth:`poll` with the answer.
+        False if it was not sent: no helper to be had, or its socket full."""
+        message = request if isinstance(request, bytes) else json.dumps(request).encode()
         try:
             if self._sock is None:
                 self._start()

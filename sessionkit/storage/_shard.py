@@ -34,6 +34,7 @@ import atexit
 import errno
 import heapq
 import itertools
+import json
 import logging
 import os
 import sys
@@ -309,6 +310,7 @@ class Shard:
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
         self.reopen_unchecked = False  # its files were closed by let_go(): opened again unchecked
+        self.request_made: tuple[Any, bytes] | None = None  # see merge_request
         # A merge under way in this process: "merge" -> its claim (see _claim_merge).
         self.claims: dict[str, tuple[object, tuple[int, int]]] = {}
         # Files a section moved away from, closed once its lock is free (see _open).
@@ -1491,6 +1493,18 @@ class Shard:
                 pace()
         return end, pos + len(tail)
 
+    def merge_request(self) -> bytes:
+        """The merge helper's request to merge this shard, encoded (made
+        again only when what it says changes: a write's merge request is
+        the rare path of a request, and runs with cold caches)."""
+        said = (self.dir_ident, self.durable, self.skew, SLACK)
+        made = self.request_made
+        if made is None or made[0] != said:
+            request = {"dir": self.directory, "ident": list(self.dir_ident), "shard": self.number,
+                       "durable": self.durable, "skew": self.skew, "slack": SLACK}
+            made = self.request_made = (said, json.dumps(request).encode())
+        return made[1]
+
     def let_go(self) -> None:
         """Close the files in use until a section needs them again (the merge
         helper, between requests): a process that keeps a shard's log open
@@ -1565,18 +1579,17 @@ class Merger:
         False if the thread is to do it."""
         if shard.private:
             return False  # indexed in memory only: the helper cannot see that index
-        asked = self.helper.asked()
-        base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
-        if shard.verify_pending and (shard, "verify") not in asked:
+        helper = self.helper
+        if shard.verify_pending and not helper.is_asked((shard, "verify")):
             index = shard.verify_ident
             if index is None:
                 return False  # which file is not known: the thread checks the one in use
-            if not self.helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
+            base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
+            if not helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
                 return False
             shard.verify_pending = False
-        if shard.merge_asked and (shard, "merge") not in asked:
-            request = {**base, "durable": shard.durable, "skew": shard.skew, "slack": SLACK}
-            if not self.helper.send((shard, "merge"), request):
+        if shard.merge_asked and not helper.is_asked((shard, "merge")):
+            if not helper.send((shard, "merge"), shard.merge_request()):
                 return False
             shard.merge_asked = False
         # Asked, or asked already: the writes that find the merge still due
