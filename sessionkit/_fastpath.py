@@ -25,6 +25,19 @@ Write-back then release (``session.Session.__exit__``, ``_flush``/``_finish``)
     the lock in the write itself (``RedisStorage``: one round trip instead
     of two); its ``_release`` must then do nothing for that key.
 
+Lock-and-read, write-and-release (``session.Session.__enter__``/``__exit__``,
+``manager.Sessions.__init__``)
+    ``storage._lock_read(key, timeout) -> bytes | None``: ``_acquire`` then
+    ``_raw_read`` in one call; the key is locked if and only if it returns.
+    ``storage._write_release(key, raw)``: ``_raw_write`` then ``_release``
+    in one call; the key is let go however the write ends.  Both or none,
+    and only with ``_acquire``/``_release`` and the encoded form, whose
+    codec must then be ``_codec``'s (a session decodes with ``msgpack``
+    itself, and encodes with the thread's packer: ``_raw_loads`` and
+    ``_raw_dumps`` are called for what that cannot do).  An eager session
+    of such a storage (``MsgpackFileStorage``) makes two calls into it, not
+    a dozen.
+
 The inlined memory path (``session.Session.__enter__``/``__exit__``)
     ``storage._fast``: ``tuple(FastPath(...))``, or ``None``.  ``Sessions``
     uses it only together with ``_acquire``/``_release``.  The hot code

@@ -107,6 +107,15 @@ class Sessions:
         self._raw_write: Any = raw[1]
         self._raw_loads: Any = raw[2]
         self._raw_dumps: Any = raw[3]
+        # A disk storage's lock-and-read and write-and-release (see _fastpath):
+        # only with its own lock pair and its encoded form.
+        self._lock_read: Any = None
+        self._write_release: Any = None
+        if raw[0] is not None and self._acquire == getattr(storage, "_acquire", None) and self._fast is None:
+            self._lock_read = getattr(storage, "_lock_read", None)
+            self._write_release = getattr(storage, "_write_release", None)
+            if not (callable(self._lock_read) and callable(self._write_release)):
+                self._lock_read = self._write_release = None
         # Deleting: the storage's session delete when it has one (see _fastpath).
         self._delete: Any = getattr(storage, "_raw_delete", None) if raw[0] is not None else None
         if self._delete is None:

@@ -33,8 +33,22 @@ _UNKNOWN = object()  # a fingerprint that could not be taken: always write
 _UNREAD = object()  # snapshot of a session assigned before any read
 _dumps = _codec.dumps
 _tls = _codec._local
+_KEEP_BUFFER = _codec._KEEP_BUFFER
 _get_ident = threading.get_ident
 _unpackb = msgpack.unpackb
+
+
+def _encode(value: Any, key: str) -> bytes:
+    """``_codec.dumps(value, key)``, inlined for the hot paths: the thread's
+    packer, made by ``dumps`` when the thread has none, and let go (by
+    ``dumps`` too) when a value made its buffer large."""
+    try:
+        raw: bytes = _tls.packer.pack(value)
+    except Exception:
+        return _dumps(value, key)  # makes the packer, or raises SerializationError
+    if len(raw) > _KEEP_BUFFER:
+        del _tls.packer  # it keeps a buffer as large as its largest value: let that go
+    return raw
 
 
 def _fingerprint(value: Any) -> Any:
@@ -117,6 +131,26 @@ class Session:
                 self._m._release(key)  # type: ignore[misc]
                 raise
         else:
+            m = self._m
+            lock_read = m._lock_read
+            if lock_read is not None:
+                # A built-in disk storage's lock-and-read, in one call (see
+                # _fastpath); the key is locked once it returns.
+                t = self._timeout
+                raw = lock_read(self.key, m.lock_timeout if t is None else t)
+                try:
+                    if raw is None:
+                        self._loaded(None)
+                    else:
+                        try:
+                            data = _unpackb(raw, strict_map_key=False)  # raw=False is the default
+                        except Exception:
+                            data = m._raw_loads(raw, self.key)  # tuple keys, or CorruptSessionError
+                        self._loaded(raw, data)
+                except BaseException:
+                    m._release(self.key)  # type: ignore[misc]
+                    raise
+                return self
             self._lock()
         self._load_or_unlock()
         return self
@@ -131,10 +165,7 @@ class Session:
             try:
                 data = self._data
                 if data is not None:
-                    try:
-                        raw = _tls.packer.pack(data)
-                    except Exception:
-                        raw = _dumps(data, key)  # makes the packer, or raises SerializationError
+                    raw = _encode(data, key)
                     if raw != self._snap or self._m.write_unchanged:
                         fast[1][key] = raw
                 elif self._snap is not None:
@@ -148,6 +179,23 @@ class Session:
             return
         if state != _LOADED and state != _ASSIGNED:  # nothing held
             self._state = _CLOSED
+            return
+        m = self._m
+        if state == _LOADED and exc_type is None and m._write_release is not None and self._data is not None:
+            # A built-in disk storage's write-and-release, in one call (see
+            # _fastpath), for a session read and changed.
+            try:
+                raw = _encode(self._data, self.key)
+                changed = raw != self._snap or m.write_unchanged
+            except BaseException:
+                self._finish()
+                raise
+            if not changed:
+                self._finish()
+                return
+            self._state = _CLOSED  # the write lets the key go, however it ends
+            self._dict = None
+            m._write_release(self.key, raw)
             return
         try:
             if exc_type is None:
@@ -200,14 +248,19 @@ class Session:
         """Read the value (lock held); a missing value becomes ``initial()``."""
         m = self._m
         key = self.key
-        raw_read = m._raw_read
-        if raw_read is not None:
-            raw = raw_read(key)
-            data = None if raw is None else m._raw_loads(raw, key)
-            snap = raw
+        if m._raw_read is not None:
+            self._loaded(m._raw_read(key))
         else:
             data = m.storage.read(key)
-            snap = None if data is None else _fingerprint(data)
+            self._loaded(None if data is None else _fingerprint(data), data)
+
+    def _loaded(self, snap: Any, data: Any = _UNREAD) -> None:
+        """Take what was read (lock held) as the session's value: ``snap``
+        the encoded value read (or ``None``), or its fingerprint when
+        ``data``, the value itself, is given."""
+        m = self._m
+        if data is _UNREAD:
+            data = None if snap is None else m._raw_loads(snap, self.key)
         if data is None:
             snap = None
             if m.initial is not None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -374,3 +377,29 @@ def test_encode_error_at_write_back_keeps_stored_value_and_releases_lock() -> No
     assert storage.read("k") == {"a": 1}
     with sessions.open("k", timeout=0.01):
         pass
+
+
+@pytest.mark.parametrize("kind", ["memory", "msgpack"])
+def test_a_huge_session_leaves_no_encoding_buffer_behind(kind: str, tmp_path: Path) -> None:
+    """The write-back of a session inlines the codec's encoding (the memory
+    and disk fast paths): a thread's packer that encoded a huge value must be
+    let go as ``_codec.dumps`` lets it go, not keep a buffer that large for ever."""
+    code = (
+        "import sys\n"
+        "from sessionkit import MemoryStorage, MsgpackFileStorage, Sessions\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS'): return int(line.split()[1]) // 1024\n"
+        f"storage = MemoryStorage() if {kind!r} == 'memory' else MsgpackFileStorage(sys.argv[1])\n"
+        "sessions = Sessions(storage, initial=dict)\n"
+        "with sessions.open('small') as s: s['n'] = 1\n"
+        "base = rss()\n"
+        "with sessions.open('big') as s: s['blob'] = b'x' * (150 << 20)\n"
+        "del s\n"
+        "storage.delete('big')\n"
+        "print(rss() - base)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kept = int(done.stdout)
+    assert kept < 60, f"{kept} MB kept after writing back a 150 MB session"

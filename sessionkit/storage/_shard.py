@@ -239,6 +239,27 @@ _MERGE_FDS: set[int] = set()
 _MERGE_NUMBERS = itertools.count()  # names a merge's files apart from another's of the same thread
 
 
+def _sync_file_range() -> Any:
+    """The C library's ``sync_file_range``, or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
+
+
+# Looked up once, as the module is imported: an import made at the first
+# merge could be cut short by a KeyboardInterrupt and leave the import
+# machinery's lock on ctypes taken, and every later merge waiting on it.
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
 def _start_write_back(fd: int) -> None:
     """Start writing ``fd``'s dirty pages to disk, without waiting for them
     (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing).
@@ -250,28 +271,8 @@ def _start_write_back(fd: int) -> None:
     µs per rename inside the section every other process waits on.  Started
     here, the rename finds the pages on their way and the same ordering
     holds."""
-    call = _WRITE_BACK[0]
-    if call is None:
-        call = _WRITE_BACK[0] = _sync_file_range()
-    if call is not False:
-        call(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error (a file system without it) changes nothing
-
-
-_WRITE_BACK: list[Any] = [None]  # sync_file_range from the C library, looked up at the first merge; False: none
-
-
-def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (ImportError, OSError, AttributeError):
-        return False
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return call
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error (a file system without it) changes nothing
 
 
 def _caller() -> tuple[int, int]:

@@ -171,12 +171,14 @@ class ProcessKeyLocks(LockContext):
         self.held: dict[str, tuple[Any, int]] = {}
         self.orphaned: set[str] = set()  # in a forked child: keys its parent held
 
-    def acquire(self, key: str, timeout: float | None = None) -> None:
+    def acquire(self, key: str, timeout: float | None = None, slot: int = -1) -> None:
+        """Lock ``key`` (``slot``: its :func:`key_slot`, if the caller has it)."""
         start = time.monotonic() if timeout is not None else 0.0
         self.threads.acquire(key, timeout)
         try:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            slot = key_slot(key)
+            if slot < 0:
+                slot = key_slot(key)
             self.held[key] = (self.state.locks.lock(slot, left, key), slot)
         except BaseException:
             self.threads.release(key)

@@ -302,11 +302,37 @@ class MsgpackFileStorage(EncodedStorage):
             raw = shard.read_unlocked(info, self._clock())
             if raw is not False:
                 return raw  # type: ignore[return-value]
+        return self._read_in_section(key, shard, info)
+
+    def _read_in_section(self, key: str, shard: Shard, info: tuple[bytes, int, int, int]) -> bytes | None:
         with shard.mutex, shard:
             raw = shard.read(key, info, self._clock())
         if shard.wanted:
             shard.after_section()
         return raw
+
+    def _lock_read(self, key: str, timeout: float | None) -> bytes | None:
+        """``_acquire(key, timeout)`` then ``_raw_read(key)``, in one call
+        (see ``_fastpath``): the key's lock is held if and only if it returns."""
+        shard, info = self._locate(key)
+        keys = self._keylocks
+        keys.acquire(key, timeout, info[1] >> 2)
+        try:
+            raw = shard.read_unlocked(info, self._clock())
+            if raw is False:
+                return self._read_in_section(key, shard, info)
+            return raw  # type: ignore[return-value]
+        except BaseException:
+            keys.release(key)
+            raise
+
+    def _write_release(self, key: str, raw: bytes) -> None:
+        """``_raw_write(key, raw)`` then ``_release(key)``, in one call (see
+        ``_fastpath``): the key's lock is let go however the write ends."""
+        try:
+            self._raw_write(key, raw)
+        finally:
+            self._keylocks.release(key)
 
     def _raw_write(self, key: str, raw: bytes) -> None:
         shard, info = self._locate(key)
