@@ -379,3 +379,4 @@ def test_a_stalled_helper_on_a_nearly_full_disk_loses_no_write(tmp_path: Path) -
         assert storage.read("k7")["i"] == 1_107
         assert _deleted_files_open(os.getpid(), directory) == []
         storage.close()
+

@@ -770,6 +770,133 @@ def test_a_write_the_full_disk_refuses_is_made_once_a_merge_frees_the_dead_bytes
         reopened.close()
 
 
+@pytest.mark.parametrize("merges", ["thread", "process"])
+def test_many_shards_on_a_small_disk_never_fill_it(
+    tmp_path: Path, merges: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen shards on a 4 MB disk: none ever has dead bytes enough to be
+    due for a merge, yet the overwrites would fill the disk ten times over.
+    Shards with dead bytes are merged once the disk runs short of room, so
+    every write is made (none was once the disk had filled)."""
+    monkeypatch.setenv("SESSIONKIT_MERGES", merges)
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=16)
+        pad = "x" * 2_000
+        failed = []
+        for i in range(20_000):  # 200 keys, about 0.4 MB live; 40 MB of overwrites
+            try:
+                storage.write(f"k{i % 200}", {"pad": pad, "i": i})
+            except StorageError as exc:
+                failed.append((i, str(exc)))
+        assert failed == [], f"{len(failed)} of 20,000 writes failed, the first: {failed[:1]}"
+        assert storage.read("k7") == {"pad": pad, "i": 19_807}
+        storage.close()
+
+
+def test_a_dead_merges_files_on_a_full_disk_are_no_lasting_outage(tmp_path: Path, thread_merges: None) -> None:
+    """A merge killed on a nearly full disk leaves its new files behind (here
+    put there as it leaves them), and they hold the room the next merge needs:
+    the write the full disk refuses removes them as its merge starts, and
+    is made."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        directory = mount / "store"
+        storage = MsgpackFileStorage(directory, shards=1)
+        pad = "x" * 10_000
+        for rnd in range(2):  # 0.5 MB live, 0.5 MB dead
+            for i in range(50):
+                storage.write(f"k{i}", {"pad": pad, "i": rnd})
+        storage.close()
+        vfs = os.statvfs(mount)
+        left = directory / "shard-000.log.4242.1.0.merge"  # a dead merge's new log, named as merges name it
+        left.write_bytes(b"\0" * (vfs.f_bavail * vfs.f_frsize - 4_096))  # no room for one more record
+        (directory / "shard-000.idx.4242.1.0.merge").write_bytes(b"")
+        storage = MsgpackFileStorage(directory)
+        failed = 0
+        for i in range(200):
+            try:
+                storage.write(f"k{i % 50}", {"pad": pad, "i": 100 + i})
+            except StorageError:
+                failed += 1
+        assert failed == 0
+        assert not left.exists()
+        assert storage.read("k9") == {"pad": pad, "i": 259}
+        storage.close()
+
+
+def test_writes_that_cannot_merge_keep_room_for_a_merge(tmp_path: Path, thread_merges: None) -> None:
+    """Another process holds the shard's merge slot and makes no progress (a
+    merge helper stopped, say): the writes on a small disk are refused once
+    the room left is what a merge of the shard needs, not when the disk is
+    full (no merge could ever run then), and once that process is gone the
+    next write merges and is made."""
+    with tmpfs(tmp_path / "small", "6m") as mount:
+        directory = mount / "store"
+        storage = MsgpackFileStorage(directory, shards=1)
+        pad = "x" * 10_000
+        for i in range(100):  # about 1 MB live
+            storage.write(f"k{i}", {"pad": pad, "i": 0})
+        slot = storage._locate("k0")[0].merge_slot
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import fcntl, os, struct, sys, time\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "fcntl.fcntl(fd, 37, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, int(sys.argv[2]), 1, 0))\n"
+             "print('held', flush=True)\n"
+             "time.sleep(600)\n", str(directory / "sessionkit.lock"), str(slot)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            refused: list[str] = []
+            i = 0
+            while len(refused) < 20:
+                i += 1
+                assert i < 2_000, "never refused: the disk is larger than the test needs"
+                try:
+                    storage.write(f"k{i % 100}", {"pad": pad, "i": i})
+                except StorageError as exc:
+                    refused.append(str(exc))
+            free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+            assert free > 1_000_000, f"the disk filled ({free} bytes free): no merge could run"
+            assert "a merge of the shard needs" in refused[-1]
+        finally:
+            holder.kill()
+            holder.wait()
+            holder.stdout.close()  # type: ignore[union-attr]
+        for n in range(i + 1, i + 201):  # the merge slot free: the next write merges
+            storage.write(f"k{n % 100}", {"pad": pad, "i": n})
+        assert storage.read("k7")["i"] == max(n for n in range(i + 1, i + 201) if n % 100 == 7)
+        storage.close()
+
+
+def test_an_idle_parent_that_forked_pins_no_merged_log(tmp_path: Path) -> None:
+    """A server's master opens the store, uses it, forks a worker and stays
+    idle (gunicorn --preload): it lets go of the shards' files at the fork,
+    so the logs the worker's merges replace are freed, and a worker on a
+    4 MB disk makes every write (it failed two thirds of them)."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=1)
+        storage.write("warm", 1)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the worker reports by its exit status
+            code = 1
+            try:
+                pad = "x" * 10_000
+                failed = 0
+                for i in range(1_200):  # 0.5 MB live, 12 MB of overwrites
+                    try:
+                        storage.write(f"k{i % 50}", {"pad": pad, "i": i})
+                    except StorageError:
+                        failed += 1
+                code = min(failed, 100)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "writes of the worker failed"
+        assert _replaced_files_open(str(mount / "store")) == []
+        assert storage.read("k49")["i"] == 1_199  # the parent uses the store again
+        storage.close()
+
+
 def test_read_only_filesystem_is_storage_error_and_data_survives(tiny_fs: Path) -> None:
     storage = MsgpackFileStorage(tiny_fs / "store", shards=1)
     storage.write("k", 1)

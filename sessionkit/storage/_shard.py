@@ -53,9 +53,11 @@ log = logging.getLogger("sessionkit")
 CHUNK = 4 << 20  # bytes read at a time when loading or merging a log
 SLACK = 1 << 20  # dead bytes a shard may carry beyond its live bytes before a merge
 OVERDUE = 4  # dead bytes past OVERDUE * max(live, SLACK): the writer merges itself
-# A shard due for a merge on a file system with less room than ROOM_FACTOR * live
-# bytes + SLACK is merged by the writer too, while its new log still fits.
+# A shard with dead bytes on a file system with less room than ROOM_FACTOR * live
+# bytes + SLACK is merged by the writer, due or not, while its new log still fits...
 ROOM_FACTOR = 2
+ROOM_DEAD = 64 << 10  # ... and one not yet due once it has this many dead bytes (and a quarter of its live ones)
+ROOM_STEP = 16 << 10  # the least a log grows between two looks at the room left (see Shard._check_room)
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
 MERGE_SLOTS = 1 << 20  # a shard's merge slot is its slot plus this
@@ -310,7 +312,10 @@ class Shard:
         self.end = 0  # where the valid log ends, and the next record goes
         self.dir_unsynced = 0  # durable: a merge renamed a log, the directory not fsynced since
         self.overdue = False  # a write found the log far past its bound
-        self.reopen_unchecked = False  # its files were closed by let_go(): opened again unchecked
+        self.reopen_unchecked = False  # its files were closed by let_go(): opened again unchecked, once
+        self.room_short = False  # a write found the disk short of room: the overdue merge is forced
+        self.next_room_check = 0  # the log's end before which no write looks at the room left (_check_room)
+        self.low_room = False  # ... and it found too little: appends keep room for a merge
         self.request_made: tuple[Any, bytes] | None = None  # see merge_request
         # A merge under way in this process: "merge" -> its claim (see _claim_merge).
         self.claims: dict[str, tuple[object, tuple[int, int]]] = {}
@@ -376,7 +381,8 @@ class Shard:
     def _sync(self) -> None:
         table = self.table
         if table is None:
-            self._open(moved=self.reopen_unchecked)
+            moved, self.reopen_unchecked = self.reopen_unchecked, False
+            self._open(moved=moved)
             return
         if self.private:
             self._sync_private()
@@ -503,6 +509,8 @@ class Shard:
         self.map = idx.map
         self.private = False
         self.hint = None
+        self.next_room_check = 0  # (a log's end: another log now)
+        self.low_room = False
         self.table = table = idx.table()
         if idx.capacity > ix.CHECK_AT_OPEN:
             try:
@@ -931,6 +939,8 @@ class Shard:
                 return self.append(key, info, value, expiry, built)  # refused, with the reason
         table: ix.Table = self.table  # type: ignore[assignment]
         data = built[0]
+        if self.low_room:
+            self._keep_room_to_merge(key, table, len(data))
         offset = self.end
         m = self.map
         _U64.pack_into(m, _DIRTY_AT, 1)
@@ -970,6 +980,8 @@ class Shard:
                 self._rebuild("its index has no free slot")
                 return
         table.store_counters(end, self.dir_unsynced)
+        if end >= self.next_room_check and end - table.live > max(table.live >> 2, ROOM_DEAD):
+            self._check_room(table.live, end)
         if self.needs_merge():
             self._maintain(table, end)
 
@@ -990,23 +1002,59 @@ class Shard:
             return
         if time.monotonic() < self.next_request:
             return
-        if end - table.live > OVERDUE * max(table.live, SLACK) or self._short_of_room(table.live):
-            # Writes outrun the background merges, or will soon leave no room
-            # for a merge's new log: the writer merges (see merge_if_overdue).
-            self.overdue = True
+        if end - table.live > OVERDUE * max(table.live, SLACK):
+            self.overdue = True  # writes outrun the background merges: the writer merges (see merge_if_overdue)
         self.merge_asked = True
         self.wanted = True  # asked for once out of the section (see after_section)
 
-    def _short_of_room(self, live: int) -> bool:
-        """Whether the file system has less room than ``ROOM_FACTOR`` times
-        ``live`` bytes plus ``SLACK``: a merge left to the background could
-        then find no room for its new log once the writes in the meantime
-        have filled the disk, and the dead bytes would stay for good."""
+    def _check_room(self, live: int, end: int) -> None:
+        """After an append that left the log with dead bytes worth a merge:
+        if the file system has less room than ``ROOM_FACTOR`` times the live
+        bytes plus ``SLACK``, the writer merges the shard now, due or not
+        (``overdue``, forced).  Left to the background, or to the bound, the
+        merge could find no room for its new log once the writes meanwhile
+        had filled the disk, and the dead bytes would stay for good.
+
+        Looked at again once the log has grown by a 64th of the room to
+        spare (at least ``ROOM_STEP``): rarely on a roomy disk, at every few
+        records near the line, as the room left shrinks."""
         try:
             vfs = os.fstatvfs(self.fd)
         except OSError:
-            return False
-        return vfs.f_bavail * vfs.f_frsize < ROOM_FACTOR * live + SLACK
+            self.next_room_check = end + ROOM_STEP
+            return
+        spare = vfs.f_bavail * vfs.f_frsize - (ROOM_FACTOR * live + SLACK)
+        self.next_room_check = end + max(spare >> 6, ROOM_STEP)
+        self.low_room = spare < 0
+        if spare < 0:
+            self.overdue = self.room_short = True
+
+    def _keep_room_to_merge(self, key: str, table: ix.Table, size: int) -> None:
+        """On a disk short of room (see :meth:`_check_room`): refuse an append
+        that would leave less room than a merge of the shard needs for its
+        new files (:meth:`_merge_room`), with ENOSPC as the cause (so the
+        write's ``reclaim`` merges, and tries again).  Filled to the last
+        byte, the disk would keep the dead bytes for good: no merge could run."""
+        try:
+            vfs = os.fstatvfs(self.fd)
+        except OSError:
+            return
+        room, needed = vfs.f_bavail * vfs.f_frsize, self._merge_room(table)
+        if room - size >= needed + ROOM_STEP:  # (what the disk takes for a record: up to a block more)
+            return
+        cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise StorageError(
+            f"cannot write session {key!r} to {self.path}: the disk has {room:,} bytes free, and a merge of "
+            f"the shard needs {needed:,} of them; the stored value is unchanged",
+            key=key,
+            path=self.path,
+        ) from cause
+
+    @staticmethod
+    def _merge_room(table: ix.Table) -> int:
+        """The room a merge of a shard indexed by ``table`` needs for its new
+        log and index (and a little more: records appended meanwhile)."""
+        return table.live + ix.HEADER_SIZE + table.capacity * ix.SLOT_SIZE + ROOM_STEP
 
     def reclaim(self, exc: BaseException) -> bool:
         """After a write this shard refused for want of room (``exc``, a
@@ -1018,16 +1066,21 @@ class Shard:
         if not isinstance(cause, OSError) or cause.errno not in _NO_ROOM:
             return False
         table = self.table
-        if table is None or self.private or self.end <= table.live + _MAGIC_SIZE:
-            return False  # nothing dead to reclaim
-        try:
-            vfs = os.fstatvfs(self.fd)
-            if vfs.f_bavail * vfs.f_frsize < table.live:
-                return False  # the merged log would not fit either
-            return self.merge(time.time() + self.skew, force=True)
-        except Exception as failed:  # noqa: BLE001 - the write's own error is the one to raise
-            log.debug("sessionkit: merge of %s to make room failed: %s", self.path, failed)
-            return False
+        if table is not None and not self.private and self.end > table.live + _MAGIC_SIZE:  # dead bytes
+            try:
+                vfs = os.fstatvfs(self.fd)
+                # The merged log would not fit either, unless the room the files
+                # of a merge that died hold counts (the merge removes them first).
+                if vfs.f_bavail * vfs.f_frsize >= self._merge_room(table) or self._leftovers():
+                    if self.merge(time.time() + self.skew, force=True):
+                        return True
+            except Exception as failed:  # noqa: BLE001 - the write's own error is the one to raise
+                log.debug("sessionkit: merge of %s to make room failed: %s", self.path, failed)
+        # Another process merges the shard, or this one's merge helper does:
+        # a helper that stopped answering is given up here (its merge slot
+        # freed), as a write that succeeded would (MERGER.request).
+        MERGER.poll()
+        return False
 
     def after_section(self) -> None:
         """Called after a section, outside it: ask for what the section found
@@ -1045,11 +1098,13 @@ class Shard:
 
     def merge_if_overdue(self) -> None:
         """Merge now, in the calling thread, if a write found the log far past
-        its bound (called outside any section, after a write)."""
+        its bound, or the disk short of room for a merge of it (called outside
+        any section, after a write)."""
         if self.overdue:
             self.overdue = False
+            force, self.room_short = self.room_short, False
             try:
-                self.merge(time.time() + self.skew)
+                self.merge(time.time() + self.skew, force=force)
             except Exception as exc:  # maintenance only: the write was made
                 log.debug("sessionkit: merge of %s failed: %s", self.path, exc)
 
@@ -1508,9 +1563,9 @@ class Shard:
 
     def let_go(self) -> None:
         """Close the files in use until a section needs them again (the merge
-        helper, between requests): a process that keeps a shard's log open
-        while another process merges the shard keeps the replaced log's
-        blocks from being freed, however full the disk."""
+        helper between requests, a process that just forked): a process that
+        keeps a shard's log open while another process merges the shard keeps
+        the replaced log's blocks from being freed, however full the disk."""
         with self.mutex:
             if not self.private:  # (a table kept in memory only is not read again from the files)
                 self._close_files()
@@ -1568,6 +1623,12 @@ class Merger:
         with self._mutex:
             self._collect(self.helper.poll())
             self._dispatch(shard)
+
+    def poll(self) -> None:
+        """Collect the merge helper's answers, giving up a helper that
+        answers nothing (see ``Helper.poll``); never waits."""
+        with self._mutex:
+            self._collect(self.helper.poll())
 
     def _dispatch(self, shard: Shard) -> None:
         """Send ``shard``'s flags to the helper, or queue it for the thread (under ``_mutex``)."""

@@ -150,6 +150,18 @@ class _MsgpackStore(StoreState):
     def mutexes(self) -> list[Any]:
         return [shard.mutex for shard in self.shards]
 
+    def _fork_after_parent(self) -> None:
+        super()._fork_after_parent()
+        # A parent that forks workers often never uses the store again (a
+        # server's master, preloaded): files it kept open would pin the logs
+        # its children's merges replace, however full the disk.  It opens
+        # them again if it does use the store.
+        for shard in self.shards:
+            try:
+                shard.let_go()
+            except Exception as exc:  # noqa: BLE001 - never fails the fork; the space comes back later
+                log.debug("sessionkit: closing %s after a fork: %s", shard.path, exc)
+
     def _fork_after_child(self) -> None:
         super()._fork_after_child()
         # A merge under way in the parent goes on there, not here.
