@@ -126,3 +126,17 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def deleted_files_open(directory: str, pid: "int | str" = "self") -> list[str]:
+    """The files under ``directory`` that process ``pid`` (this one by
+    default) holds open though they were deleted or replaced (Linux /proc)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory) + os.sep) and target.endswith(" (deleted)"):
+            found.append(target)
+    return found

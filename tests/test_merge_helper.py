@@ -17,6 +17,8 @@ from sessionkit import MsgpackFileStorage
 from sessionkit.storage import _merge_helper, _shard
 from sessionkit.storage._shard import MERGER
 
+from .helpers import deleted_files_open
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
@@ -311,19 +313,6 @@ def test_a_helper_running_other_code_is_not_used(
         MERGER.helper._retry_at = 0.0
 
 
-def _deleted_files_open(pid: int, directory: str) -> list[str]:
-    """The files under ``directory`` that process ``pid`` holds open though they were deleted or replaced."""
-    found = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(directory + os.sep) and target.endswith(" (deleted)"):
-            found.append(target)
-    return found
-
-
 def test_the_helper_keeps_no_log_open_that_another_process_merged_away(tmp_path: Path) -> None:
     """Between requests the helper holds none of a shard's files, so a merge
     by another process (here this one's own) frees the log it replaces at
@@ -334,16 +323,16 @@ def test_the_helper_keeps_no_log_open_that_another_process_merged_away(tmp_path:
     pid = MERGER.helper.pid
     assert pid is not None
     deadline = time.monotonic() + _shard.RETIRE_AFTER + 10
-    while _deleted_files_open(pid, directory) and time.monotonic() < deadline:
+    while deleted_files_open(directory, pid) and time.monotonic() < deadline:
         time.sleep(0.05)  # what the helper's own merge replaced, kept open a moment (Shard._retain)
-    assert _deleted_files_open(pid, directory) == []
+    assert deleted_files_open(directory, pid) == []
     shard = storage._locate("k")[0]
     for i in range(20):
         storage.write("k", {"i": i})
     assert shard.merge(time.time(), force=True)  # this process replaces the files the helper merged to
     storage.read("k")
-    assert _deleted_files_open(pid, directory) == []
-    assert _deleted_files_open(os.getpid(), directory) == []
+    assert deleted_files_open(directory, pid) == []
+    assert deleted_files_open(directory, os.getpid()) == []
     _merge(storage)  # and the helper goes on merging the shard
     assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
     storage.close()
@@ -377,6 +366,6 @@ def test_a_stalled_helper_on_a_nearly_full_disk_loses_no_write(tmp_path: Path) -
             os.kill(pid, signal.SIGCONT)
         assert failed == [], f"{len(failed)} of 1,200 writes failed, the first: {failed[:1]}"
         assert storage.read("k7")["i"] == 1_107
-        assert _deleted_files_open(os.getpid(), directory) == []
+        assert deleted_files_open(directory, os.getpid()) == []
         storage.close()
 

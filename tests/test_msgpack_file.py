@@ -32,7 +32,7 @@ from sessionkit.storage import _lockfile, _records, _shard
 
 from . import workers
 from .shelf_writer import read_log
-from .helpers import stressed, tmpfs
+from .helpers import deleted_files_open, stressed, tmpfs
 from .helpers import FakeClock
 
 spawn = multiprocessing.get_context("spawn")
@@ -520,19 +520,6 @@ def test_descriptors_locks_and_lock_files_do_not_grow_with_keys(directory: str) 
     assert len(files) <= 2 + 2 * storage.shards + extra
 
 
-def _replaced_files_open(directory: str) -> list[str]:
-    """The files of ``directory`` this process holds open that were deleted or replaced."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(directory + os.sep) and target.endswith(" (deleted)"):
-            found.append(target)
-    return found
-
-
 def _merge_in_the_background(storage: MsgpackFileStorage, key: str = "k") -> None:
     """Overwrite ``key`` (10 KB) until its shard's dead bytes pass the merge
     bound, but not the bound at which the writer merges itself; wait for the merge."""
@@ -557,13 +544,13 @@ def test_a_background_merge_closes_the_files_it_replaced_a_moment_later(
     monkeypatch.setattr(_shard, "RETIRE_AFTER", 3.0)
     storage = MsgpackFileStorage(directory, shards=1)
     _merge_in_the_background(storage)
-    kept = _replaced_files_open(directory)
+    kept = deleted_files_open(directory)
     assert any("shard-000.log" in name for name in kept), kept
     assert any("shard-000.idx" in name for name in kept), kept
     deadline = time.monotonic() + 3.0 + 10
-    while _replaced_files_open(directory) and time.monotonic() < deadline:
+    while deleted_files_open(directory) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _replaced_files_open(directory) == []
+    assert deleted_files_open(directory) == []
     assert storage.read("k")["i"] == _shard.SLACK // 10_000 + 19
     storage.close()
 
@@ -574,14 +561,14 @@ def test_closing_the_store_or_forking_lets_go_of_replaced_files_at_once(
     monkeypatch.setattr(_shard, "RETIRE_AFTER", 60.0)
     storage = MsgpackFileStorage(directory, shards=1)
     _merge_in_the_background(storage)
-    assert _replaced_files_open(directory)
+    assert deleted_files_open(directory)
     pid = os.fork()
     if pid == 0:  # the child does not keep the parent's replaced files
-        os._exit(0 if _replaced_files_open(directory) == [] else 1)
+        os._exit(0 if deleted_files_open(directory) == [] else 1)
     assert os.waitpid(pid, 0)[1] == 0
-    assert _replaced_files_open(directory)  # the parent still does
+    assert deleted_files_open(directory)  # the parent still does
     storage.close()
-    assert _replaced_files_open(directory) == []
+    assert deleted_files_open(directory) == []
 
 
 def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
@@ -593,7 +580,7 @@ def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
     with tmpfs(tmp_path / "roomy", "160m") as mount:
         storage = MsgpackFileStorage(mount / "store", shards=1)
         _merge_in_the_background(storage)
-        first = _replaced_files_open(str(mount / "store"))
+        first = deleted_files_open(str(mount / "store"))
         assert len([name for name in first if ".log" in name]) == 1, first  # room: kept
         kept = _shard.MERGER.kept_bytes()
         assert kept > _shard.SLACK
@@ -604,12 +591,12 @@ def test_replaced_files_are_kept_only_while_the_disk_has_room_to_spare(
         with open(mount / "ballast", "wb") as f:
             os.posix_fallocate(f.fileno(), 0, ballast)
         _merge_in_the_background(storage)
-        assert _replaced_files_open(str(mount / "store")) == first  # no room: closed at once
+        assert deleted_files_open(str(mount / "store")) == first  # no room: closed at once
         os.unlink(mount / "ballast")
         _merge_in_the_background(storage)  # room again: kept
-        assert len([n for n in _replaced_files_open(str(mount / "store")) if ".log" in n]) == 2
+        assert len([n for n in deleted_files_open(str(mount / "store")) if ".log" in n]) == 2
         storage.close()
-        assert _replaced_files_open(str(mount / "store")) == []
+        assert deleted_files_open(str(mount / "store")) == []
 
 
 def test_a_merge_thread_that_cannot_start_fails_no_write(directory: str, thread_merges: None) -> None:
@@ -651,10 +638,10 @@ def test_a_process_keeps_few_replaced_files_however_often_it_merges(
     storage = MsgpackFileStorage(directory, shards=1)
     for _ in range(_shard.RETIRE_MAX + 4):
         _merge_in_the_background(storage)
-        logs = [name for name in _replaced_files_open(directory) if "shard-000.log" in name]
+        logs = [name for name in deleted_files_open(directory) if "shard-000.log" in name]
         assert 1 <= len(logs) <= _shard.RETIRE_MAX
     storage.close()
-    assert _replaced_files_open(directory) == []
+    assert deleted_files_open(directory) == []
 
 
 def test_disk_space_is_reclaimed_on_overwrite_and_delete(directory: str) -> None:
@@ -737,7 +724,7 @@ def test_a_nearly_full_disk_gets_a_merges_space_back_at_once(
         assert i > 200 and failed == [], f"{len(failed)} of {i} writes failed"
         assert _shard.MERGER.wait()
         storage.read("k0")  # a process moves to the files another process's merge (the helper's) put in place
-        assert _replaced_files_open(str(mount / "store")) == []
+        assert deleted_files_open(str(mount / "store")) == []
         assert storage.read("k7")["i"] == max(n for n in range(1, i + 1) if n % 100 == 7)
         storage.close()
 
@@ -892,7 +879,7 @@ def test_an_idle_parent_that_forked_pins_no_merged_log(tmp_path: Path) -> None:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "writes of the worker failed"
-        assert _replaced_files_open(str(mount / "store")) == []
+        assert deleted_files_open(str(mount / "store")) == []
         assert storage.read("k49")["i"] == 1_199  # the parent uses the store again
         storage.close()
 
