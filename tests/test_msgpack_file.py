@@ -28,6 +28,7 @@ from sessionkit import (
     Sessions,
     StorageError,
 )
+from sessionkit.storage import _index as ix
 from sessionkit.storage import _lockfile, _records, _shard
 
 from . import workers
@@ -810,12 +811,15 @@ def test_a_dead_merges_files_on_a_full_disk_are_no_lasting_outage(tmp_path: Path
         storage.close()
 
 
-def test_writes_that_cannot_merge_keep_room_for_a_merge(tmp_path: Path, thread_merges: None) -> None:
+def test_writes_that_cannot_merge_keep_room_for_a_merge(
+    tmp_path: Path, thread_merges: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another process holds the shard's merge slot and makes no progress (a
     merge helper stopped, say): the writes on a small disk are refused once
     the room left is what a merge of the shard needs, not when the disk is
     full (no merge could ever run then), and once that process is gone the
     next write merges and is made."""
+    monkeypatch.setattr(_shard, "RECLAIM_WAIT", 0.2)  # each refused write waits this long for the slot
     with tmpfs(tmp_path / "small", "6m") as mount:
         directory = mount / "store"
         storage = MsgpackFileStorage(directory, shards=1)
@@ -852,6 +856,102 @@ def test_writes_that_cannot_merge_keep_room_for_a_merge(tmp_path: Path, thread_m
         for n in range(i + 1, i + 201):  # the merge slot free: the next write merges
             storage.write(f"k{n % 100}", {"pad": pad, "i": n})
         assert storage.read("k7")["i"] == max(n for n in range(i + 1, i + 201) if n % 100 == 7)
+        storage.close()
+
+
+def test_a_process_that_forks_often_still_merges(directory: str, thread_merges: None) -> None:
+    """A process lets go of its shards' files when it forks, but never of a
+    shard it is merging: merges in the merge thread go on finishing while
+    the main thread forks (each fork made every one give up at its swap,
+    after copying the whole log, and the log grew without bound)."""
+    storage = MsgpackFileStorage(directory, shards=1)
+    pad = "p" * 1_000
+    for i in range(5_000):  # 5 MB live: a merge takes a while
+        storage.write(f"k{i}", {"pad": pad})
+    shard = storage._locate("k0")[0]
+    merged: list[bool] = []
+    stop = threading.Event()
+
+    def merge_over_and_over() -> None:
+        while not stop.is_set():
+            merged.append(shard.merge(time.time(), wait=True, force=True))
+
+    merger = threading.Thread(target=merge_over_and_over)
+    merger.start()
+    try:
+        for _ in range(60):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover
+                os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        merger.join()
+    assert merged and all(merged), merged
+    assert storage.read("k4999") == {"pad": pad}
+    storage.close()
+
+
+def test_a_fork_never_has_an_unchecked_index_trusted(directory: str) -> None:
+    """An index damaged on disk (a slot zeroed) is found by the check at
+    opening; a process that forked before it first used the shard checks it
+    as well (it was once opened unchecked after any fork: the session read
+    as empty, and its write-back replaced the stored value)."""
+    import mmap
+
+    storage = MsgpackFileStorage(directory, shards=1)
+    for i in range(50):
+        storage.write(f"user{i}", {"n": i, "cart": ["x"] * 3})
+    storage.close()
+    h1, h2 = _records.key_info("user7")[1:3]
+    with open(os.path.join(directory, "shard-000.idx"), "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        capacity = (len(m) - ix.HEADER_SIZE) // ix.SLOT_SIZE
+        for pos in range(capacity):
+            at = ix.HEADER_SIZE + pos * ix.SLOT_SIZE
+            if ix.SLOT.unpack_from(m, at)[:2] == (h1, h2):
+                m[at : at + ix.SLOT_SIZE] = bytes(ix.SLOT_SIZE)
+                break
+        else:
+            raise AssertionError("user7 has no slot")
+    storage = MsgpackFileStorage(directory)
+    sessions = Sessions(storage, initial=dict)
+    pid = os.fork()  # a server's master, say, forking before its first request
+    if pid == 0:  # pragma: no cover
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with sessions.open("user7") as s:
+        assert s.data == {"n": 7, "cart": ["x", "x", "x"]}
+        s["seen"] = True
+    assert storage.read("user7") == {"n": 7, "cart": ["x", "x", "x"], "seen": True}
+    storage.close()
+
+
+def test_threads_on_a_nearly_full_disk_wait_for_a_merge_under_way(tmp_path: Path, thread_merges: None) -> None:
+    """Three threads write to one shard on a 4 MB disk: a write the full disk
+    refuses while another thread merges the shard waits for that merge,
+    then is made (it gave up at once, and 1,762 of the 3,000 writes failed).
+    One refused in the instant between two merges can still fail."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        storage = MsgpackFileStorage(mount / "store", shards=1)
+        pad = "x" * 10_000
+        for i in range(120):  # 1.2 MB live
+            storage.write(f"k{i}", {"pad": pad, "i": 0})
+        failed: list[str] = []
+
+        def writer(first: int) -> None:
+            for i in range(first, first + 1_000):
+                try:
+                    storage.write(f"k{i % 120}", {"pad": pad, "i": i})
+                except StorageError as exc:
+                    failed.append(str(exc))
+
+        threads = [threading.Thread(target=writer, args=(n * 1_000,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(failed) <= 30, f"{len(failed)} of 3,000 writes failed, the first: {failed[:1]}"
         storage.close()
 
 

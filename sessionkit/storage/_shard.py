@@ -57,6 +57,7 @@ OVERDUE = 4  # dead bytes past OVERDUE * max(live, SLACK): the writer merges its
 # bytes + SLACK is merged by the writer, due or not, while its new log still fits...
 ROOM_FACTOR = 2
 ROOM_DEAD = 64 << 10  # ... and one not yet due once it has this many dead bytes (and a quarter of its live ones)
+RECLAIM_WAIT = 5.0  # seconds a refused write waits for a merge of its shard under way (Shard.reclaim)
 ROOM_STEP = 16 << 10  # the least a log grows between two looks at the room left (see Shard._check_room)
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
@@ -275,6 +276,13 @@ def _start_write_back(fd: int) -> None:
     holds."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error (a file system without it) changes nothing
+
+
+def _waited(wait: bool | float) -> float:
+    """Seconds to wait for another merge: ``wait`` seconds, ``SECTION_WAIT`` for True, none for False."""
+    if wait is True:
+        return SECTION_WAIT
+    return float(wait) if wait else 0.0
 
 
 def _caller() -> tuple[int, int]:
@@ -1070,9 +1078,11 @@ class Shard:
             try:
                 vfs = os.fstatvfs(self.fd)
                 # The merged log would not fit either, unless the room the files
-                # of a merge that died hold counts (the merge removes them first).
-                if vfs.f_bavail * vfs.f_frsize >= self._merge_room(table) or self._leftovers():
-                    if self.merge(time.time() + self.skew, force=True):
+                # of a merge that died hold counts (the merge removes them first),
+                # or another thread's merge under way gives it back.
+                if vfs.f_bavail * vfs.f_frsize >= self._merge_room(table) or self.claims or self._leftovers():
+                    # (waiting for a merge under way, in another thread or process: its end frees room too)
+                    if self.merge(time.time() + self.skew, wait=RECLAIM_WAIT, force=True):
                         return True
             except Exception as failed:  # noqa: BLE001 - the write's own error is the one to raise
                 log.debug("sessionkit: merge of %s to make room failed: %s", self.path, failed)
@@ -1139,7 +1149,7 @@ class Shard:
         return why
 
     def merge(
-        self, now: float, wait: bool = False, force: bool = False, paced: bool = False,
+        self, now: float, wait: bool | float = False, force: bool = False, paced: bool = False,
         dropped: list[int] | None = None, keep: bool | None = None,
     ) -> bool:
         """Rewrite the log without dead and expired records, and index it anew;
@@ -1149,7 +1159,8 @@ class Shard:
         needs no merge, another thread or process is merging it, or the
         shard changed under it).  ``force``: merge even if few records are
         dead.  ``wait``: wait for another merge to end (up to a minute for
-        another thread's, and a minute for another process's).
+        another thread's, and a minute for another process's; a number: up
+        to that many seconds for each).
         ``paced`` (the background thread): pause every ``PACE`` seconds of
         work, so the threads that serve requests get the GIL back at once.
         ``dropped`` gets the number of expired sessions the merge dropped.
@@ -1176,7 +1187,7 @@ class Shard:
             # process does not hold changes nothing, and no other thread of
             # it takes this one: it holds the claim).
             try:
-                slot_file = self.locks.lock(self.merge_slot, SECTION_WAIT if wait else 0.0, "", True)
+                slot_file = self.locks.lock(self.merge_slot, _waited(wait), "", True)
             except LockTimeout:
                 self.next_request = time.monotonic() + 0.1  # another process is merging it
                 return False
@@ -1213,7 +1224,7 @@ class Shard:
             if failed is not None:
                 raise failed
 
-    def _claim_merge(self, token: tuple[object, tuple[int, int]], wait: bool) -> bool:
+    def _claim_merge(self, token: tuple[object, tuple[int, int]], wait: bool | float) -> bool:
         """Make ``token`` (an object and the caller, see :func:`_caller`) this
         process's merge of the shard; False if another thread's merge holds
         it (``wait``: for up to ``SECTION_WAIT`` seconds, checking every
@@ -1230,7 +1241,7 @@ class Shard:
         caller's stack (a signal handler's write that merged inside a merge).
         """
         claims = self.claims
-        deadline = time.monotonic() + SECTION_WAIT if wait else 0.0
+        deadline = time.monotonic() + _waited(wait)
         while True:
             held = claims.setdefault("merge", token)
             if held is token:
@@ -1561,19 +1572,26 @@ class Shard:
             made = self.request_made = (said, json.dumps(request).encode())
         return made[1]
 
-    def let_go(self) -> None:
+    def let_go(self, unchecked: bool = False) -> bool:
         """Close the files in use until a section needs them again (the merge
         helper between requests, a process that just forked): a process that
         keeps a shard's log open while another process merges the shard keeps
-        the replaced log's blocks from being freed, however full the disk."""
+        the replaced log's blocks from being freed, however full the disk.
+        Returns whether it closed them: not while this process merges the
+        shard (the merge would give up, its work lost, at its swap; the swap
+        moves to the new files itself), nor a table kept in memory only.
+
+        ``unchecked``: open them again without the index check, as a shard
+        another process merged is opened (the merge helper, whose merges and
+        checks read the whole table anyway, outside the section).
+        """
         with self.mutex:
-            if not self.private:  # (a table kept in memory only is not read again from the files)
-                self._close_files()
-                # Opened again by the next section as a shard another process
-                # merged is: the merge and the check that this process makes
-                # next read the whole table anyway, outside the section.
-                self.reopen_unchecked = True
+            if self.private or self.table is None or self.claims:
+                return False
+            self._close_files()
+            self.reopen_unchecked = unchecked
         self._close_deferred()
+        return True
 
     def close(self) -> None:
         self.closed = True

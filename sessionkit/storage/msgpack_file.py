@@ -158,7 +158,7 @@ class _MsgpackStore(StoreState):
         # them again if it does use the store.
         for shard in self.shards:
             try:
-                shard.let_go()
+                shard.let_go(unchecked=True)  # (as the index it had open was: checked when opened)
             except Exception as exc:  # noqa: BLE001 - never fails the fork; the space comes back later
                 log.debug("sessionkit: closing %s after a fork: %s", shard.path, exc)
 
