@@ -439,7 +439,13 @@ def main() -> None:
     ready = {"ready": os.getpid(), "module": os.path.abspath(__file__), "code": _FINGERPRINT}
     os.write(1, json.dumps(ready).encode())
     if sys.argv[3] != _FINGERPRINT:
-        return  # other code than the parent's: it serves nothing (the parent gives it up when it reads that)
+        # Other code than the parent's: it serves nothing, and waits for the
+        # parent to give it up when it reads that (or to exit).  Ended now,
+        # with a request unread, it would reset the connection, and the
+        # parent could fail to read why.
+        while os.read(0, _MESSAGE):
+            pass
+        return
     try:
         while True:
             wait = MERGER.close_due()  # replaced files kept open a moment (see _shard.Shard._retain)
