@@ -424,7 +424,7 @@ def _serve_once(request: dict[str, Any], stores: dict[str, Any], used: dict[str,
     finally:
         # Not kept open until the next request: a merge by another process
         # meanwhile frees the log it replaces only once no process has it open.
-        shard.let_go(unchecked=True)
+        shard.let_go()
 
 
 def main() -> None:

@@ -278,6 +278,12 @@ def _start_write_back(fd: int) -> None:
         _SYNC_FILE_RANGE(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE; an error (a file system without it) changes nothing
 
 
+def _free_bytes(fd: int) -> int:
+    """The bytes free for this process on the file system of ``fd`` (``OSError`` if it cannot tell)."""
+    vfs = os.fstatvfs(fd)
+    return vfs.f_bavail * vfs.f_frsize
+
+
 def _waited(wait: bool | float) -> float:
     """Seconds to wait for another merge: ``wait`` seconds, ``SECTION_WAIT`` for True, none for False."""
     if wait is True:
@@ -1027,11 +1033,10 @@ class Shard:
         spare (at least ``ROOM_STEP``): rarely on a roomy disk, at every few
         records near the line, as the room left shrinks."""
         try:
-            vfs = os.fstatvfs(self.fd)
+            spare = _free_bytes(self.fd) - (ROOM_FACTOR * live + SLACK)
         except OSError:
             self.next_room_check = end + ROOM_STEP
             return
-        spare = vfs.f_bavail * vfs.f_frsize - (ROOM_FACTOR * live + SLACK)
         self.next_room_check = end + max(spare >> 6, ROOM_STEP)
         self.low_room = spare < 0
         if spare < 0:
@@ -1044,10 +1049,10 @@ class Shard:
         write's ``reclaim`` merges, and tries again).  Filled to the last
         byte, the disk would keep the dead bytes for good: no merge could run."""
         try:
-            vfs = os.fstatvfs(self.fd)
+            room = _free_bytes(self.fd)
         except OSError:
             return
-        room, needed = vfs.f_bavail * vfs.f_frsize, self._merge_room(table)
+        needed = self._merge_room(table)
         if room - size >= needed + ROOM_STEP:  # (what the disk takes for a record: up to a block more)
             return
         cause = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1076,11 +1081,10 @@ class Shard:
         table = self.table
         if table is not None and not self.private and self.end > table.live + _MAGIC_SIZE:  # dead bytes
             try:
-                vfs = os.fstatvfs(self.fd)
                 # The merged log would not fit either, unless the room the files
                 # of a merge that died hold counts (the merge removes them first),
                 # or another thread's merge under way gives it back.
-                if vfs.f_bavail * vfs.f_frsize >= self._merge_room(table) or self.claims or self._leftovers():
+                if _free_bytes(self.fd) >= self._merge_room(table) or self.claims or self._leftovers():
                     # (waiting for a merge under way, in another thread or process: its end frees room too)
                     if self.merge(time.time() + self.skew, wait=RECLAIM_WAIT, force=True):
                         return True
@@ -1493,8 +1497,7 @@ class Shard:
         """
         try:
             size = os.fstat(fd).st_size + (0 if old is None else ix.HEADER_SIZE + old.capacity * ix.SLOT_SIZE)
-            vfs = os.fstatvfs(fd)
-            if vfs.f_bavail * vfs.f_frsize < RETIRE_ROOM + RETIRE_FACTOR * (MERGER.kept_bytes() + size):
+            if _free_bytes(fd) < RETIRE_ROOM + RETIRE_FACTOR * (MERGER.kept_bytes() + size):
                 return False
         except OSError:
             return False
@@ -1572,7 +1575,7 @@ class Shard:
             made = self.request_made = (said, json.dumps(request).encode())
         return made[1]
 
-    def let_go(self, unchecked: bool = False) -> bool:
+    def let_go(self) -> bool:
         """Close the files in use until a section needs them again (the merge
         helper between requests, a process that just forked): a process that
         keeps a shard's log open while another process merges the shard keeps
@@ -1581,15 +1584,16 @@ class Shard:
         shard (the merge would give up, its work lost, at its swap; the swap
         moves to the new files itself), nor a table kept in memory only.
 
-        ``unchecked``: open them again without the index check, as a shard
-        another process merged is opened (the merge helper, whose merges and
-        checks read the whole table anyway, outside the section).
+        They are opened again without the index check, as a shard another
+        process merged is: the index this process had open was checked when
+        it was opened (and the helper's merges and checks read the whole
+        table anyway, outside the section).
         """
         with self.mutex:
             if self.private or self.table is None or self.claims:
                 return False
             self._close_files()
-            self.reopen_unchecked = unchecked
+            self.reopen_unchecked = True
         self._close_deferred()
         return True
 

@@ -158,7 +158,7 @@ class _MsgpackStore(StoreState):
         # them again if it does use the store.
         for shard in self.shards:
             try:
-                shard.let_go(unchecked=True)  # (as the index it had open was: checked when opened)
+                shard.let_go()
             except Exception as exc:  # noqa: BLE001 - never fails the fork; the space comes back later
                 log.debug("sessionkit: closing %s after a fork: %s", shard.path, exc)
 
@@ -371,6 +371,14 @@ class MsgpackFileStorage(EncodedStorage):
         dead bytes (see ``Shard.reclaim``), append once more; else raise ``exc``."""
         if not shard.reclaim(exc):
             raise exc
+        self._append_in_section(shard, key, info, value, expiry)
+
+    def _append_in_section(
+        self, shard: Shard, key: str, info: tuple[bytes, int, int, int], value: bytes | None, expiry: float
+    ) -> None:
+        """Append ``value`` for ``key`` in a section of ``shard`` (``None``: a
+        deletion, made only if the shard holds the key); ``_raw_write`` has
+        this section written out, on the hot path."""
         with shard.mutex, shard:
             self._keylocks.check_held(key, self.directory)
             if value is not None or shard.state(info) in (_index.LIVE, _index.CORRUPT):
@@ -392,10 +400,7 @@ class MsgpackFileStorage(EncodedStorage):
         key = check_key(key)
         shard, info = self._locate(key)
         try:
-            with shard.mutex, shard:
-                self._keylocks.check_held(key, self.directory)
-                if shard.state(info) in (_index.LIVE, _index.CORRUPT):
-                    shard.append(key, info, None, 0.0)
+            self._append_in_section(shard, key, info, None, 0.0)
         except StorageError as exc:
             self._append_again(shard, exc, key, info, None, 0.0)
         if shard.wanted or shard.overdue:
