@@ -9,6 +9,15 @@
     of ``benchmarks.engine`` (2, 4 and 8 processes each at least 1.5x one) is
     measured against it, and on a shared machine it moves from run to run.
 
+``cpu-10k``
+    The same, but each round updates random entries of a dict of 10,000
+    entries that each process builds for itself (``"chat:N"`` keys, as in the
+    engine's random-keys scenario over 10,000 sessions): a working set of a
+    few megabytes per process instead of a few cache lines.  Past 2
+    processes on 2 CPUs, each process refills its caches whenever the
+    scheduler switches it back in, so the rounds cost more CPU time; this is
+    the ceiling for a process that touches its sessions' worth of memory.
+
 ``sync``
     One thread writes 150-byte records, each followed by ``os.fdatasync``:
 
@@ -43,6 +52,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import random
 import shutil
 import sqlite3
 import statistics
@@ -56,6 +66,7 @@ from .report import save_outputs
 
 SAVED = Path(__file__).resolve().parent / "results" / "machine"  # the committed run (--save)
 PROCESSES = (1, 2, 4, 8)
+WORKING_SET = 10_000  # cpu-10k: entries of each process's dict (the random-keys scenario's sessions)
 RECORD = b"r" * 150
 SYNC_MODES = ("append", "overwrite", "append-fstat", "overwrite-fstat", "sqlite-full")
 WAL_WRAP = 1500  # commits before the timed ones: SQLite checkpoints its WAL every 1,000 pages
@@ -64,25 +75,34 @@ WAL_WRAP = 1500  # commits before the timed ones: SQLite checkpoints its WAL eve
 # -- cpu ----------------------------------------------------------------------------------
 
 
-def _spin(start_at: float, seconds: float, results: Any) -> None:
-    """Count rounds of a small pure-Python computation from ``start_at`` for ``seconds``."""
+def _spin(start_at: float, seconds: float, results: Any, entries: int = 0) -> None:
+    """Count rounds of a small pure-Python computation from ``start_at`` for ``seconds``; with
+    ``entries``, each round updates 1,000 random entries of a dict of that many, built beforehand."""
+    table = {f"chat:{i}": 0 for i in range(entries)}
+    order = list(table)
+    random.Random(os.getpid()).shuffle(order)  # every entry in turn, in no order memory is laid out in
+    chunks = [order[i : i + 1000] for i in range(0, entries, 1000)]
     delay = start_at - time.monotonic()
     if delay > 0:
         time.sleep(delay)
     stop = time.monotonic() + seconds
     rounds = acc = 0
     while time.monotonic() < stop:
-        for i in range(1000):
-            acc += i * i % 7
+        if entries:
+            for name in chunks[rounds % len(chunks)]:
+                table[name] += 1
+        else:
+            for i in range(1000):
+                acc += i * i % 7
         rounds += 1
     results.put(rounds)
 
 
-def cpu_work(processes: int, seconds: float, context: Any) -> int:
-    """Rounds that ``processes`` processes, started together, counted in ``seconds``."""
+def cpu_work(processes: int, seconds: float, context: Any, entries: int = 0) -> int:
+    """Rounds that ``processes`` processes, started together, counted in ``seconds`` (``entries``: see _spin)."""
     results = context.Queue()
-    start_at = time.monotonic() + 0.5 + 0.05 * processes  # every process is up before the start
-    workers = [context.Process(target=_spin, args=(start_at, seconds, results)) for _ in range(processes)]
+    start_at = time.monotonic() + 0.5 + 0.05 * processes + entries * 2e-6  # every process is up before the start
+    workers = [context.Process(target=_spin, args=(start_at, seconds, results, entries)) for _ in range(processes)]
     for worker in workers:
         worker.start()
     total = sum(results.get(timeout=60 + seconds) for _ in workers)
@@ -161,6 +181,7 @@ SYNCS: dict[str, Callable[[str, int], tuple[list[float], bool]]] = {
 def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     scaling: dict[str, list[float]] = {str(n): [] for n in PROCESSES}
+    scaling_10k: dict[str, list[float]] = {str(n): [] for n in PROCESSES}
     sync_us: dict[str, list[float]] = {mode: [] for mode in SYNC_MODES}
     checks: dict[str, bool] = {mode: True for mode in SYNC_MODES}
     workdir = tempfile.mkdtemp(prefix="sessionkit-machine-", dir=directory)
@@ -169,6 +190,9 @@ def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[
             one = cpu_work(1, seconds, context)
             for n in PROCESSES:
                 scaling[str(n)].append(1.0 if n == 1 else cpu_work(n, seconds, context) / max(one, 1))
+            one = cpu_work(1, seconds, context, WORKING_SET)
+            for n in PROCESSES:
+                scaling_10k[str(n)].append(1.0 if n == 1 else cpu_work(n, seconds, context, WORKING_SET) / max(one, 1))
             for k in range(len(SYNC_MODES)):
                 mode = SYNC_MODES[(j + k) % len(SYNC_MODES)]  # taking turns
                 took, ok = SYNCS[mode](os.path.join(workdir, f"sync-{mode}"), syncs)
@@ -176,9 +200,10 @@ def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[
                 checks[mode] = checks[mode] and ok
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    cpu = {
-        n: {"median": statistics.median(v), "min": min(v), "max": max(v), "each": v} for n, v in scaling.items()
-    }
+    cpu, cpu_10k = (
+        {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "each": v} for n, v in runs.items()}
+        for runs in (scaling, scaling_10k)
+    )
     sync = {
         mode: {"median_us": statistics.median(v), "min_us": min(v), "max_us": max(v), "each_us": v}
         for mode, v in sync_us.items()
@@ -189,7 +214,8 @@ def run(seconds: float, repeat: int, syncs: int, directory: str | None) -> dict[
         for mode in SYNC_MODES
         if mode != "overwrite"
     }
-    return {"seconds": seconds, "repeat": repeat, "syncs": syncs, "cpu_scaling": cpu, "sync": sync,
+    return {"seconds": seconds, "repeat": repeat, "syncs": syncs, "cpu_scaling": cpu,
+            "cpu_scaling_working_set": cpu_10k, "working_set_entries": WORKING_SET, "sync": sync,
             "sync_ratios": ratios, "sync_checks": checks, "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "system": platform.system(),
             "kernel": platform.release()}
@@ -210,6 +236,19 @@ def report(result: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|",
     ]
     for n, row in cpu.items():
+        out.append(f"| {n} | {row['median']:.2f} | {row['min']:.2f} | {row['max']:.2f} |")
+    out += [
+        "",
+        f"## CPU with a working set: the loop updates a dict of {result['working_set_entries']:,} entries "
+        "per process, ÷ 1 process",
+        "",
+        "The working set of a process in the engine's random-keys scenario (that many sessions); each process",
+        "refills its caches whenever the scheduler switches it back in.",
+        "",
+        "| processes | median | lowest | highest |",
+        "|---:|---:|---:|---:|",
+    ]
+    for n, row in result["cpu_scaling_working_set"].items():
         out.append(f"| {n} | {row['median']:.2f} | {row['min']:.2f} | {row['max']:.2f} |")
     out += [
         "",
