@@ -110,3 +110,40 @@ def test_readme_cli_examples_run(tmp_path: Any, request: Any) -> None:
     assert outputs["ls"].split() == ["chat:1", "chat:2"]
     assert '"count": 1' in outputs["show"]
     assert ShelveStorage(tmp_path / "prefs.db").read("42") is None  # rm removed it
+
+
+def test_readme_engine_table_quotes_the_committed_engine_run() -> None:
+    """Every cell of the table beside LMDB, SQLite and diskcache is the committed run's figure."""
+    import json
+    import statistics
+
+    sc = json.loads((ROOT / "benchmarks" / "results" / "engine" / "engine.json").read_text())["scenarios"]
+    names = ["sessionkit", "lmdb", "sqlite-wal", "diskcache"]
+
+    def ops(scenario: str, name: str) -> str:
+        return f"{sc[scenario][name]['median_ops_s']:,.0f}"
+
+    expected = {
+        "1 thread, 1 key (ops/s)": [ops("1t1k", n) for n in names],
+        "4 processes, 1 key: slowest process's share": [
+            f"{statistics.median(sc['4p1k'][n]['least_shares']):.2f}" for n in names],
+        "4 processes, a key each (ops/s)": [ops("4p4k", n) for n in names],
+        "random keys, 8 processes ÷ 1 process": [
+            f"{sc['random'][n]['by_processes']['8']['median_scaling']:.2f}" for n in names],
+        "2 ms handler, 8 threads x 4 processes (ops/s)": [ops("handler", n) for n in names],
+        "p99.9 / max latency, 1 KB values (µs)": [
+            f"{sc['latency'][n]['p999_us']:,.0f} / {sc['latency'][n]['max_us']:,.0f}" for n in names],
+        "worst operation while another process merges": [f"{sc['stall'][n]['worst_max_ms']:.1f} ms" for n in names],
+        "open 1M sessions: first RMW (ms) / RSS (MB)": [
+            f"{sc['open1m'][n]['median_first_ms']:.1f} / {sc['open1m'][n]['median_rss_mb']:.0f}" for n in names],
+        "durable, 4 processes, a key each (ops/s)": [
+            ops_ for ops_ in (f"{sc['durable']['4p4k'][n]['median_ops_s']:,.0f}"
+                              for n in ("sessionkit-durable", "lmdb-sync", "sqlite-full"))] + ["–"],
+    }
+    start = README.index("scenario                                           sessionkit")
+    table = README[start:README.index("\n\n", start)]
+    shown = {}
+    for line in table.splitlines()[2:-1]:
+        label, *cells = re.split(r"\s{2,}", line.strip())
+        shown[label] = cells
+    assert shown == expected
