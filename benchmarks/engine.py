@@ -56,9 +56,9 @@ Scenarios
     end must equal the increments acknowledged (the table says "lost"
     otherwise).  With several processes the table also gives the slowest
     process's share: its operations over an even split's.  A store whose
-    waiters sleep and retry (SQLite's busy handler) lets one process take
-    the key again and again while the others starve, which raises its
-    total and drops this share towards 0.
+    waiters sleep and retry (SQLite's busy handler) lets the process that
+    holds the key take it again and again while the others sleep: it
+    saves the hand-overs, and this share drops towards 0.
     ``4p4k``: 4 processes, each on a key of its own.
     ``random``: 10,000 sessions prefilled, then 1, 2, 4 and 8 processes each
     doing read-modify-writes on random keys for a fixed time: total ops/s,
@@ -77,12 +77,11 @@ Scenarios
     meanwhile another process does small read-modify-writes on other keys
     and times each.  The table gives that process's longest operation (the
     target: sessionkit never over 20 ms) and its p99.9, and the store's
-    largest size on disk as sampled by the writer.  Beside them, the
-    longest wait for a CPU that a sleeping thread of the benchmark's own
-    process saw in the same repetition (``PauseMonitor``): on a machine
-    with 2 CPUs, the writer, the store's helpers and the kernel's
-    writeback keep both busy, and a reader's operation that waits as long
-    was waiting for a CPU, not for the store.
+    largest size on disk as sampled by the writer.  Beside them, for
+    comparison, the longest that a process doing nothing but sleep 1 ms at
+    a time woke late in the same repetition (``PauseMonitor``): the
+    machine's scheduling delay while the writer, the store's helpers and
+    the kernel's writeback use its 2 CPUs.
     ``open1m``: a store prefilled with 1,000,000 sessions (100,000 with
     ``--quick``) in a child process, as fast as each library allows
     (sessionkit ``storage.write()`` in a loop; LMDB and diskcache one
@@ -914,33 +913,51 @@ def latency(pool: Pool, names: Sequence[str], workdir: str, settings: dict[str, 
 # -- scenario: stalls while another process writes large values ------------------------------
 
 
+_PAUSE_CODE = """
+import sys, time
+clock = time.perf_counter
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+import select
+longest = 0.0
+while not select.select([sys.stdin], [], [], 0)[0]:
+    t0 = clock()
+    time.sleep(0.001)
+    late = clock() - t0 - 0.001
+    if late > longest:
+        longest = late
+sys.stdout.write(repr(longest) + "\\n")
+"""
+
+
 class PauseMonitor:
-    """A thread of the benchmark's own (otherwise idle) process that sleeps 1 ms at a time and keeps the
-    longest it overslept: how long a thread that was ready to run waited for a CPU in that time, with the
-    subject's processes, the kernel's writeback and anything else on the machine competing for the CPUs.
-    A slow operation of the same length in the same repetition was most likely such a wait too."""
+    """A process of its own that does nothing but sleep 1 ms at a time, and reports the longest it
+    overslept: how long a sleeping process that became ready waited for a CPU meanwhile, with the
+    subject's processes, the kernel's writeback and anything else on the machine competing for the
+    CPUs.  It is the machine's scheduling delay in that time, for comparison with the operations timed
+    then; it is not tied in time to any one of them.  (A process of its own, so that the benchmark
+    process's own work, such as unpickling a worker's reply, is not counted.)"""
 
     def __init__(self) -> None:
         self.longest = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        clock = time.perf_counter
-        while not self._stop.is_set():
-            t0 = clock()
-            time.sleep(0.001)
-            late = clock() - t0 - 0.001
-            if late > self.longest:
-                self.longest = late
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> "PauseMonitor":
-        self._thread.start()
+        self._proc = subprocess.Popen([sys.executable, "-c", _PAUSE_CODE], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self._proc.stdout.readline()  # "ready": sleeping from now on
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            out, _ = proc.communicate("stop\n", timeout=30)
+            self.longest = float(out.strip() or 0.0)
+        except (subprocess.TimeoutExpired, ValueError):
+            proc.kill()
+            proc.wait()
 
 
 def stall(pool: Pool, names: Sequence[str], workdir: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -959,12 +976,12 @@ def stall(pool: Pool, names: Sequence[str], workdir: str, settings: dict[str, An
             pool.call(1, "prefill", path=path, prefix="small:", count=STALL_SMALL_KEYS, value={"count": 0})
             os.sync()
             pool.halt.value = 0
-            start_at = time.monotonic() + 0.05
-            pool.send(1, "run", path=path, spec={"random": ["small:", STALL_SMALL_KEYS, rep], "until_halt": True,
-                                                 "record": True, "start_at": start_at})
-            pool.send(0, "write_large", path=path, keys=keys, passes=STALL_PASSES,
-                      seconds=settings["stall_seconds"], start_at=start_at)
             with PauseMonitor() as pauses:
+                start_at = time.monotonic() + 0.05
+                pool.send(1, "run", path=path, spec={"random": ["small:", STALL_SMALL_KEYS, rep],
+                                                     "until_halt": True, "record": True, "start_at": start_at})
+                pool.send(0, "write_large", path=path, keys=keys, passes=STALL_PASSES,
+                          seconds=settings["stall_seconds"], start_at=start_at)
                 try:
                     writer = pool.recv(0)
                 finally:
@@ -1356,10 +1373,10 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{settings['stall_repeat']} repetition(s). *Store MB*: the largest size of the store's "
                    "files the writer saw (sampled every 10 writes), and at the end. *Reader max*: its longest "
                    "operation, the worst repetition (each repetition's in brackets). *CPU wait*: the "
-                   "longest a thread of the otherwise idle benchmark process, sleeping 1 ms at a time, woke "
-                   "late in the repetition (the worst, and each in brackets): how long a thread that was "
-                   "ready waited for one of the CPUs, which the writer, the store's own processes and the "
-                   "kernel's writeback kept busy.")
+                   "longest that a process of its own, doing nothing but sleep 1 ms at a time, woke late in "
+                   "the repetition (the worst, and each in brackets): the machine's scheduling delay then, "
+                   "with the writer, the store's own processes and the kernel's writeback using the CPUs; "
+                   "for comparison, not tied in time to the reader's longest operation.")
         out.append("")
         out.append("| subject | store MB peak / end | large writes | writer MB/s | writer max ms | reader ops/s "
                    "| reader p99 / p99.9 ms | reader max ms | CPU wait ms | errors |")
