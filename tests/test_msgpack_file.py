@@ -1034,14 +1034,19 @@ def test_a_damaged_format_file_is_corrupt_session_error(tmp_path: Path, content:
     assert info.value.path == str(directory / "FORMAT")
 
 
-def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("length", [
+    1 << 32,  # over the index's 32-bit length
+    (1 << 31) + 1000,  # over what one pread returns on Linux (0x7ffff000 bytes): it read back as damage
+    0x7FFFF000 - 25,  # with the 25-byte header and the 1-byte key, one byte over
+])
+def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(tmp_path: Path, length: int) -> None:
     import mmap
 
     storage = MsgpackFileStorage(tmp_path / "store", shards=1)
     storage.write("k", "old")
     log = tmp_path / "store" / "shard-000.log"
     size = log.stat().st_size
-    huge = mmap.mmap(-1, 1 << 32)  # 4 GiB of address space, no memory touched
+    huge = mmap.mmap(-1, length)  # address space only, no memory touched
     try:
         with pytest.raises(SerializationError, match="at most"):
             storage._raw_write("k", huge)  # type: ignore[arg-type]

@@ -62,7 +62,10 @@ ROOM_STEP = 16 << 10  # the least a log grows between two looks at the room left
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
 MERGE_SLOTS = 1 << 20  # a shard's merge slot is its slot plus this
-_MAX_RECORD = 0xFFFFFFFF  # a slot keeps a record's length in 32 bits
+# A slot keeps a record's length in 32 bits, and a record is read with one
+# pread, which Linux cuts short at 0x7ffff000 bytes (MAX_RW_COUNT): a longer
+# record would be acknowledged, then read back short, as damage.
+_MAX_RECORD = 0x7FFFF000
 _LIVE, _DEAD, _CORRUPT, _EMPTY = ix.LIVE, ix.DEAD, ix.CORRUPT, ix.EMPTY
 _COUNTERS = ix.COUNTERS
 _COUNTERS_AT = ix.COUNTERS_AT
