@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import multiprocessing
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -447,6 +449,49 @@ def test_closed_storage_refuses_work(directory: str) -> None:
     storage.close()
     with pytest.raises(StorageError, match="closed"):
         storage.read("k")
+
+
+def test_closing_while_other_threads_are_in_sessions_raises_only_storage_errors(tmp_path: Path) -> None:
+    """A store closed under running sessions: each thread stops with StorageError ("closed"), never a raw
+    OSError from a lock descriptor closed under it (which came after the write was made, so a caller
+    that retried made it twice); every acknowledged increment is stored, and no key stays locked."""
+    directory = tmp_path / "store"
+    acked: collections.Counter[str] = collections.Counter()
+    raw: list[str] = []
+    for round_ in range(60):
+        storage = MsgpackFileStorage(directory, shards=2)
+        sessions = Sessions(storage, initial=dict)
+        go = threading.Event()
+
+        def run(key: str) -> None:
+            go.wait()
+            try:
+                while True:
+                    with sessions.open(key) as s:
+                        s["n"] = s.get("n", 0) + 1
+                        s["pad"] = "z" * 3000
+                    acked[key] += 1
+            except StorageError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - what the test is about
+                raw.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=run, args=(f"k{t}",)) for t in range(3)]
+        for t in threads:
+            t.start()
+        go.set()
+        time.sleep(random.Random(round_).uniform(0, 0.02))
+        storage.close()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive()
+    assert raw == []
+    check = MsgpackFileStorage(directory, shards=2)
+    for key in ("k0", "k1", "k2"):
+        assert (check.read(key) or {}).get("n", 0) == acked[key]
+        with check.lock(key, timeout=2):
+            pass
+    check.close()
 
 
 # -- expiry -------------------------------------------------------------------------

@@ -301,7 +301,7 @@ class OfdLocks:
     def __init__(self, path: str, directory: str, existing: Callable[[], bool] = lambda: False) -> None:
         self.path = path
         self.directory = directory
-        self._mutex = threading.Lock()  # guards replacing the file
+        self._mutex = threading.Lock()  # guards replacing the file, and each use of a descriptor against close()
         self._dir: tuple[int, int] | None = None
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
         self._hold_directory()  # first: a process replacing the lock file must see us
@@ -379,19 +379,35 @@ class OfdLocks:
         store until it is the store's only user again (see :meth:`_replace`).
         """
         deadline = None if timeout is None else _monotonic() + timeout
+        mutex = self._mutex
         while True:
             f = self.file
-            fd = f.fd
-            if fd < 0:
-                raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
             try:
-                if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
-                    again = lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)  # noqa: E731
+                # The descriptor is used under the mutex that close() takes:
+                # once closed, its number may name another file.
+                with mutex:
+                    if f.fd < 0:
+                        raise self._closed(key)
+                    got = self._set(f.fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
+                    ok = got and (f.is_linked() if quick else f.is_current())
+                if not got:
+                    again = lambda: self._try(f, slot, key)  # noqa: E731
                     if deadline is None:
-                        self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
+                        with mutex:
+                            if f.fd < 0:
+                                raise self._closed(key)
+                            wait_fd = os.dup(f.fd)  # the same open file description: its locks
+                        try:
+                            self._set(wait_fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
+                        finally:
+                            os.close(wait_fd)
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
-                if f.is_linked() if quick else f.is_current():
+                    with mutex:
+                        if f.fd < 0:
+                            raise self._closed(key)
+                        ok = f.is_linked() if quick else f.is_current()
+                if ok:
                     return f
             except BaseException:
                 # Also after an exception raised asynchronously just as the
@@ -401,9 +417,22 @@ class OfdLocks:
             self.unlock(f, slot)
             self._replace(f, key)
 
+    def _try(self, f: _OfdFile, slot: int, key: str) -> bool:
+        """One attempt to lock ``slot`` through ``f`` without waiting."""
+        with self._mutex:
+            if f.fd < 0:
+                raise self._closed(key)
+            return self._set(f.fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
+
+    def _closed(self, key: str) -> StorageError:
+        return StorageError(f"{self.path} is closed", key=key or None, path=self.path)
+
     def unlock(self, f: Any, slot: int) -> None:
-        if f.fd >= 0:
-            fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+        # Under the mutex that close() takes: a closed file's locks went with
+        # it, and its descriptor's number may name another file by now.
+        with self._mutex:
+            if f.fd >= 0:
+                fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
 
     def is_current(self, f: Any) -> bool:
         """Whether locks taken through ``f`` still exclude the other processes."""
@@ -457,11 +486,12 @@ class OfdLocks:
             os.close(f.fd)
 
     def close(self) -> None:
-        for f in [self.file, *self._retired]:
-            if f.fd >= 0:
-                os.close(f.fd)
-                f.fd = -1
-        self._retired = []
+        with self._mutex:  # not while another thread locks, unlocks or checks through a descriptor
+            for f in [self.file, *self._retired]:
+                if f.fd >= 0:
+                    fd, f.fd = f.fd, -1
+                    os.close(fd)
+            self._retired = []
         _DIRECTORIES.release(self._dir)  # type: ignore[union-attr]
         self._dir = None
 
