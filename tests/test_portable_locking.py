@@ -15,11 +15,12 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 from pathlib import Path
 
 import pytest
 
-from sessionkit import MsgpackFileStorage, Sessions, ShelveStorage, StorageError
+from sessionkit import CorruptSessionError, MsgpackFileStorage, Sessions, ShelveStorage, StorageError
 from sessionkit.storage import _lockfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -127,6 +128,36 @@ def test_a_lock_file_from_before_methods_were_recorded_means_ofd(tmp_path: Path)
         assert storage._state.locks.method == "ofd"
     finally:
         storage.close()
+
+
+@pytest.mark.parametrize("backend", ["msgpack", "shelve"])
+@pytest.mark.parametrize("damage", ["cut to nothing", "cut short", "overwritten"])
+def test_a_damaged_lock_file_header_is_refused_never_taken_for_another_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, damage: str
+) -> None:
+    """A filelock store whose lock file lost its header must not be opened with OFD locks, which would
+    not exclude the processes still using filelock: CorruptSessionError naming the lock file."""
+    monkeypatch.setenv("SESSIONKIT_LOCKING", "filelock")
+    if backend == "msgpack":
+        def opened() -> Any:
+            return MsgpackFileStorage(tmp_path / "m")
+        lock = tmp_path / "m" / "sessionkit.lock"
+    else:
+        def opened() -> Any:
+            return ShelveStorage(tmp_path / "s")
+        lock = Path(str(tmp_path / "s") + ".lock")
+    first = opened()
+    with Sessions(first, initial=dict).open("k") as s:
+        s["n"] = 1
+    assert first._state.locks.method == "filelock"
+    first.close()
+    header = lock.read_bytes()
+    lock.write_bytes({"cut to nothing": b"", "cut short": header[:20],
+                      "overwritten": header[:16] + b"x" * 17}[damage])
+    monkeypatch.setenv("SESSIONKIT_LOCKING", "auto")  # a process that would pick OFD locks for a new store
+    with pytest.raises(CorruptSessionError, match="lock file .*damaged") as caught:
+        opened()
+    assert caught.value.path == str(lock)
 
 
 def test_an_ofd_store_is_refused_where_there_are_no_ofd_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

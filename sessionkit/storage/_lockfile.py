@@ -55,7 +55,7 @@ import time
 from typing import Any, Callable
 
 from .. import _fork
-from ..errors import LockTimeout, StorageError
+from ..errors import CorruptSessionError, LockTimeout, StorageError
 from . import _records
 
 try:
@@ -143,11 +143,29 @@ def open_lock_file(path: str, method: str | None = None) -> int:
     return os.open(path, os.O_RDWR | O_CLOEXEC)
 
 
-def _method_of(fd: int) -> str:
+def _method_of(fd: int, path: str = "") -> str:
+    """The locking method the lock file open as ``fd`` records in its header.
+
+    A lock file is made with its header whole (see :func:`open_lock_file`).
+    One of 0 or 16 bytes without a header is from before the method was
+    recorded (16: a shelf's change counter): classic locks, so ``"ofd"``, unless
+    the filelock method's folder of stripes is beside it (then it is a
+    filelock store's lock file cut short).  Anything else was damaged: the
+    method every process on the store must use is lost, and a guess could
+    let this process lock another way than the others, which would then not
+    exclude each other; ``CorruptSessionError``.
+    """
     head = os.pread(fd, 33, 0) if hasattr(os, "pread") else os.read(fd, 33)
     if len(head) == 33 and head[16:32] == _MAGIC and head[32:33] in _METHODS:
         return _METHODS[head[32:33]]
-    return "ofd"  # made before the method was recorded: classic POSIX locks
+    if len(head) in (0, 16) and not (path and os.path.isdir(path + ".d")):
+        return "ofd"  # made before the method was recorded
+    raise CorruptSessionError(
+        f"the lock file {path or 'of the store'} is damaged: its header, which records the locking method "
+        f"every process on the store must use, is {'missing' if len(head) in (0, 16) else 'not valid'} "
+        f"({len(head)} bytes); once no process uses the store, delete the lock file and it is made anew",
+        path=path or None,
+    )
 
 
 def _wait_loop(try_once: Callable[[], bool], timeout: float, key: str) -> None:
@@ -194,7 +212,7 @@ class _OfdFile:
         self.path = path
         self.fd = open_lock_file(path, "ofd") if create else os.open(path, os.O_RDWR | O_CLOEXEC)
         try:
-            if _method_of(self.fd) != "ofd":  # replaced by a file of another method
+            if _method_of(self.fd, path) != "ofd":  # replaced by a file of another method
                 raise StorageError(
                     f"{path} now records another locking method than the store was opened with; "
                     "every process on a store must lock it the same way",
@@ -642,7 +660,7 @@ def make_locks(
         raise StorageError(f"cannot open {path}: {exc}", path=path) from exc
     else:
         try:
-            method = _method_of(fd)
+            method = _method_of(fd, path)
         finally:
             os.close(fd)
     if method == "ofd":
