@@ -229,6 +229,39 @@ def test_durable_writes_round_trip(directory: str) -> None:
     assert MsgpackFileStorage(directory).read("k") == {"n": 5}
 
 
+def test_a_durable_write_makes_its_logs_name_durable_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A log made, or merged into place, by a process without durable=True may have a name that is not
+    on disk yet: a durable write to it fsyncs the directory before it is acknowledged, once per log."""
+    directory = tmp_path / "store"
+    plain = MsgpackFileStorage(directory, shards=1)
+    plain.write("k", 1)  # makes the shard's log, without syncing its name
+    plain.close()
+    synced: list[str] = []
+    real = _shard.fsync_dir
+
+    def counted(path: str) -> None:
+        real(path)
+        synced.append(path)
+
+    monkeypatch.setattr(_shard, "fsync_dir", counted)
+    storage = MsgpackFileStorage(directory, shards=1, durable=True)
+    storage.write("k", 2)
+    assert synced == [str(directory)]
+    storage.write("k", 3)
+    assert synced == [str(directory)]  # once per log
+    merged = subprocess.run(
+        [sys.executable, "-c", "import sys, time; from sessionkit import MsgpackFileStorage; "
+         "s = MsgpackFileStorage(sys.argv[1]); shard = s._shards[0]; "
+         "assert shard.merge(time.time(), wait=True, force=True); s.close()", str(directory)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert merged.returncode == 0, merged.stderr
+    storage.write("k", 4)  # to the log the other process merged into place
+    assert synced == [str(directory)] * 2
+    storage.close()
+    assert MsgpackFileStorage(directory).read("k") == 4
+
+
 @pytest.mark.parametrize("durable", [True, False])
 @pytest.mark.parametrize("restarted", [False, True], ids=["same-boot", "after-a-restart"])
 def test_damage_to_the_newest_record_is_kept_unless_a_machine_crash_explains_it(

@@ -322,6 +322,11 @@ class Shard:
         self.closed = False
         self.fd = -1
         self.log_ident = (0, 0)
+        # durable: the log whose name this process has made durable (the
+        # directory fsynced since it was opened): a log another process made
+        # or merged into place without durable=True may have a name that is
+        # not on disk yet, and a write to it must not be acknowledged before.
+        self.dir_synced_for = (0, 0)
         self.idx: ix.Index | None = None
         self.table: ix.Table | None = None
         self.map: Any = None  # self.idx.map, for the hot paths
@@ -966,9 +971,10 @@ class Shard:
                 write_all(self.fd, data, offset)  # a short write (a full disk): the rest, or ENOSPC
             if self.durable:
                 os.fdatasync(self.fd)
-                if self.dir_unsynced:  # a merge's rename is not durable yet
+                if self.dir_unsynced or self.dir_synced_for != self.log_ident:  # the log's name not durable yet
                     fsync_dir(self.directory)
                     self.dir_unsynced = 0
+                    self.dir_synced_for = self.log_ident
         except OSError as exc:
             try:
                 os.ftruncate(self.fd, offset)  # leave no partial record behind
@@ -1469,6 +1475,7 @@ class Shard:
             if durable:
                 try:
                     fsync_dir(self.directory)
+                    self.dir_synced_for = self.log_ident
                 except OSError as exc:
                     # The next durable write syncs it before it is acknowledged.
                     self.dir_unsynced = 1
