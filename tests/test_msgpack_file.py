@@ -249,17 +249,26 @@ def test_a_durable_write_makes_its_logs_name_durable_first(tmp_path: Path, monke
     assert synced == [str(directory)]
     storage.write("k", 3)
     assert synced == [str(directory)]  # once per log
-    merged = subprocess.run(
-        [sys.executable, "-c", "import sys, time; from sessionkit import MsgpackFileStorage; "
-         "s = MsgpackFileStorage(sys.argv[1]); shard = s._shards[0]; "
-         "assert shard.merge(time.time(), wait=True, force=True); s.close()", str(directory)],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert merged.returncode == 0, merged.stderr
+
+    def merge_elsewhere() -> None:  # by a process without durable=True
+        merged = subprocess.run(
+            [sys.executable, "-c", "import sys, time; from sessionkit import MsgpackFileStorage; "
+             "s = MsgpackFileStorage(sys.argv[1]); shard = s._shards[0]; "
+             "assert shard.merge(time.time(), wait=True, force=True); s.close()", str(directory)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert merged.returncode == 0, merged.stderr
+
+    merge_elsewhere()
     storage.write("k", 4)  # to the log the other process merged into place
     assert synced == [str(directory)] * 2
+    merge_elsewhere()
+    assert storage.read("k") == 4  # this process moves to the merged log, writing nothing
+    merge_elsewhere()  # ext4 gives this log the inode number of the one synced above
+    storage.write("k", 5)
+    assert synced == [str(directory)] * 3
     storage.close()
-    assert MsgpackFileStorage(directory).read("k") == 4
+    assert MsgpackFileStorage(directory).read("k") == 5
 
 
 @pytest.mark.parametrize("durable", [True, False])

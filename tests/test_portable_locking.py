@@ -160,6 +160,26 @@ def test_a_damaged_lock_file_header_is_refused_never_taken_for_another_method(
     assert caught.value.path == str(lock)
 
 
+@pytest.mark.skipif(not _lockfile._HAVE_OFD, reason="needs OFD locks")
+@pytest.mark.parametrize("length", [0, 16])
+def test_a_shelf_lock_file_from_before_methods_were_recorded_stays_usable(tmp_path: Path, length: int) -> None:
+    """A shelf writes its own records after the header's place (the dbm in use, at byte 56): a lock file
+    from before methods were recorded, with zeros where the header goes, is still that, not damage."""
+    path = tmp_path / "shelf"
+    first = ShelveStorage(path)
+    first.write("a", 1)
+    first.close()
+    Path(str(path) + ".lock").write_bytes(bytes(length))  # what earlier versions left
+    for n in range(3):
+        again = ShelveStorage(path)  # the first open records the dbm after where the header goes
+        try:
+            assert again._state.locks.method == "ofd"
+            assert again.read("a") == 1
+            again.write("b", n)
+        finally:
+            again.close()
+
+
 def test_an_ofd_store_is_refused_where_there_are_no_ofd_locks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     directory = tmp_path / "linux"
     directory.mkdir()

@@ -303,3 +303,27 @@ def test_another_shelf_whose_name_starts_with_this_ones_is_not_taken_for_its_fil
     assert all(not Path(f).name.startswith("sessions.old") for f in fresh._state._files())
     fresh.write("k", 2)
     assert fresh.read("k") == 2 and ShelveStorage(tmp_path / "sessions.old", dbm=SHELVE_DBM).read("k") == 1
+
+
+@pytest.mark.parametrize("length", [0x7FFFF000, (1 << 31) + 1000])
+def test_a_value_too_long_to_read_back_in_one_call_is_refused_before_anything_is_written(
+    tmp_path: Path, length: int
+) -> None:
+    """A value is read back with one pread (dbm.dumb), which Linux cuts short at 0x7ffff000 bytes: one that
+    long was acknowledged, then read back as damage that also stopped the shelf's compaction."""
+    import mmap
+
+    storage = ShelveStorage(tmp_path / "sessions", dbm=SHELVE_DBM)
+    try:
+        storage.write("k", "old")
+        sizes = {f.name: f.stat().st_size for f in tmp_path.iterdir()}
+        huge = mmap.mmap(-1, length)  # address space only, no memory touched
+        try:
+            with pytest.raises(SerializationError, match="at most"):
+                storage._raw_write("k", huge)  # type: ignore[arg-type]
+        finally:
+            huge.close()
+        assert {f.name: f.stat().st_size for f in tmp_path.iterdir()} == sizes
+        assert storage.read("k") == "old"
+    finally:
+        storage.close()

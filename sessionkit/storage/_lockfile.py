@@ -147,10 +147,11 @@ def _method_of(fd: int, path: str = "") -> str:
     """The locking method the lock file open as ``fd`` records in its header.
 
     A lock file is made with its header whole (see :func:`open_lock_file`).
-    One of 0 or 16 bytes without a header is from before the method was
-    recorded (16: a shelf's change counter): classic locks, so ``"ofd"``, unless
-    the filelock method's folder of stripes is beside it (then it is a
-    filelock store's lock file cut short).  Anything else was damaged: the
+    One with nothing where the header goes (bytes 16 to 33 absent or zero;
+    a shelf keeps a change counter before them and its dbm's records after)
+    is from before the method was recorded: classic locks, so ``"ofd"``,
+    unless the filelock method's folder of stripes is beside it (then it is
+    a filelock store's lock file cut short).  Anything else was damaged: the
     method every process on the store must use is lost, and a guess could
     let this process lock another way than the others, which would then not
     exclude each other; ``CorruptSessionError``.
@@ -158,11 +159,12 @@ def _method_of(fd: int, path: str = "") -> str:
     head = os.pread(fd, 33, 0) if hasattr(os, "pread") else os.read(fd, 33)
     if len(head) == 33 and head[16:32] == _MAGIC and head[32:33] in _METHODS:
         return _METHODS[head[32:33]]
-    if len(head) in (0, 16) and not (path and os.path.isdir(path + ".d")):
+    absent = not any(head[16:33])
+    if absent and not (path and os.path.isdir(path + ".d")):
         return "ofd"  # made before the method was recorded
     raise CorruptSessionError(
         f"the lock file {path or 'of the store'} is damaged: its header, which records the locking method "
-        f"every process on the store must use, is {'missing' if len(head) in (0, 16) else 'not valid'} "
+        f"every process on the store must use, is {'missing' if absent else 'not valid'} "
         f"({len(head)} bytes); once no process uses the store, delete the lock file and it is made anew",
         path=path or None,
     )
@@ -320,6 +322,7 @@ class OfdLocks:
         self.path = path
         self.directory = directory
         self._mutex = threading.Lock()  # guards replacing the file, and each use of a descriptor against close()
+        self._waiting: set[int] = set()  # duplicates of the file's descriptor that threads wait on
         self._dir: tuple[int, int] | None = None
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
         self._hold_directory()  # first: a process replacing the lock file must see us
@@ -411,14 +414,19 @@ class OfdLocks:
                 if not got:
                     again = lambda: self._try(f, slot, key)  # noqa: E731
                     if deadline is None:
-                        with mutex:
-                            if f.fd < 0:
-                                raise self._closed(key)
-                            wait_fd = os.dup(f.fd)  # the same open file description: its locks
+                        wait_fd = -1
                         try:
+                            with mutex:
+                                if f.fd < 0:
+                                    raise self._closed(key)
+                                wait_fd = os.dup(f.fd)  # the same open file description: its locks
+                                self._waiting.add(wait_fd)  # a forked child closes it (after_fork_in_child)
                             self._set(wait_fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
                         finally:
-                            os.close(wait_fd)
+                            if wait_fd >= 0:
+                                with mutex:
+                                    self._waiting.discard(wait_fd)
+                                    os.close(wait_fd)
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
                     with mutex:
@@ -489,6 +497,12 @@ class OfdLocks:
     def after_fork_in_child(self) -> None:
         """Give the child its own open file: the parent's locks stay the parent's."""
         self._mutex = threading.Lock()
+        for fd in self._waiting:  # a parent's thread waits on it: the child keeps no copy of its file
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._waiting = set()
         if self.file.fd < 0:
             return  # closed
         inherited = [self.file, *self._retired]

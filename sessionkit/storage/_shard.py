@@ -494,6 +494,7 @@ class Shard:
             raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
+        self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
         why = ""
         try:
             idx = ix.Index(self.index_path, checked=not moved)
@@ -725,6 +726,7 @@ class Shard:
             raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
+        self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
 
     def _install(self, table: ix.Table, end: int, old: ix.Index | None) -> None:
         """Write ``table`` as the index of the current log and rename it into
@@ -1470,6 +1472,7 @@ class Shard:
             _MERGE_FDS.discard(target)  # the shard's log from now on: a forked child keeps it
             self.fd = target
             self.log_ident = (st.st_dev, st.st_ino)
+            self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
             fresh.log_ident = self.log_ident
             self._use(fresh)
             if durable:

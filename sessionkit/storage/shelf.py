@@ -112,6 +112,12 @@ def _decode_key(raw: bytes) -> str:
     return "" if raw == _EMPTY_KEY else raw.decode("utf-8", "surrogatepass")
 
 
+# A value is written and read back with single pread/pwrite calls (dbm.dumb's
+# values, the gdbm undo record of a value and its key), and Linux cuts one
+# short at 0x7ffff000 bytes: a longer one would be acknowledged, then read
+# back as damage.  What a frame and an undo record add fits in the rest.
+_MAX_RECORD = 0x7FFFF000 - 4096
+
 class ShelveStorage(EncodedStorage):
     """Sessions as pickles in a dbm file (the ``shelve`` format), shared safely.
 
@@ -311,11 +317,18 @@ class ShelveStorage(EncodedStorage):
             return None if stored is None else self._unframe(key, stored, self._clock())
 
     def _raw_write(self, key: str, data: bytes) -> None:
+        kb = _encode_key(key)
+        if len(data) + len(kb) > _MAX_RECORD:
+            raise SerializationError(
+                f"cannot store session {key!r}: its value and key would be {len(data) + len(kb):,} bytes, and a "
+                f"shelf holds at most {_MAX_RECORD:,}; the stored value is unchanged",
+                key=key,
+            )
         now = self._clock()
         framed = self._frame(data, 0.0 if self.ttl is None else now + self.ttl)
         with self._state._mutex, self._store() as db:
             self._keylocks.check_held(key, self.path)
-            self._state._put(db, _encode_key(key), framed)
+            self._state._put(db, kb, framed)
 
     # -- the StorageAdapter contract ------------------------------------------------
 
