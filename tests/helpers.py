@@ -140,3 +140,18 @@ def deleted_files_open(directory: str, pid: "int | str" = "self") -> list[str]:
         if target.startswith(str(directory) + os.sep) and target.endswith(" (deleted)"):
             found.append(target)
     return found
+
+
+def refuses_a_value_of(storage: Any, length: int, key: str = "k") -> None:
+    """``storage._raw_write(key, ...)`` of ``length`` bytes raises ``SerializationError`` ("at most"); the
+    bytes are an anonymous mapping's address space, so no memory is touched."""
+    import mmap
+
+    from sessionkit import SerializationError
+
+    huge = mmap.mmap(-1, length)
+    try:
+        with pytest.raises(SerializationError, match="at most"):
+            storage._raw_write(key, huge)
+    finally:
+        huge.close()

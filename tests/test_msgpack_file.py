@@ -25,7 +25,6 @@ from sessionkit import (
     CorruptSessionError,
     LockTimeout,
     MsgpackFileStorage,
-    SerializationError,
     SessionError,
     Sessions,
     StorageError,
@@ -35,7 +34,7 @@ from sessionkit.storage import _lockfile, _records, _shard
 
 from . import workers
 from .shelf_writer import read_log
-from .helpers import deleted_files_open, stressed, tmpfs
+from .helpers import deleted_files_open, refuses_a_value_of, stressed, tmpfs
 from .helpers import FakeClock
 
 spawn = multiprocessing.get_context("spawn")
@@ -1127,18 +1126,11 @@ def test_a_damaged_format_file_is_corrupt_session_error(tmp_path: Path, content:
     0x7FFFF000 - 25,  # with the 25-byte header and the 1-byte key, one byte over
 ])
 def test_a_record_too_long_for_the_index_is_refused_before_anything_is_written(tmp_path: Path, length: int) -> None:
-    import mmap
-
     storage = MsgpackFileStorage(tmp_path / "store", shards=1)
     storage.write("k", "old")
     log = tmp_path / "store" / "shard-000.log"
     size = log.stat().st_size
-    huge = mmap.mmap(-1, length)  # address space only, no memory touched
-    try:
-        with pytest.raises(SerializationError, match="at most"):
-            storage._raw_write("k", huge)  # type: ignore[arg-type]
-    finally:
-        huge.close()
+    refuses_a_value_of(storage, length)
     assert log.stat().st_size == size and storage.read("k") == "old"
 
 

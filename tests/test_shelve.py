@@ -19,6 +19,7 @@ from sessionkit.storage.shelf import available_dbms
 
 from . import workers
 from .conftest import SHELVE_DBM, make_shelf, shelf_spec
+from .helpers import refuses_a_value_of
 
 spawn = multiprocessing.get_context("spawn")
 
@@ -311,18 +312,11 @@ def test_a_value_too_long_to_read_back_in_one_call_is_refused_before_anything_is
 ) -> None:
     """A value is read back with one pread (dbm.dumb), which Linux cuts short at 0x7ffff000 bytes: one that
     long was acknowledged, then read back as damage that also stopped the shelf's compaction."""
-    import mmap
-
     storage = ShelveStorage(tmp_path / "sessions", dbm=SHELVE_DBM)
     try:
         storage.write("k", "old")
         sizes = {f.name: f.stat().st_size for f in tmp_path.iterdir()}
-        huge = mmap.mmap(-1, length)  # address space only, no memory touched
-        try:
-            with pytest.raises(SerializationError, match="at most"):
-                storage._raw_write("k", huge)  # type: ignore[arg-type]
-        finally:
-            huge.close()
+        refuses_a_value_of(storage, length)
         assert {f.name: f.stat().st_size for f in tmp_path.iterdir()} == sizes
         assert storage.read("k") == "old"
     finally:

@@ -407,9 +407,8 @@ class OfdLocks:
                 # The descriptor is used under the mutex that close() takes:
                 # once closed, its number may name another file.
                 with mutex:
-                    if f.fd < 0:
-                        raise self._closed(key)
-                    got = self._set(f.fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
+                    fd = f.fd if f.fd >= 0 else self._open_fd(f, key)  # (the hot path: no call)
+                    got = self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
                     ok = got and (f.is_linked() if quick else f.is_current())
                 if not got:
                     again = lambda: self._try(f, slot, key)  # noqa: E731
@@ -417,9 +416,7 @@ class OfdLocks:
                         wait_fd = -1
                         try:
                             with mutex:
-                                if f.fd < 0:
-                                    raise self._closed(key)
-                                wait_fd = os.dup(f.fd)  # the same open file description: its locks
+                                wait_fd = os.dup(self._open_fd(f, key))  # the same open file description
                                 self._waiting.add(wait_fd)  # a forked child closes it (after_fork_in_child)
                             self._set(wait_fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
                         finally:
@@ -430,8 +427,7 @@ class OfdLocks:
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
                     with mutex:
-                        if f.fd < 0:
-                            raise self._closed(key)
+                        self._open_fd(f, key)  # closed meanwhile: StorageError
                         ok = f.is_linked() if quick else f.is_current()
                 if ok:
                     return f
@@ -446,12 +442,13 @@ class OfdLocks:
     def _try(self, f: _OfdFile, slot: int, key: str) -> bool:
         """One attempt to lock ``slot`` through ``f`` without waiting."""
         with self._mutex:
-            if f.fd < 0:
-                raise self._closed(key)
-            return self._set(f.fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
+            return self._set(self._open_fd(f, key), _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
 
-    def _closed(self, key: str) -> StorageError:
-        return StorageError(f"{self.path} is closed", key=key or None, path=self.path)
+    def _open_fd(self, f: _OfdFile, key: str) -> int:
+        """``f``'s descriptor, under the mutex; ``StorageError`` once the store is closed."""
+        if f.fd < 0:
+            raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
+        return f.fd
 
     def unlock(self, f: Any, slot: int) -> None:
         # Under the mutex that close() takes: a closed file's locks went with

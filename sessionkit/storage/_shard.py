@@ -62,10 +62,11 @@ ROOM_STEP = 16 << 10  # the least a log grows between two looks at the room left
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 SECTION_WAIT = 60.0  # seconds to wait for a shard another process holds
 MERGE_SLOTS = 1 << 20  # a shard's merge slot is its slot plus this
-# A slot keeps a record's length in 32 bits, and a record is read with one
-# pread, which Linux cuts short at 0x7ffff000 bytes (MAX_RW_COUNT): a longer
-# record would be acknowledged, then read back short, as damage.
-_MAX_RECORD = 0x7FFFF000
+# The most one read or write moves on Linux (MAX_RW_COUNT): a record (or a
+# shelf's value) read back with one pread must be no longer, or it would be
+# acknowledged, then read back short, as damage.
+MAX_IO = 0x7FFFF000
+_MAX_RECORD = MAX_IO  # (and a slot keeps a record's length in 32 bits)
 _LIVE, _DEAD, _CORRUPT, _EMPTY = ix.LIVE, ix.DEAD, ix.CORRUPT, ix.EMPTY
 _COUNTERS = ix.COUNTERS
 _COUNTERS_AT = ix.COUNTERS_AT
@@ -322,11 +323,13 @@ class Shard:
         self.closed = False
         self.fd = -1
         self.log_ident = (0, 0)
-        # durable: the log whose name this process has made durable (the
-        # directory fsynced since it was opened): a log another process made
-        # or merged into place without durable=True may have a name that is
-        # not on disk yet, and a write to it must not be acknowledged before.
-        self.dir_synced_for = (0, 0)
+        # durable: whether this process made the name of the log in use
+        # durable (fsynced the directory since it opened that log): a log
+        # another process made or merged into place without durable=True may
+        # have a name that is not on disk yet, and a write to it must not be
+        # acknowledged before.  False whenever the log changes (an inode
+        # number may be a merged-away log's again).
+        self.dir_synced = False
         self.idx: ix.Index | None = None
         self.table: ix.Table | None = None
         self.map: Any = None  # self.idx.map, for the hot paths
@@ -494,7 +497,7 @@ class Shard:
             raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
-        self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
+        self.dir_synced = False
         why = ""
         try:
             idx = ix.Index(self.index_path, checked=not moved)
@@ -726,7 +729,7 @@ class Shard:
             raise
         self.fd = fd
         self.log_ident = (st.st_dev, st.st_ino)
-        self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
+        self.dir_synced = False
 
     def _install(self, table: ix.Table, end: int, old: ix.Index | None) -> None:
         """Write ``table`` as the index of the current log and rename it into
@@ -973,10 +976,10 @@ class Shard:
                 write_all(self.fd, data, offset)  # a short write (a full disk): the rest, or ENOSPC
             if self.durable:
                 os.fdatasync(self.fd)
-                if self.dir_unsynced or self.dir_synced_for != self.log_ident:  # the log's name not durable yet
+                if self.dir_unsynced or not self.dir_synced:  # the log's name not durable yet
                     fsync_dir(self.directory)
                     self.dir_unsynced = 0
-                    self.dir_synced_for = self.log_ident
+                    self.dir_synced = True
         except OSError as exc:
             try:
                 os.ftruncate(self.fd, offset)  # leave no partial record behind
@@ -1472,13 +1475,13 @@ class Shard:
             _MERGE_FDS.discard(target)  # the shard's log from now on: a forked child keeps it
             self.fd = target
             self.log_ident = (st.st_dev, st.st_ino)
-            self.dir_synced_for = (0, 0)  # an inode number may be a merged-away log's again
+            self.dir_synced = False
             fresh.log_ident = self.log_ident
             self._use(fresh)
             if durable:
                 try:
                     fsync_dir(self.directory)
-                    self.dir_synced_for = self.log_ident
+                    self.dir_synced = True
                 except OSError as exc:
                     # The next durable write syncs it before it is acknowledged.
                     self.dir_unsynced = 1

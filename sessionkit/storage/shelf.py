@@ -19,6 +19,7 @@ from . import _gnudb
 from ._dumbdb import ACCESS_ERRNOS, DumbDb, recover_compaction
 from ._index import BOOT_ID, same_boot
 from ._lockfile import SHARD_BASE, make_locks
+from ._shard import MAX_IO
 from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
 
@@ -113,10 +114,11 @@ def _decode_key(raw: bytes) -> str:
 
 
 # A value is written and read back with single pread/pwrite calls (dbm.dumb's
-# values, the gdbm undo record of a value and its key), and Linux cuts one
-# short at 0x7ffff000 bytes: a longer one would be acknowledged, then read
-# back as damage.  What a frame and an undo record add fits in the rest.
-_MAX_RECORD = 0x7FFFF000 - 4096
+# values, the gdbm undo record of a value and its key), which MAX_IO bounds:
+# a longer one would be acknowledged, then read back as damage.  What a frame
+# and an undo record add fits in the rest.
+_MAX_RECORD = MAX_IO - 4096
+
 
 class ShelveStorage(EncodedStorage):
     """Sessions as pickles in a dbm file (the ``shelve`` format), shared safely.
