@@ -321,8 +321,7 @@ class OfdLocks:
     def __init__(self, path: str, directory: str, existing: Callable[[], bool] = lambda: False) -> None:
         self.path = path
         self.directory = directory
-        self._mutex = threading.Lock()  # guards replacing the file, and each use of a descriptor against close()
-        self._waiting: set[int] = set()  # duplicates of the file's descriptor that threads wait on
+        self._mutex = threading.Lock()  # guards replacing the file
         self._dir: tuple[int, int] | None = None
         self._retired: list[_OfdFile] = []  # replaced files, kept open until close
         self._hold_directory()  # first: a process replacing the lock file must see us
@@ -400,36 +399,19 @@ class OfdLocks:
         store until it is the store's only user again (see :meth:`_replace`).
         """
         deadline = None if timeout is None else _monotonic() + timeout
-        mutex = self._mutex
         while True:
             f = self.file
+            fd = f.fd
+            if fd < 0:
+                raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
             try:
-                # The descriptor is used under the mutex that close() takes:
-                # once closed, its number may name another file.
-                with mutex:
-                    fd = f.fd if f.fd >= 0 else self._open_fd(f, key)  # (the hot path: no call)
-                    got = self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
-                    ok = got and (f.is_linked() if quick else f.is_current())
-                if not got:
-                    again = lambda: self._try(f, slot, key)  # noqa: E731
+                if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
+                    again = lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)  # noqa: E731
                     if deadline is None:
-                        wait_fd = -1
-                        try:
-                            with mutex:
-                                wait_fd = os.dup(self._open_fd(f, key))  # the same open file description
-                                self._waiting.add(wait_fd)  # a forked child closes it (after_fork_in_child)
-                            self._set(wait_fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
-                        finally:
-                            if wait_fd >= 0:
-                                with mutex:
-                                    self._waiting.discard(wait_fd)
-                                    os.close(wait_fd)
+                        self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
-                    with mutex:
-                        self._open_fd(f, key)  # closed meanwhile: StorageError
-                        ok = f.is_linked() if quick else f.is_current()
-                if ok:
+                if f.is_linked() if quick else f.is_current():
                     return f
             except BaseException:
                 # Also after an exception raised asynchronously just as the
@@ -439,23 +421,15 @@ class OfdLocks:
             self.unlock(f, slot)
             self._replace(f, key)
 
-    def _try(self, f: _OfdFile, slot: int, key: str) -> bool:
-        """One attempt to lock ``slot`` through ``f`` without waiting."""
-        with self._mutex:
-            return self._set(self._open_fd(f, key), _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)
-
-    def _open_fd(self, f: _OfdFile, key: str) -> int:
-        """``f``'s descriptor, under the mutex; ``StorageError`` once the store is closed."""
-        if f.fd < 0:
-            raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
-        return f.fd
-
     def unlock(self, f: Any, slot: int) -> None:
-        # Under the mutex that close() takes: a closed file's locks went with
-        # it, and its descriptor's number may name another file by now.
-        with self._mutex:
-            if f.fd >= 0:
-                fcntl.fcntl(f.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+        fd = f.fd
+        if fd >= 0:
+            try:
+                fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+            except OSError:
+                if f.fd >= 0:
+                    raise
+                # Closed by another thread meanwhile (close()): its locks went with it.
 
     def is_current(self, f: Any) -> bool:
         """Whether locks taken through ``f`` still exclude the other processes."""
@@ -494,12 +468,6 @@ class OfdLocks:
     def after_fork_in_child(self) -> None:
         """Give the child its own open file: the parent's locks stay the parent's."""
         self._mutex = threading.Lock()
-        for fd in self._waiting:  # a parent's thread waits on it: the child keeps no copy of its file
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._waiting = set()
         if self.file.fd < 0:
             return  # closed
         inherited = [self.file, *self._retired]
@@ -515,12 +483,11 @@ class OfdLocks:
             os.close(f.fd)
 
     def close(self) -> None:
-        with self._mutex:  # not while another thread locks, unlocks or checks through a descriptor
-            for f in [self.file, *self._retired]:
-                if f.fd >= 0:
-                    fd, f.fd = f.fd, -1
-                    os.close(fd)
-            self._retired = []
+        for f in [self.file, *self._retired]:
+            if f.fd >= 0:
+                fd, f.fd = f.fd, -1  # marked closed first: a thread that finds it closed takes it so
+                os.close(fd)
+        self._retired = []
         _DIRECTORIES.release(self._dir)  # type: ignore[union-attr]
         self._dir = None
 
