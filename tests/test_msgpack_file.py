@@ -1719,6 +1719,38 @@ def test_two_processes_on_one_log_never_write_over_each_other(directory: str, ch
     assert {key: fresh.read(key) for key in acked} == acked
 
 
+_MERGE_AWAY = """
+import sys, time
+from sessionkit import MsgpackFileStorage
+storage = MsgpackFileStorage(sys.argv[1])
+storage.read("pre0")  # no index at the path: this process indexes the log and puts a new index there
+assert storage._shards[0].merge(time.time(), wait=True, force=True)  # a new log and index renamed into place
+storage.close()
+"""
+
+
+def test_a_write_through_a_deleted_index_never_lands_in_a_log_merged_away(directory: str) -> None:
+    """This process's index is deleted; another process indexes the log anew
+    and merges it away (the log this process writes to is then unlinked, and
+    ends where this process's index says).  The next write must go to the
+    merged log, not be acknowledged into the unlinked one and lost."""
+    mine = MsgpackFileStorage(directory, shards=1)
+    for i in range(20):
+        mine.write(f"pre{i}", {"i": i})
+    _index_files(directory)[0].unlink()
+    subprocess.run([os.sys.executable, "-c", _MERGE_AWAY, directory], check=True, timeout=60)
+    mine.write("after", {"n": 1})
+    mine.write("pre3", {"i": -3})
+    mine.close()
+    fresh = MsgpackFileStorage(directory)
+    try:
+        assert fresh.read("after") == {"n": 1}
+        assert fresh.read("pre3") == {"i": -3}
+        assert [fresh.read(f"pre{i}") for i in range(20) if i != 3] == [{"i": i} for i in range(20) if i != 3]
+    finally:
+        fresh.close()
+
+
 def test_purge_expired_counts_each_session_once(directory: str) -> None:
     clock = FakeClock()
     storage = MsgpackFileStorage(directory, shards=1, ttl=10, clock=clock)
