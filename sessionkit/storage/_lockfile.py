@@ -78,7 +78,11 @@ SECTION_SPIN = 50e-6
 
 # struct flock on 64-bit Linux: l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhqqi4x")
+_fstat = os.fstat
+_SEEK_SET = os.SEEK_SET
 if fcntl is not None and sys.platform.startswith("linux") and struct.calcsize("P") == 8:
+    _fcntl = fcntl.fcntl  # the names the hot paths use
+    _F_WRLCK, _F_UNLCK = fcntl.F_WRLCK, fcntl.F_UNLCK
     _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
     _F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
     _HAVE_OFD = True
@@ -405,13 +409,21 @@ class OfdLocks:
             if fd < 0:
                 raise StorageError(f"{self.path} is closed", key=key or None, path=self.path)
             try:
-                if not self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key):
+                try:  # the first try inline (it is the hot path): _set's, without the call
+                    _fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(_F_WRLCK, _SEEK_SET, slot, 1, 0))
+                    free = True
+                except OSError as exc:
+                    if exc.errno not in _BUSY:
+                        raise StorageError(f"cannot lock {self.path}: {exc}", key=key or None, path=self.path) from exc
+                    free = False
+                if not free:
                     again = lambda: self._set(fd, _F_OFD_SETLK, fcntl.F_WRLCK, slot, key)  # noqa: E731
                     if deadline is None:
                         self._set(fd, _F_OFD_SETLKW, fcntl.F_WRLCK, slot, key)  # sleeps in the kernel
                     elif not (quick and timeout and _spin(again, min(SECTION_SPIN, timeout))):
                         _wait_loop(again, max(0.0, deadline - _monotonic()), key)
-                if f.is_linked() if quick else f.is_current():
+                # f.is_linked() if quick else f.is_current(), inline:
+                if _fstat(fd).st_nlink > 0 if quick else _still_at(f.path, f.ident):
                     return f
             except BaseException:
                 # Also after an exception raised asynchronously just as the
@@ -425,7 +437,7 @@ class OfdLocks:
         fd = f.fd
         if fd >= 0:
             try:
-                fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, slot, 1, 0))
+                _fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(_F_UNLCK, _SEEK_SET, slot, 1, 0))
             except OSError:
                 if f.fd >= 0:
                     raise

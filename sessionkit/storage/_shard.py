@@ -1022,9 +1022,10 @@ class Shard:
                 self._rebuild("its index has no free slot")
                 return
         table.store_counters(end, self.dir_unsynced)
-        if end >= self.next_room_check and end - table.live > max(table.live >> 2, ROOM_DEAD):
-            self._check_room(table.live, end)
-        if self.needs_merge():
+        live = table.live
+        if end >= self.next_room_check and end - live > max(live >> 2, ROOM_DEAD):
+            self._check_room(live, end)
+        if table.used * 10 > table.capacity * 6 or end - live > max(live, SLACK):  # needs_merge(), inline
             self._maintain(table, end)
 
     def _maintain(self, table: ix.Table, end: int) -> None:

@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from .. import _fork
-from .._locks import KeyLocks, LockContext
+from .._locks import FRESH_IDENTS, KeyLocks, LockContext, _get_ident
 from ..errors import StorageError
 from ._lockfile import OfdLocks, StripedLocks, key_slot, make_locks
 
@@ -173,10 +173,14 @@ class ProcessKeyLocks(LockContext):
 
     def acquire(self, key: str, timeout: float | None = None, slot: int = -1) -> None:
         """Lock ``key`` (``slot``: its :func:`key_slot`, if the caller has it)."""
-        start = time.monotonic() if timeout is not None else 0.0
-        self.threads.acquire(key, timeout)
-        try:
+        me = _get_ident()
+        if FRESH_IDENTS and self.threads._held.setdefault(key, me) is me:
+            left = timeout  # free in this process: KeyLocks.acquire's fast path, inline
+        else:
+            start = time.monotonic() if timeout is not None else 0.0
+            self.threads.acquire(key, timeout)
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        try:
             if slot < 0:
                 slot = key_slot(key)
             self.held[key] = (self.state.locks.lock(slot, left, key), slot)
@@ -190,11 +194,13 @@ class ProcessKeyLocks(LockContext):
         taken = self.held.pop(key, None)
         try:
             if taken is not None:
-                self.state.locks.unlock(*taken)
+                self.state.locks.unlock(taken[0], taken[1])
             elif self.orphaned:
                 self.orphaned.discard(key)
         finally:
-            self.threads.release(key)
+            threads = self.threads  # KeyLocks.release, inline
+            if threads._held.pop(key, None) is not None and threads._waiting:
+                threads.notify(key)
 
     def check_held(self, key: str, path: str) -> None:
         """Refuse a write under a key lock that no longer excludes other processes.
