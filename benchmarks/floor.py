@@ -14,24 +14,24 @@ processes, written out inline in one function, with nothing else:
   checksums and key checked (``_records.value_of``), msgpack decoding;
 * the change, msgpack encoding and the record built (``_records.build``);
 * the log's section: a byte-range lock, the log's end read from the shared
-  index, an ``fstat`` of the lock file (still linked) and of the log (it
-  ends where the index says), the index marked dirty, one ``pwrite``, the
-  slot and the counters written back, both locks let go.
+  index, an ``fstat`` of the lock file (still linked), an ``lseek`` to the
+  log's end (it ends where the index says) and an ``fstat`` of the index
+  (still linked), the index marked dirty, one ``pwrite``, the slot and the
+  counters written back, both locks let go.
 
 The key's hash is computed once, outside the loop.  No layer, no error
 handling, no fairness queue, no expiry, no merges: an engine cannot do less
 and keep sessionkit's promises, so ``floor`` bounds what pure Python can
-reach with them.  The three ``stat`` calls are the promises' part, and they
-are not cheap: they are what refuses a write under a lock file that was
-deleted or replaced (whose lock no longer excludes other processes) and a
-write to a log that was appended to or replaced behind its index's back.
-An engine that dropped them would lose those writes; one that read the log's
-end with ``lseek`` instead of ``fstat`` would still see an append behind its
-back, but not a log that was unlinked.  On Linux 6.13 and later the log's
-``fstat`` also makes the ``pwrite`` after it take a fine-grained timestamp,
-about 2 µs more per operation on this machine.  ``floor-lseek`` and
-``floor-unchecked`` time the loop with ``lseek`` for the log's end and with
-no ``stat`` call at all: what those checks cost, not a bound.
+reach with them.  The three ``stat`` calls and the ``lseek`` are the
+promises' part: they are what refuses a write under a lock file that was
+deleted or replaced (whose lock no longer excludes other processes), and a
+write to a log that was appended to behind its index's back or merged away
+by a process using another index (see ``_shard``).  An engine that dropped
+them would lose those writes.  The log's end is read with ``lseek``, not
+``fstat``: on Linux 6.13 and later a file whose timestamps were asked for
+stamps a fine-grained time at its next write, about 2 µs more per
+operation on this machine.  ``floor-unchecked`` times the loop with none of
+these calls: what the checks cost, not a bound.
 
 Scenarios:
 
@@ -84,7 +84,7 @@ class Floor(Subject):
     """The msgpack engine's essential work for one read-modify-write, inline (see the module docstring)."""
 
     name = "floor"
-    checks = "all"  # "lseek": the log's end without its fstat; "none": no stat call at all
+    checks = "all"  # "none": no stat or lseek call at all
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -99,7 +99,7 @@ class Floor(Subject):
             os.pwrite(self.log_fd, rec.MAGIC, 0)
             os.ftruncate(index_fd, ix.HEADER_SIZE + ix.MIN_CAPACITY * ix.SLOT_SIZE)
         self.map = mmap.mmap(index_fd, 0)
-        os.close(index_fd)
+        self.index_fd = index_fd  # kept open, as the engine keeps its index's (its link count is checked)
         if fresh:
             ix.COUNTERS.pack_into(self.map, ix.COUNTERS_AT, len(rec.MAGIC), 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0)
         self.mutex = threading.Lock()
@@ -127,12 +127,12 @@ class Floor(Subject):
                 fcntl.fcntl(lock_fd, F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 1, 0))
                 try:
                     offset = ix._U64.unpack_from(m, ix.COUNTERS_AT)[0]  # the log's end, shared
-                    if checks == "all":
-                        if not os.fstat(lock_fd).st_nlink or os.fstat(log_fd).st_size != offset:
-                            raise RuntimeError("the store changed under the floor loop")
-                    elif checks == "lseek":
-                        if not os.fstat(lock_fd).st_nlink or os.lseek(log_fd, 0, os.SEEK_END) != offset:
-                            raise RuntimeError("the store changed under the floor loop")
+                    if checks == "all" and (
+                        not os.fstat(lock_fd).st_nlink
+                        or os.lseek(log_fd, 0, os.SEEK_END) != offset
+                        or not os.fstat(self.index_fd).st_nlink
+                    ):
+                        raise RuntimeError("the store changed under the floor loop")
                     ix._U64.pack_into(m, ix.DIRTY_AT, 1)
                     os.pwrite(log_fd, data, offset)
                     ix.SLOT.pack_into(m, at, h1, h2, offset, len(data), ix.LIVE, 0.0)
@@ -153,20 +153,13 @@ class Floor(Subject):
         self.map.close()
         os.close(self.lock_fd)
         os.close(self.log_fd)
-
-
-class FloorLseek(Floor):
-    """``floor`` reading the log's end with ``lseek``: it still sees an append behind its index's back,
-    but no longer a log that was unlinked (replaced behind its index's back)."""
-
-    name = "floor-lseek"
-    checks = "lseek"
+        os.close(self.index_fd)
 
 
 class FloorUnchecked(Floor):
-    """``floor`` without its three ``stat`` calls: as exact while nothing outside the engine touches the
-    store's files, but it writes under a deleted lock file and into a replaced log (see the module's
-    docstring); what those checks cost."""
+    """``floor`` without its ``stat`` and ``lseek`` calls: as exact while nothing outside the engine
+    touches the store's files, but it writes under a deleted lock file and into a log merged away (see the
+    module's docstring); what those checks cost."""
 
     name = "floor-unchecked"
     checks = "none"
@@ -213,10 +206,10 @@ class Memory(Subject):
             return int(session.get("count", 0))
 
 
-SUBJECTS: tuple[type[Subject], ...] = (Floor, FloorLseek, FloorUnchecked, Codec, Memory, Sessionkit, Diskcache,
+SUBJECTS: tuple[type[Subject], ...] = (Floor, FloorUnchecked, Codec, Memory, Sessionkit, Diskcache,
                                        Lmdb)
-PROCESS_SUBJECTS = ("floor", "floor-lseek", "floor-unchecked", "sessionkit", "diskcache", "lmdb")  # 4p1k: on disk
-for _floor in (Floor, FloorLseek, FloorUnchecked):  # for the worker processes of 4p1k (engine.Pool)
+PROCESS_SUBJECTS = ("floor", "floor-unchecked", "sessionkit", "diskcache", "lmdb")  # 4p1k: on disk
+for _floor in (Floor, FloorUnchecked):  # for the worker processes of 4p1k (engine.Pool)
     ENGINE_SUBJECTS.setdefault(_floor.name, _floor)
 
 

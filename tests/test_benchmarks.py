@@ -163,7 +163,7 @@ def test_floor_benchmark_runs_and_its_inline_loop_counts_exactly(tmp_path: Any) 
     assert (out / "floor.md").read_text() in done.stdout
     result = json.loads((out / "floor.json").read_text())
     assert list(result["scenarios"]) == ["1t1k", "4p1k"]
-    floors = ["floor", "floor-lseek", "floor-unchecked"]  # with every check, the log's end by lseek, no stat
+    floors = ["floor", "floor-unchecked"]  # with every check, with none
     for scenario, first in (("1t1k", [*floors, "codec", "memory", "sessionkit"]), ("4p1k", [*floors, "sessionkit"])):
         got = result["scenarios"][scenario]
         subjects = [row["subject"] for row in got["rows"]]

@@ -1751,6 +1751,45 @@ def test_a_write_through_a_deleted_index_never_lands_in_a_log_merged_away(direct
         fresh.close()
 
 
+def test_a_merges_catch_up_is_copied_a_chunk_at_a_time(directory: str) -> None:
+    """What was appended while a merge copied the log (its catch-up) is added
+    a chunk at a time, never read whole: a catch-up can outgrow memory, or
+    what one ``pread`` returns (2 GiB), when writes outrun a slow merge.  Here
+    23 MB, records of 3 KB to 6 MB (longer than a chunk: read whole), go
+    through with under 16 MB of memory, byte for byte, every key indexed."""
+    import tracemalloc
+
+    storage = MsgpackFileStorage(directory, shards=1)
+    values = {f"k{i}": os.urandom(3000 if i % 5 else (6 << 20 if i == 5 else 1_500_000)) for i in range(60)}
+    for key, value in values.items():
+        storage._raw_write(key, value)
+    shard = storage._shards[0]
+    start = len(_records.MAGIC)
+    target_path = os.path.join(directory, "copy")
+    target = os.open(target_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        table = ix.Table(ix.capacity_for(len(values)))
+        with shard.mutex, shard:
+            end = shard.end
+            assert end - start > 3 * _shard.CHUNK
+            tracemalloc.start()
+            try:
+                got = shard._replay(shard.fd, target, table, start, end, 0, None)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert got == (end, end - start)
+            assert os.pread(target, end - start + 1, 0) == os.pread(shard.fd, end - start, start)
+        assert peak < 16 << 20, peak
+        for key in values:
+            info = _records.key_info(key)
+            found = table.find(info[1], info[2])
+            assert found is not None and found[1][4] == ix.LIVE, key
+    finally:
+        os.close(target)
+        storage.close()
+
+
 def test_purge_expired_counts_each_session_once(directory: str) -> None:
     clock = FakeClock()
     storage = MsgpackFileStorage(directory, shards=1, ttl=10, clock=clock)

@@ -1573,26 +1573,40 @@ class Shard:
         self, source: int, target: int, table: ix.Table, start: int, end: int, pos: int, pace: Any
     ) -> tuple[int, int]:
         """Copy the records from ``start`` to ``end`` of the log open at
-        ``source`` to the merged log at ``pos``, indexing them in ``table``."""
-        if end <= start:
-            return start, pos
-        tail = os.pread(source, end - start, start)
-        records, stop = rec.parse(tail, start, at_eof=False, pace=pace)
-        if stop != end or not all(r.ok for r in records):
-            raise _Abort("what was appended meanwhile does not parse")
-        write_all(target, tail, pos)  # the records are contiguous: one write
-        for r in records:
-            h1, h2 = rec.key_hash(rec.encode_key(r.key))
-            state = _DEAD if r.flags & rec.FLAG_DELETE else _LIVE
+        ``source`` to the merged log at ``pos``, indexing them in ``table``.
+
+        A ``CHUNK`` at a time (a record longer than that whole, at once): a
+        catch-up may be larger than memory, or than one ``pread`` returns
+        (``MAX_IO``), when writes outran a slow merge."""
+        while start < end:
+            tail = os.pread(source, min(end - start, CHUNK), start)
             try:
-                table.put(h1, h2, pos + r.offset - start, r.length, state, r.expiry)
-            except ValueError:
-                raise _Abort("the merged index filled up") from None
-            if table.used * 20 > table.capacity * 17:
-                raise _Abort("the merged index filled up with keys added meanwhile")
-            if pace is not None:
-                pace()
-        return end, pos + len(tail)
+                records, stop = rec.parse(tail, start, at_eof=False, pace=pace)
+                if stop == start:  # a record longer than the chunk: read it whole
+                    need = rec.record_size(tail)
+                    if need <= len(tail) or start + need > end:
+                        raise _Abort("what was appended meanwhile does not parse")
+                    tail = os.pread(source, need, start)
+                    records, stop = rec.parse(tail, start, at_eof=False, pace=pace)
+            except rec.Damage:
+                raise _Abort("what was appended meanwhile does not parse") from None
+            if stop == start or stop > end or not all(r.ok for r in records):
+                raise _Abort("what was appended meanwhile does not parse")
+            whole = stop - start
+            write_all(target, tail if whole == len(tail) else tail[:whole], pos)  # contiguous: one write
+            for r in records:
+                h1, h2 = rec.key_hash(rec.encode_key(r.key))
+                state = _DEAD if r.flags & rec.FLAG_DELETE else _LIVE
+                try:
+                    table.put(h1, h2, pos + r.offset - start, r.length, state, r.expiry)
+                except ValueError:
+                    raise _Abort("the merged index filled up") from None
+                if table.used * 20 > table.capacity * 17:
+                    raise _Abort("the merged index filled up with keys added meanwhile")
+                if pace is not None:
+                    pace()
+            start, pos = stop, pos + whole
+        return start, pos
 
     def merge_request(self) -> bytes:
         """The merge helper's request to merge this shard, encoded (made
