@@ -1615,10 +1615,15 @@ class Shard:
         said = (self.dir_ident, self.durable, self.skew, SLACK)
         made = self.request_made
         if made is None or made[0] != said:
-            request = {"dir": self.directory, "ident": list(self.dir_ident), "shard": self.number,
-                       "durable": self.durable, "skew": self.skew, "slack": SLACK}
+            request = self.helper_request(skew=self.skew, slack=SLACK)
             made = self.request_made = (said, json.dumps(request).encode())
         return made[1]
+
+    def helper_request(self, **fields: Any) -> dict[str, Any]:
+        """A request to the merge helper about this shard: which shard of
+        which store, whether it is durable, and ``fields`` (see ``_merge_helper``)."""
+        return {"dir": self.directory, "ident": list(self.dir_ident), "shard": self.number,
+                "durable": self.durable, **fields}
 
     def let_go(self) -> bool:
         """Close the files in use until a section needs them again (the merge
@@ -1713,8 +1718,7 @@ class Merger:
             index = shard.verify_ident
             if index is None:
                 return False  # which file is not known: the thread checks the one in use
-            base = {"dir": shard.directory, "ident": list(shard.dir_ident), "shard": shard.number}
-            if not helper.send((shard, "verify"), {**base, "verify": list(index), "durable": shard.durable}):
+            if not helper.send((shard, "verify"), shard.helper_request(verify=list(index))):
                 return False
             shard.verify_pending = False
         if shard.merge_asked and not helper.is_asked((shard, "merge")):
