@@ -14,24 +14,23 @@ processes, written out inline in one function, with nothing else:
   checksums and key checked (``_records.value_of``), msgpack decoding;
 * the change, msgpack encoding and the record built (``_records.build``);
 * the log's section: a byte-range lock, the log's end read from the shared
-  index, an ``fstat`` of the lock file (still linked), an ``lseek`` to the
-  log's end (it ends where the index says) and an ``fstat`` of the index
-  (still linked), the index marked dirty, one ``pwrite``, the slot and the
-  counters written back, both locks let go.
+  index, an ``fstat`` of the lock file (still linked) and a ``statx`` of the
+  log's size and link count (it ends where the index says, and was not
+  replaced: ``_statx``, as the engine reads them), the index marked dirty,
+  one ``pwrite``, the slot and the counters written back, both locks let go.
 
 The key's hash is computed once, outside the loop.  No layer, no error
 handling, no fairness queue, no expiry, no merges: an engine cannot do less
 and keep sessionkit's promises, so ``floor`` bounds what pure Python can
-reach with them.  The three ``stat`` calls and the ``lseek`` are the
-promises' part: they are what refuses a write under a lock file that was
-deleted or replaced (whose lock no longer excludes other processes), and a
-write to a log that was appended to behind its index's back or merged away
-by a process using another index (see ``_shard``).  An engine that dropped
-them would lose those writes.  The log's end is read with ``lseek``, not
-``fstat``: on Linux 6.13 and later a file whose timestamps were asked for
-stamps a fine-grained time at its next write, about 2 µs more per
-operation on this machine.  ``floor-unchecked`` times the loop with none of
-these calls: what the checks cost, not a bound.
+reach with them.  The three ``stat`` calls are the promises' part: they are
+what refuses a write under a lock file that was deleted or replaced (whose
+lock no longer excludes other processes), and a write to a log that was
+appended to or replaced behind its index's back.  An engine that dropped
+them would lose those writes.  The log's is a ``statx`` that asks for its
+size and link count only: on Linux 6.13 and later a file whose timestamps
+were asked for (as ``fstat`` does) stamps a fine-grained time at its next
+write, about 2 µs more per operation on this machine.  ``floor-unchecked``
+times the loop with none of these calls: what the checks cost, not a bound.
 
 Scenarios:
 
@@ -70,6 +69,7 @@ import msgpack
 
 from sessionkit.storage import _index as ix
 from sessionkit.storage import _records as rec
+from sessionkit.storage._statx import SizeAndLinks
 
 from .engine import PROCESSES, Diskcache, Lmdb, Pool, Sessionkit, Subject, bump, keyed
 from .engine import SUBJECTS as ENGINE_SUBJECTS
@@ -84,7 +84,7 @@ class Floor(Subject):
     """The msgpack engine's essential work for one read-modify-write, inline (see the module docstring)."""
 
     name = "floor"
-    checks = "all"  # "none": no stat or lseek call at all
+    checks = "all"  # "none": no stat call at all
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -99,7 +99,8 @@ class Floor(Subject):
             os.pwrite(self.log_fd, rec.MAGIC, 0)
             os.ftruncate(index_fd, ix.HEADER_SIZE + ix.MIN_CAPACITY * ix.SLOT_SIZE)
         self.map = mmap.mmap(index_fd, 0)
-        self.index_fd = index_fd  # kept open, as the engine keeps its index's (its link count is checked)
+        os.close(index_fd)
+        self.log_state = SizeAndLinks()
         if fresh:
             ix.COUNTERS.pack_into(self.map, ix.COUNTERS_AT, len(rec.MAGIC), 0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0)
         self.mutex = threading.Lock()
@@ -127,12 +128,10 @@ class Floor(Subject):
                 fcntl.fcntl(lock_fd, F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 1, 0))
                 try:
                     offset = ix._U64.unpack_from(m, ix.COUNTERS_AT)[0]  # the log's end, shared
-                    if checks == "all" and (
-                        not os.fstat(lock_fd).st_nlink
-                        or os.lseek(log_fd, 0, os.SEEK_END) != offset
-                        or not os.fstat(self.index_fd).st_nlink
-                    ):
-                        raise RuntimeError("the store changed under the floor loop")
+                    if checks == "all":
+                        size, linked = self.log_state(log_fd)
+                        if not os.fstat(lock_fd).st_nlink or not linked or size != offset:
+                            raise RuntimeError("the store changed under the floor loop")
                     ix._U64.pack_into(m, ix.DIRTY_AT, 1)
                     os.pwrite(log_fd, data, offset)
                     ix.SLOT.pack_into(m, at, h1, h2, offset, len(data), ix.LIVE, 0.0)
@@ -153,13 +152,12 @@ class Floor(Subject):
         self.map.close()
         os.close(self.lock_fd)
         os.close(self.log_fd)
-        os.close(self.index_fd)
 
 
 class FloorUnchecked(Floor):
-    """``floor`` without its ``stat`` and ``lseek`` calls: as exact while nothing outside the engine
-    touches the store's files, but it writes under a deleted lock file and into a log merged away (see the
-    module's docstring); what those checks cost."""
+    """``floor`` without its three ``stat`` calls: as exact while nothing outside the engine touches the
+    store's files, but it writes under a deleted lock file and into a replaced log (see the module's
+    docstring); what those checks cost."""
 
     name = "floor-unchecked"
     checks = "none"

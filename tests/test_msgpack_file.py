@@ -1751,6 +1751,56 @@ def test_a_write_through_a_deleted_index_never_lands_in_a_log_merged_away(direct
         fresh.close()
 
 
+@pytest.mark.parametrize("how", ["statx", "fstat"])
+def test_a_logs_size_and_link_count_are_read_as_fstat_reads_them(tmp_path: Path, how: str) -> None:
+    """What an append checks before it writes (see ``_statx``), read with
+    ``statx`` where it can be and with ``os.fstat`` where it cannot."""
+    from sessionkit.storage._statx import SizeAndLinks, _lookup
+
+    if how == "statx" and not _lookup():
+        pytest.skip("no statx in this libc")
+    read = SizeAndLinks()
+    if how == "fstat":
+        read._call = False
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * 123)
+        assert read(fd) == (123, 1)
+        os.link(path, tmp_path / "other")
+        os.pwrite(fd, b"y", 4000)
+        assert read(fd) == (4001, 2)
+        os.unlink(path)
+        os.unlink(tmp_path / "other")
+        assert read(fd) == (4001, 0)
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        read(fd)
+
+
+def test_a_log_put_in_place_by_hand_gets_the_next_write(directory: str) -> None:
+    """A shard's log replaced by a copy of itself while the store is open (a
+    backup put back by rename): the next write must go to the log now at the
+    path, not be acknowledged into the unlinked one, whose index alone still
+    agrees with it, and be lost with it."""
+    mine = MsgpackFileStorage(directory, shards=1)
+    for i in range(10):
+        mine.write(f"pre{i}", {"i": i})
+    log = Path(directory) / "shard-000.log"
+    copy = log.with_name("restored")
+    copy.write_bytes(log.read_bytes())
+    os.replace(copy, log)
+    mine.write("after", {"n": 1})
+    mine.close()
+    fresh = MsgpackFileStorage(directory)
+    try:
+        assert fresh.read("after") == {"n": 1}
+        assert [fresh.read(f"pre{i}") for i in range(10)] == [{"i": i} for i in range(10)]
+    finally:
+        fresh.close()
+
+
 def test_a_merges_catch_up_is_copied_a_chunk_at_a_time(directory: str) -> None:
     """What was appended while a merge copied the log (its catch-up) is added
     a chunk at a time, never read whole: a catch-up can outgrow memory, or

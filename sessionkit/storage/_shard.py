@@ -8,11 +8,11 @@ Operations that change the shard run inside ``with shard.mutex, shard:``,
 which takes the shard's thread mutex and its slot in the store's lock file
 (one thread of one process at a time, for microseconds) and checks, in the
 shared header, that the index is current and whole: no system call when it
-is.  An append also checks that the log ends where the index says (with
-``lseek``) and that the index still has a name (with an ``fstat``), so a
-write never lands on a record that an index it cannot see (an older
-release's, one made after this one was deleted) points at, nor in a log that
-a process using such an index merged away.  A
+is.  An append also checks that the log ends where the index says and
+still has a name (one ``statx`` that leaves its timestamps alone, see
+``_statx``), so a write never lands on a record that an index it cannot see
+(an older release's, a deleted index's) points at, nor in a log that a
+process using such an index merged away.  A
 read by a thread that holds the key's own lock needs neither (see
 :meth:`Shard.read_unlocked`).
 
@@ -49,6 +49,7 @@ from ..errors import CorruptSessionError, LockTimeout, SerializationError, Stora
 from . import _index as ix
 from . import _records as rec
 from ._merge_helper import Helper
+from ._statx import SizeAndLinks
 
 log = logging.getLogger("sessionkit")
 
@@ -77,9 +78,6 @@ _U64 = ix._U64
 _pread = os.pread
 _value_of = rec.value_of
 _pwrite = os.pwrite
-_lseek = os.lseek
-_fstat = os.fstat
-_SEEK_END = os.SEEK_END
 _pwritev = getattr(os, "pwritev", None)  # not on every system: write_parts joins the parts there
 _slot_unpack = ix.SLOT.unpack_from
 _slot_pack = ix.SLOT.pack_into
@@ -328,6 +326,7 @@ class Shard:
         self.closed = False
         self.fd = -1
         self.log_ident = (0, 0)
+        self.log_state = SizeAndLinks()  # the log's (size, link count), for appends
         # durable: whether this process made the name of the log in use
         # durable (fsynced the directory since it opened that log): a log
         # another process made or merged into place without durable=True may
@@ -959,21 +958,14 @@ class Shard:
                 path=self.path,
             )
         try:
-            # The log's end with lseek, not fstat: a log whose timestamps were
-            # asked for gets a fine-grained one at its next write on Linux
-            # 6.13 and later, which costs the pwrite below a journal update.
-            # The index's link count instead of the log's: this index is
-            # unlinked whenever the log it indexes may have been replaced
-            # without its knowing (see below).
-            size = _lseek(self.fd, 0, _SEEK_END)
-            linked = _fstat(self.idx.fd).st_nlink if self.idx is not None else 1
+            # Not os.fstat: it asks for the log's timestamps too (see _statx).
+            size, linked = self.log_state(self.fd)
         except OSError as exc:
             raise StorageError(f"cannot write session {key!r} to {self.path}: {exc}", key=key, path=self.path) from exc
         if size != self.end or not linked:
-            # Appended to behind this index's back (another index, made
-            # after this one was deleted while the store was open; a process
-            # of an older release), or this index deleted, so that a process
-            # that made another one may have merged the log away: never write
+            # Appended to or replaced behind this index's back (an index
+            # deleted while the store was open, and another made; a process
+            # of an older release; a log put in place by hand): never write
             # over a record, nor into a log that is gone; index the log anew.
             self._rebuild(f"the log is not where its index says (size {size}, index {self.end}, linked {linked})")
             if self.private:
