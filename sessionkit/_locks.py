@@ -109,36 +109,57 @@ class KeyLocks(LockContext):
         """The number of keys currently held or waited for."""
         return len(self._held.keys() | self._waiting.keys())
 
-    def acquire(self, key: str, timeout: float | None = None) -> None:
-        """Lock ``key`` for the calling thread; ``LockTimeout`` after ``timeout`` s."""
-        me = _get_ident()
+    def acquire(self, key: str, timeout: float | None = None, me: int | None = None) -> None:
+        """Lock ``key`` for the calling thread; ``LockTimeout`` after ``timeout`` s.
+
+        ``me``: a fresh ``threading.get_ident()`` of the caller's, kept as the
+        key's owner, so that :meth:`release_taken` can tell a key this call
+        took from one the thread already held."""
+        if me is None:
+            me = _get_ident()
         held = self._held
         owner: int | None
-        if FRESH_IDENTS:
-            owner = held.setdefault(key, me)
-            if owner is me:
-                return  # our own insert: the key was free
-        else:
-            owner = held.get(key)
-            if owner is None and held.setdefault(key, me) == me:
-                return  # only this thread inserts its own id, and it was absent
-        if owner == me:
-            raise SessionError(
-                f"session {key!r} is already open in this thread; opening it again would deadlock",
-                key=key,
-            )
-        self._wait(key, me, timeout)
+        try:
+            if FRESH_IDENTS:
+                owner = held.setdefault(key, me)
+                if owner is me:
+                    return  # our own insert: the key was free
+            else:
+                owner = held.get(key)
+                if owner is None and held.setdefault(key, me) == me:
+                    return  # only this thread inserts its own id, and it was absent
+            if owner == me:
+                raise SessionError(
+                    f"session {key!r} is already open in this thread; opening it again would deadlock",
+                    key=key,
+                )
+            self._wait(key, me, timeout)
+        except BaseException:
+            # An exception raised asynchronously just as the key was taken
+            # (Python raises one when a call returns): let it go again.
+            self.release_taken(key, me)
+            raise
+
+    def release_taken(self, key: str, me: int) -> None:
+        """Let ``key`` go if it is held under ``me``, the owner object given
+        to :meth:`acquire`: undoes an acquire cut short by an exception,
+        never a hold taken by another call of this thread (with fresh ident
+        objects only, see ``FRESH_IDENTS``; elsewhere it does nothing)."""
+        if FRESH_IDENTS and self._held.get(key) is me:
+            self.release(key)
 
     def _wait(self, key: str, me: int, timeout: float | None) -> None:
         held = self._held
         deadline = None if timeout is None else _monotonic() + max(timeout, 0.0)
         with self._mutex:
-            queue = self._waiting.get(key)
-            if queue is None:
-                queue = self._waiting[key] = deque()
-            mine = _Waiter(me, threading.Condition(self._mutex))
-            queue.append(mine)
-            try:
+            queue: deque[_Waiter] | None = None
+            mine: _Waiter | None = None
+            try:  # from the start: a waiter cut short never stays queued, nor its queue
+                queue = self._waiting.get(key)
+                if queue is None:
+                    queue = self._waiting[key] = deque()
+                mine = _Waiter(me, threading.Condition(self._mutex))
+                queue.append(mine)
                 # the key may have been handed to us (see _wake): then it is
                 # already ours and setdefault leaves it so
                 while held.setdefault(key, me) != me:
@@ -155,7 +176,8 @@ class KeyLocks(LockContext):
                             )
                         mine.wake.wait(min(left, _RECHECK))
             except BaseException:
-                queue.remove(mine)
+                if queue is not None and mine is not None and mine in queue:
+                    queue.remove(mine)
                 # The key was not ours on entry (re-entry is refused before
                 # waiting), so holding it now means this call took it (or
                 # was handed it): let it go.
@@ -164,12 +186,14 @@ class KeyLocks(LockContext):
                 if queue and key not in held:
                     # a wake-up (or the key) meant for us goes to the next one
                     self._wake(key, queue)
-                if not queue:
+                if queue is not None and not queue and key in self._waiting and self._waiting[key] is queue:
                     del self._waiting[key]
                 raise
-            queue.remove(mine)
-            if not queue:
-                del self._waiting[key]
+            try:
+                queue.remove(mine)
+            finally:  # no call in here: Python 3.10+ raises an asynchronous exception as one returns
+                if not queue and key in self._waiting and self._waiting[key] is queue:
+                    del self._waiting[key]
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""

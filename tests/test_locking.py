@@ -449,3 +449,104 @@ def test_a_waiter_interrupted_as_it_is_handed_the_key_lets_it_go(others: int, mo
     assert len(entered) == others
     assert all(at - interrupted < 10 for at in entered), "the next waiter slept through the free key"
     assert len(locks) == 0, (locks._held, locks._waiting)
+
+
+def _interrupt_after_call(code: Any, offset: int) -> tuple[Any, list[bool]]:
+    """A trace function raising ``KeyboardInterrupt`` when ``code`` first
+    reaches the instruction at ``offset``, one that follows a call: where
+    Python raises the exception of a signal handler that ran as the call
+    returned (it checks for them as calls return, and at loops)."""
+    fired: list[bool] = []
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        if event == "opcode" and frame.f_lasti == offset and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    def calls(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is not code:
+            return None
+        frame.f_trace_opcodes = True
+        return local
+
+    return calls, fired
+
+
+@pytest.mark.parametrize("contended", [False, True], ids=["free", "waited for"])
+def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_path: Any, contended: bool) -> None:
+    """A ``KeyboardInterrupt`` lands as each call returns, in turn, in the
+    code that takes a msgpack session's key (free, or held a moment by
+    another thread, so that this one queues for it): afterwards the key is
+    free for another thread, this thread opens it again (no "already open"),
+    no waiter is left queued (a release would hand the key to it, and every
+    thread would wait for ever), and its byte of the lock file is free for
+    other processes."""
+    import dis
+    import fcntl
+    import struct
+    import sys
+
+    from sessionkit import MsgpackFileStorage
+    from sessionkit.storage._lockfile import key_slot
+    from sessionkit.storage._state import ProcessKeyLocks
+
+    storage = MsgpackFileStorage(tmp_path / "store", shards=1)
+    sessions = Sessions(storage, initial=dict)
+    keys = storage._keylocks
+    probe = os.open(tmp_path / "store" / "sessionkit.lock", os.O_RDWR)
+    slot = key_slot("k")
+    codes = [ProcessKeyLocks.acquire.__code__, KeyLocks.acquire.__code__, KeyLocks._wait.__code__,
+             MsgpackFileStorage._lock_read.__code__]
+    hit = 0
+    try:
+        for code in codes:
+            instructions = list(dis.get_instructions(code))
+            for call, after in zip(instructions, instructions[1:]):
+                if not call.opname.startswith("CALL"):
+                    continue
+                holder = None
+                if contended:
+                    entered = threading.Event()
+
+                    def hold() -> None:
+                        with sessions.open("k"):
+                            entered.set()
+                            time.sleep(0.01)
+
+                    holder = threading.Thread(target=hold)
+                    holder.start()
+                    entered.wait(5)
+                tracer, fired = _interrupt_after_call(code, after.offset)
+                sys.settrace(tracer)
+                try:
+                    with sessions.open("k") as s:
+                        s["n"] = s.get("n", 0) + 1
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.settrace(None)
+                if holder is not None:
+                    holder.join(5)
+                hit += bool(fired)
+                where = f"{code.co_name}, at byte {after.offset}"
+                assert not keys.threads._waiting, where
+                other: list[str] = []
+
+                def take() -> None:
+                    with Sessions(storage, initial=dict, lock_timeout=2).open("k"):
+                        other.append("taken")
+
+                taker = threading.Thread(target=take)
+                taker.start()
+                taker.join(10)
+                assert other == ["taken"], where
+                with sessions.open("k", timeout=2):  # not "already open in this thread"
+                    pass
+                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0))  # F_OFD_SETLK
+                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, slot, 1, 0))
+    finally:
+        os.close(probe)
+        storage.close()
+    assert hit >= (12 if contended else 5), hit  # the interrupts did land inside

@@ -171,24 +171,40 @@ class ProcessKeyLocks(LockContext):
         self.held: dict[str, tuple[Any, int]] = {}
         self.orphaned: set[str] = set()  # in a forked child: keys its parent held
 
-    def acquire(self, key: str, timeout: float | None = None, slot: int = -1) -> None:
-        """Lock ``key`` (``slot``: its :func:`key_slot`, if the caller has it)."""
-        me = _get_ident()
-        if FRESH_IDENTS and self.threads._held.setdefault(key, me) is me:
-            left = timeout  # free in this process: KeyLocks.acquire's fast path, inline
-        else:
-            start = time.monotonic() if timeout is not None else 0.0
-            self.threads.acquire(key, timeout)
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+    def acquire(self, key: str, timeout: float | None = None, slot: int = -1, me: int | None = None) -> None:
+        """Lock ``key`` (``slot``: its :func:`key_slot`, if the caller has it;
+        ``me``: the owner object, as for ``KeyLocks.acquire``)."""
+        if me is None:
+            me = _get_ident()
+        threads = self.threads
+        thread_taken = False  # (where idents are not fresh objects: release_taken cannot tell)
         try:
+            if FRESH_IDENTS and threads._held.setdefault(key, me) is me:
+                left = timeout  # free in this process: KeyLocks.acquire's fast path, inline
+            else:
+                start = time.monotonic() if timeout is not None else 0.0
+                threads.acquire(key, timeout, me)
+                thread_taken = True
+                left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
             if slot < 0:
                 slot = key_slot(key)
             self.held[key] = (self.state.locks.lock(slot, left, key), slot)
+            if self.orphaned:
+                self.orphaned.discard(key)
         except BaseException:
-            self.threads.release(key)
+            # Failed, or cut short by an exception raised asynchronously once
+            # the key was taken: let go of what this call took (never of a
+            # hold this thread already had: re-entry is refused above).
+            if FRESH_IDENTS:
+                self.release_taken(key, me)
+            elif thread_taken and key not in self.held:
+                threads.release(key)
             raise
-        if self.orphaned:
-            self.orphaned.discard(key)
+
+    def release_taken(self, key: str, me: int) -> None:
+        """:meth:`release` ``key`` if it is held under ``me`` (see ``KeyLocks.release_taken``)."""
+        if FRESH_IDENTS and self.threads._held.get(key) is me:
+            self.release(key)
 
     def release(self, key: str) -> None:
         taken = self.held.pop(key, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import threading
 import weakref
 from datetime import timedelta
 from typing import Any, Callable, ContextManager, Iterator
@@ -18,6 +19,8 @@ from ._shard import MERGER, Shard, fsync_dir, log_name, log_number
 from . import _index
 from ._state import release_dropped, StoreState, store_identity
 from .base import EncodedStorage, check_key, ttl_seconds
+
+_get_ident = threading.get_ident
 
 __all__ = ["MsgpackFileStorage"]
 
@@ -328,14 +331,20 @@ class MsgpackFileStorage(EncodedStorage):
         (see ``_fastpath``): the key's lock is held if and only if it returns."""
         shard, info = self._locate(key)
         keys = self._keylocks
-        keys.acquire(key, timeout, info[1] >> 2)
+        me = _get_ident()
+        taken = False
         try:
+            keys.acquire(key, timeout, info[1] >> 2, me)
+            taken = True
             raw = shard.read_unlocked(info, self._clock())
             if raw is False:
                 return self._read_in_section(key, shard, info)
             return raw  # type: ignore[return-value]
         except BaseException:
-            keys.release(key)
+            if taken:
+                keys.release(key)
+            else:  # failed, or cut short as the key was taken: only what this call took
+                keys.release_taken(key, me)
             raise
 
     def _write_release(self, key: str, raw: bytes) -> None:
