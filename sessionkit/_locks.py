@@ -46,14 +46,22 @@ HANDOFF_AFTER = 0.001
 
 
 class _Waiter:
-    """One thread queued for a key: who it is, since when, and how to wake it alone."""
+    """One thread queued for a key: who it is, since when, and how to wake it alone.
+
+    ``wake`` is a lock taken from the start: the waiter sleeps by taking it
+    again, a waker (holding the table's mutex) lets it go if it is taken.  A
+    ``threading.Condition`` on the mutex would do the same, but an exception
+    raised asynchronously inside its ``wait`` can return without the mutex
+    taken back, and the waiter's ``with`` then lets go of it for whichever
+    thread holds it (see :meth:`KeyLocks._sleep`)."""
 
     __slots__ = ("ident", "since", "wake")
 
-    def __init__(self, ident: int, wake: threading.Condition) -> None:
+    def __init__(self, ident: int) -> None:
         self.ident = ident
         self.since = _monotonic()
-        self.wake = wake
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class LockContext:
@@ -158,7 +166,7 @@ class KeyLocks(LockContext):
                 queue = self._waiting.get(key)
                 if queue is None:
                     queue = self._waiting[key] = deque()
-                mine = _Waiter(me, threading.Condition(self._mutex))
+                mine = _Waiter(me)
                 queue.append(mine)
                 # the key may have been handed to us (see _wake): then it is
                 # already ours and setdefault leaves it so
@@ -167,14 +175,14 @@ class KeyLocks(LockContext):
                         # Bounded, so a wake-up lost to an exception raised
                         # asynchronously in a releasing thread costs a
                         # second, not a hang.
-                        mine.wake.wait(_RECHECK)
+                        self._sleep(mine, _RECHECK)
                     else:
                         left = deadline - _monotonic()
                         if left <= 0:
                             raise LockTimeout(
                                 f"could not lock session {key!r} within {timeout} s", key=key
                             )
-                        mine.wake.wait(min(left, _RECHECK))
+                        self._sleep(mine, min(left, _RECHECK))
             except BaseException:
                 if queue is not None and mine is not None and mine in queue:
                     queue.remove(mine)
@@ -194,6 +202,18 @@ class KeyLocks(LockContext):
             finally:  # no call in here: Python 3.10+ raises an asynchronous exception as one returns
                 if not queue and key in self._waiting and self._waiting[key] is queue:
                     del self._waiting[key]
+
+    def _sleep(self, mine: _Waiter, seconds: float) -> None:
+        """Let the mutex go, sleep until woken or ``seconds`` pass, take the
+        mutex back: held on return, however it returns.  (An exception raised
+        asynchronously lands as a call returns: after the release below it is
+        inside the ``try``, and the ``finally`` takes the mutex back.)"""
+        mutex = self._mutex
+        try:
+            mutex.release()
+            mine.wake.acquire(True, seconds)
+        finally:
+            mutex.acquire()
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""
@@ -216,7 +236,8 @@ class KeyLocks(LockContext):
             # Only if no other thread took the key since it was let go;
             # if one did, its own release comes back here.
             self._held.setdefault(key, head.ident)
-        head.wake.notify()
+        if head.wake.locked():  # (the mutex is held: no other waker between the test and the release)
+            head.wake.release()
 
     def held_by_me(self, key: str) -> bool:
         """Whether the calling thread holds ``key``."""

@@ -481,8 +481,9 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
     another thread, so that this one queues for it): afterwards the key is
     free for another thread, this thread opens it again (no "already open"),
     no waiter is left queued (a release would hand the key to it, and every
-    thread would wait for ever), and its byte of the lock file is free for
-    other processes."""
+    thread would wait for ever), the lock table's mutex is free (a sleeping
+    waiter lets it go and takes it back), and its byte of the lock file is
+    free for other processes."""
     import dis
     import fcntl
     import struct
@@ -498,7 +499,7 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
     probe = os.open(tmp_path / "store" / "sessionkit.lock", os.O_RDWR)
     slot = key_slot("k")
     codes = [ProcessKeyLocks.acquire.__code__, KeyLocks.acquire.__code__, KeyLocks._wait.__code__,
-             MsgpackFileStorage._lock_read.__code__]
+             KeyLocks._sleep.__code__, MsgpackFileStorage._lock_read.__code__]
     hit = 0
     try:
         for code in codes:
@@ -532,6 +533,10 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
                 hit += bool(fired)
                 where = f"{code.co_name}, at byte {after.offset}"
                 assert not keys.threads._waiting, where
+                assert not keys.threads._mutex.locked(), where  # (and no RuntimeError for a mutex let go twice)
+                # before this process takes the key again (which would clear a byte it left locked)
+                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0))  # F_OFD_SETLK
+                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, slot, 1, 0))
                 other: list[str] = []
 
                 def take() -> None:
@@ -544,8 +549,6 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
                 assert other == ["taken"], where
                 with sessions.open("k", timeout=2):  # not "already open in this thread"
                     pass
-                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0))  # F_OFD_SETLK
-                fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, slot, 1, 0))
     finally:
         os.close(probe)
         storage.close()

@@ -196,6 +196,11 @@ class ProcessKeyLocks(LockContext):
             # the key was taken: let go of what this call took (never of a
             # hold this thread already had: re-entry is refused above).
             if FRESH_IDENTS:
+                locks = self.state.locks
+                if slot >= 0 and key not in self.held and threads._held.get(key) is me and isinstance(locks, OfdLocks):
+                    # The exception may have landed as lock() returned, its
+                    # byte locked: unlocking a byte not locked is harmless.
+                    locks.unlock(locks.file, slot)
                 self.release_taken(key, me)
             elif thread_taken and key not in self.held:
                 threads.release(key)
@@ -207,10 +212,14 @@ class ProcessKeyLocks(LockContext):
             self.release(key)
 
     def release(self, key: str) -> None:
-        taken = self.held.pop(key, None)
         try:
+            # Forgotten only once unlocked, and in the try: an exception raised
+            # asynchronously as a call here returns still lets the thread lock go.
+            taken = self.held.get(key)
             if taken is not None:
                 self.state.locks.unlock(taken[0], taken[1])
+                if key in self.held:
+                    del self.held[key]
             elif self.orphaned:
                 self.orphaned.discard(key)
         finally:
