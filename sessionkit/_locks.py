@@ -92,7 +92,7 @@ class KeyLocks(LockContext):
     def __init__(self) -> None:
         self._held: dict[str, int] = {}
         self._waiting: dict[str, deque[_Waiter]] = {}
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()  # an RLock: _sleep asks whether it holds it
         _fork.register(self)
 
     # Fork hooks (see _fork): only the child has work to do.  The tables are
@@ -111,7 +111,7 @@ class KeyLocks(LockContext):
         self._held.clear()
         self._held.update(kept)
         self._waiting.clear()
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()  # an RLock: _sleep asks whether it holds it
 
     def __len__(self) -> int:
         """The number of keys currently held or waited for."""
@@ -206,14 +206,27 @@ class KeyLocks(LockContext):
     def _sleep(self, mine: _Waiter, seconds: float) -> None:
         """Let the mutex go, sleep until woken or ``seconds`` pass, take the
         mutex back: held on return, however it returns.  (An exception raised
-        asynchronously lands as a call returns: after the release below it is
-        inside the ``try``, and the ``finally`` takes the mutex back.)"""
+        asynchronously lands as a call returns, or cuts a blocking acquire
+        short: after the release below it is inside the ``try``, and the
+        ``finally`` takes the mutex back.)"""
         mutex = self._mutex
         try:
             mutex.release()
             mine.wake.acquire(True, seconds)
         finally:
-            mutex.acquire()
+            # A signal handler's exception can cut a blocking acquire() short
+            # with the mutex not taken, or land as it returns with it taken:
+            # take it until this thread holds it, then raise what came.
+            caught: BaseException | None = None
+            while True:
+                try:
+                    if mutex._is_owned():  # type: ignore[attr-defined]  # (what Condition asks too)
+                        break
+                    mutex.acquire()
+                except BaseException as exc:  # noqa: BLE001 - raised below, once the mutex is held
+                    caught = exc
+            if caught is not None:
+                raise caught
 
     def release(self, key: str) -> None:
         """Unlock ``key``, held by the calling thread."""

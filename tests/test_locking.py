@@ -533,7 +533,9 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
                 hit += bool(fired)
                 where = f"{code.co_name}, at byte {after.offset}"
                 assert not keys.threads._waiting, where
-                assert not keys.threads._mutex.locked(), where  # (and no RuntimeError for a mutex let go twice)
+                mutex = keys.threads._mutex  # free (and no RuntimeError for a mutex let go twice):
+                assert not mutex._is_owned() and mutex.acquire(blocking=False), where  # not held here nor elsewhere
+                mutex.release()
                 # before this process takes the key again (which would clear a byte it left locked)
                 fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, slot, 1, 0))  # F_OFD_SETLK
                 fcntl.fcntl(probe, 37, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, slot, 1, 0))
@@ -553,3 +555,59 @@ def test_an_interrupt_anywhere_in_taking_a_disk_sessions_key_leaves_it_free(tmp_
         os.close(probe)
         storage.close()
     assert hit >= (12 if contended else 5), hit  # the interrupts did land inside
+
+
+def test_a_signal_as_a_waiter_takes_the_mutex_back_leaves_the_mutex_to_its_holder() -> None:
+    """A signal handler raises while a waiting thread (the main thread) is
+    blocked taking the lock table's mutex back, which another thread holds: a
+    blocking acquire cut short that way has not taken it.  The exception comes
+    out as itself, once the waiter has taken the mutex back; the thread that
+    held the mutex meanwhile lets it go without error (it used to be let go
+    for it, under its feet, or it got ``RuntimeError``); the mutex ends free."""
+    import signal
+
+    locks = KeyLocks()
+    holder_in, holder_out, taken, hog_done = (threading.Event() for _ in range(4))
+    errors: list[BaseException] = []
+
+    def holder() -> None:
+        locks.acquire("k")
+        holder_in.set()
+        holder_out.wait(10)
+        locks.release("k")
+
+    def hog() -> None:  # inside the table's critical section while the waiter wakes up
+        time.sleep(0.05)  # the waiter sleeps, the mutex let go
+        locks._mutex.acquire()
+        taken.set()
+        time.sleep(0.6)  # the waiter's sleep (0.3 s) ends: it blocks taking the mutex back
+        try:
+            locks._mutex.release()
+        except RuntimeError as exc:
+            errors.append(exc)
+        hog_done.set()
+
+    def kick() -> None:
+        taken.wait(10)
+        time.sleep(0.4)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def interrupt(*_: Any) -> None:
+        raise _Interrupt()
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        threading.Thread(target=holder, daemon=True).start()
+        assert holder_in.wait(5)
+        for target in (hog, kick):
+            threading.Thread(target=target, daemon=True).start()
+        with pytest.raises(_Interrupt):
+            locks.acquire("k", timeout=0.3)
+        assert hog_done.wait(5)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        holder_out.set()
+    assert errors == []
+    assert not locks._mutex._is_owned() and locks._mutex.acquire(blocking=False)  # free
+    locks._mutex.release()
+    assert not locks._waiting
